@@ -1,0 +1,226 @@
+//! The event ABI between the mapcount eBPF programs and `mapcountd`.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding so that the byte
+//! layout written by the kernel side is exactly the layout decoded in
+//! userspace. Sizes are asserted in the tests below; change them only
+//! together with the record-file version.
+#![no_std]
+
+/// Value stored in a counter field when the running kernel has no such
+/// field (for example `_large_mapcount` before 6.10), or when the field is
+/// meaningless for this folio (per-folio counters of a small folio).
+pub const FIELD_ABSENT: i32 = i32::MIN;
+
+/// Offset value in [`KernelLayout`] for a field the kernel lacks.
+pub const OFFSET_ABSENT: u32 = u32::MAX;
+
+/// What an event describes.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventType {
+    /// A call of an rmap add or remove function.
+    Rmap = 1,
+    /// A write fault that finished (`do_wp_page` returned).
+    WriteFault = 2,
+}
+
+/// Which rmap operation an [`EventType::Rmap`] event reports.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RmapOp {
+    /// Another mapping of a folio that already had an rmap (fault, migration, KSM).
+    Add = 1,
+    /// The first mapping of a freshly allocated anonymous folio.
+    AddNew = 2,
+    /// A mapping went away (unmap, exit, COW of the old folio, split).
+    Remove = 3,
+}
+
+/// Page-table level of the mapping.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Pte = 1,
+    Pmd = 2,
+    Pud = 3,
+}
+
+/// Folio kind, from `folio->mapping` and `PG_swapbacked`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FolioKind {
+    Anon = 1,
+    Ksm = 2,
+    File = 3,
+    Shmem = 4,
+    /// `mapping == NULL`: driver pages inserted with `vm_insert_page` and friends.
+    NoMapping = 5,
+}
+
+/// How a write fault ended.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteFaultOutcome {
+    /// Private mapping, the faulting task kept the folio and made it writable.
+    Reuse = 1,
+    /// Private mapping, a new folio was allocated and the old one unmapped.
+    Copy = 2,
+    /// Private mapping, the PTE held the shared zero page: a copy with no old folio.
+    CopyZeroPage = 3,
+    /// `VM_SHARED | VM_MAYSHARE` mapping: made writable in place, never a COW.
+    Shared = 4,
+    /// None of the above was seen (fault retried, OOM, raced with another thread).
+    Other = 5,
+}
+
+/// One record in the ring buffer.
+///
+/// For rmap events the folio counters are read at the function's entry, so
+/// they describe the folio *before* the operation; the daemon applies the
+/// operation itself. For `folio_add_new_anon_rmap` they are read at return,
+/// because that function initialises them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Opaque folio identity. Never exported: it is a kernel address.
+    pub folio: u64,
+    /// Opaque address-space identity (`vma->vm_mm`). Never exported.
+    pub mm: u64,
+    /// `bpf_ktime_get_ns()` at the event.
+    pub timestamp_ns: u64,
+    pub tgid: u32,
+    /// Pages covered by this rmap call (`nr_pages`, or 512 for a PMD).
+    pub nr_pages: u32,
+    /// `folio->_refcount`.
+    pub refcount: i32,
+    /// Raw folio mapcount as stored (minus one): `_mapcount` for a small
+    /// folio, `_large_mapcount` for a large one.
+    pub mapcount: i32,
+    /// Raw `_entire_mapcount` (large folios only).
+    pub entire_mapcount: i32,
+    /// Raw `_nr_pages_mapped` (large folios only).
+    pub nr_pages_mapped: i32,
+    /// Raw `_pincount` (large folios only).
+    pub pincount: i32,
+    /// Write faults: time from `do_wp_page` entry to return.
+    pub duration_ns: u32,
+    /// An [`EventType`].
+    pub event_type: u8,
+    /// An [`RmapOp`] (rmap events).
+    pub op: u8,
+    /// A [`Level`] (rmap events).
+    pub level: u8,
+    /// A [`FolioKind`]; for write faults the kind of the faulting folio, 0 if unknown.
+    pub kind: u8,
+    /// Folio order; for write faults the order of the faulting folio.
+    pub order: u8,
+    /// A [`WriteFaultOutcome`] (write-fault events).
+    pub outcome: u8,
+    pub _pad: [u8; 6],
+}
+
+impl Event {
+    /// An all-zero event for the kernel side to fill in.
+    pub const ZERO: Event = Event {
+        folio: 0,
+        mm: 0,
+        timestamp_ns: 0,
+        tgid: 0,
+        nr_pages: 0,
+        refcount: FIELD_ABSENT,
+        mapcount: FIELD_ABSENT,
+        entire_mapcount: FIELD_ABSENT,
+        nr_pages_mapped: FIELD_ABSENT,
+        pincount: FIELD_ABSENT,
+        duration_ns: 0,
+        event_type: 0,
+        op: 0,
+        level: 0,
+        kind: 0,
+        order: 0,
+        outcome: 0,
+        _pad: [0; 6],
+    };
+}
+
+/// Slots of the per-CPU `DROPS` array: events the kernel side could not deliver.
+pub mod drop_slot {
+    /// `bpf_ringbuf_reserve` failed: the ring buffer was full.
+    pub const RING_BUFFER_FULL: u32 = 0;
+    /// A per-task state table (write-fault window, new-anon arguments) was full.
+    pub const TASK_STATE_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+/// Field offsets and bit numbers of the running kernel, resolved from its BTF
+/// by the daemon and written into the object's read-only data before load.
+/// Offsets are in bytes; [`OFFSET_ABSENT`] marks a field this kernel lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    pub folio_flags: u32,
+    pub folio_mapping: u32,
+    pub folio_mapcount: u32,
+    pub folio_refcount: u32,
+    /// The low byte holds the order: `_flags_1 & 0xff` (6.8+) or `_folio_order` (6.1).
+    pub folio_order: u32,
+    pub folio_large_mapcount: u32,
+    pub folio_entire_mapcount: u32,
+    pub folio_nr_pages_mapped: u32,
+    pub folio_pincount: u32,
+    /// `enum pageflags` bit numbers.
+    pub pg_head_bit: u32,
+    pub pg_swapbacked_bit: u32,
+    pub vma_mm: u32,
+    pub vma_flags: u32,
+    /// `struct vm_fault` → `vma` (inside an anonymous const struct).
+    pub vmf_vma: u32,
+}
+
+impl KernelLayout {
+    pub const ABSENT: KernelLayout = KernelLayout {
+        folio_flags: OFFSET_ABSENT,
+        folio_mapping: OFFSET_ABSENT,
+        folio_mapcount: OFFSET_ABSENT,
+        folio_refcount: OFFSET_ABSENT,
+        folio_order: OFFSET_ABSENT,
+        folio_large_mapcount: OFFSET_ABSENT,
+        folio_entire_mapcount: OFFSET_ABSENT,
+        folio_nr_pages_mapped: OFFSET_ABSENT,
+        folio_pincount: OFFSET_ABSENT,
+        pg_head_bit: OFFSET_ABSENT,
+        pg_swapbacked_bit: OFFSET_ABSENT,
+        vma_mm: OFFSET_ABSENT,
+        vma_flags: OFFSET_ABSENT,
+        vmf_vma: OFFSET_ABSENT,
+    };
+}
+
+/// `VM_SHARED | VM_MAYSHARE`: stable across every supported kernel (include/linux/mm.h).
+pub const VM_SHARED_OR_MAYSHARE: u64 = 0x08 | 0x80;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are repr(C), contain only integers and have no implicit padding
+    // (checked by the size tests), so every byte pattern is a valid value.
+    unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn event_has_no_hidden_padding() {
+        assert_eq!(size_of::<Event>(), 3 * 8 + 7 * 4 + 6 + 6);
+        assert_eq!(size_of::<Event>(), 64);
+    }
+
+    #[test]
+    fn layout_has_no_hidden_padding() {
+        assert_eq!(size_of::<KernelLayout>(), 14 * 4);
+    }
+}

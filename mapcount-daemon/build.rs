@@ -1,0 +1,16 @@
+//! Builds the eBPF object (`mapcount-ebpf`) with the nightly toolchain and
+//! bpf-linker, so that a plain `cargo build` of the daemon embeds it.
+
+use anyhow::Context as _;
+
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
+    let ebpf_dir = format!("{manifest_dir}/../mapcount-ebpf");
+    let ebpf = aya_build::Package {
+        name: "mapcount-ebpf",
+        root_dir: &ebpf_dir,
+        ..Default::default()
+    };
+    aya_build::build_ebpf([ebpf], aya_build::Toolchain::default())
+        .context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
+}

@@ -1,0 +1,82 @@
+//! The HTTP endpoint: `/metrics`, health and readiness, a landing page.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::metrics::Metrics;
+
+pub struct HttpState {
+    pub metrics: Arc<Metrics>,
+    pub telemetry_path: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {source}{hint}", hint = if source.kind() == std::io::ErrorKind::AddrInUse { "; another process holds the port: stop it or pass --web.listen-address" } else { "" })]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds before anything is loaded into the kernel, so a port in use fails fast.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _peer)) => stream,
+            Err(e) => {
+                // EMFILE and friends: keep serving once the pressure is gone.
+                tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path == state.telemetry_path {
+        return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render());
+    }
+    match path {
+        "/-/healthy" | "/-/ready" => text(StatusCode::OK, "text/plain", "OK\n".to_owned()),
+        "/" => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            format!(
+                "<html><head><title>mapcountd</title></head><body><h1>mapcountd</h1>\
+                 <p>How folios are mapped, measured from the kernel's rmap calls.</p>\
+                 <p><a href=\"{0}\">{0}</a></p></body></html>\n",
+                state.telemetry_path
+            ),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response
+}

@@ -1,0 +1,121 @@
+//! Loading the object and draining its ring buffers.
+
+use std::{
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use mapcount_common::{KernelLayout, drop_slot};
+use tokio::io::unix::AsyncFd;
+
+use crate::{aggregate::Aggregator, decode::decode, metrics::Metrics};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(
+        "loading the eBPF object failed: {0}{hint}",
+        hint = permission_hint(.0)
+    )]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("aya-log: {0}")]
+    Log(#[from] aya_log::Error),
+    #[error("polling the ring buffer: {0}")]
+    Poll(#[from] std::io::Error),
+}
+
+fn permission_hint(error: &aya::EbpfError) -> &'static str {
+    let text = crate::probes::error_chain(error);
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        "; mapcountd needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN before 5.8)"
+    } else {
+        ""
+    }
+}
+
+/// Loads the embedded object with this kernel's layout. Nothing is attached yet.
+pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Ebpf, IngestError> {
+    EbpfLoader::new()
+        .override_global("LAYOUT", layout, true)
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .load(crate::EBPF_OBJECT)
+        .map_err(IngestError::Load)
+}
+
+/// The kernel's per-CPU drop counters, summed per slot.
+pub struct DropCounters {
+    map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl DropCounters {
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, IngestError> {
+        let map = ebpf.take_map("DROPS").ok_or(IngestError::MissingMap("DROPS"))?;
+        let map = PerCpuArray::try_from(map).map_err(|source| IngestError::Map { name: "DROPS", source })?;
+        Ok(Self { map: Mutex::new(map) })
+    }
+
+    /// One sum per `drop_slot`.
+    pub fn read(&self) -> Vec<u64> {
+        let map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        (0..drop_slot::COUNT)
+            .map(|slot| map.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+}
+
+pub fn take_events(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, IngestError> {
+    let map = ebpf.take_map("EVENTS").ok_or(IngestError::MissingMap("EVENTS"))?;
+    let ring = RingBuf::try_from(map).map_err(|source| IngestError::Map { name: "EVENTS", source })?;
+    register(ring)
+}
+
+fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, IngestError> {
+    // SAFETY: `inner` owns its file descriptor, and the AsyncFd owns `inner`,
+    // so the descriptor stays open for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| IngestError::Poll(e.into_parts().1))
+}
+
+/// Drains the ring buffer for as long as the daemon runs.
+pub async fn run(mut events: AsyncFd<RingBuf<MapData>>, metrics: Arc<Metrics>) -> Result<(), IngestError> {
+    let mut aggregator = Aggregator::new(&metrics);
+    tracing::debug!(fd = events.get_ref().as_raw_fd(), "draining the event ring buffer");
+    loop {
+        let mut guard = events.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            match decode(&record) {
+                Ok(event) => aggregator.apply(&event),
+                Err(e) => {
+                    metrics.events_undecodable.inc();
+                    tracing::warn!(error = %e, "undecodable ring-buffer record");
+                }
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Forwards the programs' aya-log records to `tracing` for as long as the daemon runs.
+pub async fn run_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<(), IngestError> {
+    let mut logger = register(logger)?;
+    loop {
+        let mut guard = logger.readable_mut().await?;
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
+}
+
+/// Shares the drop counters between the scrape collector and shutdown.
+pub type SharedDrops = Arc<DropCounters>;

@@ -1,0 +1,21 @@
+//! mapcountd: per-folio mapping measurements from the kernel's rmap calls.
+//!
+//! The modules follow the data: [`layout`] and [`probes`] prepare the
+//! kernel side, [`ingest`] drains the ring buffer, [`decode`] checks each
+//! record, [`aggregate`] turns events into [`metrics`], and [`http`] serves
+//! them.
+
+pub mod aggregate;
+pub mod decode;
+pub mod http;
+pub mod ingest;
+pub mod layout;
+pub mod metrics;
+pub mod probes;
+
+/// The eBPF object built by `build.rs` from `mapcount-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mapcount"));
+
+/// Default port of `/metrics`. Chosen from the unassigned range of the
+/// Prometheus exporter port list; change it with `--web.listen-address`.
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9730";

@@ -1,0 +1,194 @@
+//! `mapcountd`: the daemon and its command line.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mapcount_common::drop_slot;
+use mapcount_daemon::{
+    DEFAULT_LISTEN_ADDRESS, http, ingest,
+    layout::{self, DEFAULT_BTF_PATH},
+    metrics::{Metrics, ReadAtScrape},
+    probes::{self, KernelSymbols, Need, ProbeStatus},
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "mapcountd", version, about = "Measures how folios are mapped, from the kernel's rmap calls, for Prometheus.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what would be attached and the resolved field offsets; exit 1 if core probes are missing.
+    Check {
+        /// Read this BTF file instead of the running kernel's (needs no root).
+        #[arg(long, value_name = "PATH")]
+        btf: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Address to serve metrics on.
+    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
+    listen_address: SocketAddr,
+    /// Path under which metrics are served.
+    #[arg(long = "web.telemetry-path", value_name = "PATH", default_value = "/metrics")]
+    telemetry_path: String,
+    /// Size of the event ring buffer in bytes: a power of two, a multiple of the page size.
+    #[arg(long = "ringbuf.size", value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
+    ring_buffer_bytes: u32,
+    /// Log filter, as in RUST_LOG (error, warn, info, debug, trace).
+    #[arg(long = "log.level", value_name = "LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.run.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // aya-log records arrive through the `log` crate.
+    if let Err(e) = tracing_log::LogTracer::init() {
+        eprintln!("mapcountd: cannot route eBPF log records: {e}");
+    }
+
+    let result = match cli.command {
+        Some(Command::Check { btf }) => check(btf),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(cli.run))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let listener = http::bind(args.listen_address).await?;
+
+    let btf = layout::load_btf(DEFAULT_BTF_PATH.as_ref())?;
+    let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
+    for field in resolved.fields.iter().filter(|f| f.offset.is_none()) {
+        tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
+    }
+
+    let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes)?;
+    let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
+    let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
+    let reports = probes::attach_all(&mut ebpf, &symbols)?;
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.kernel_info.with_label_values(&[&kernel_release()]).set(1);
+    let mut core_attached = 0;
+    for report in &reports {
+        let (function, attached) = match &report.status {
+            ProbeStatus::Attached { function } => {
+                tracing::info!(probe = report.spec.name, function, "attached");
+                if report.spec.need == Need::Core {
+                    core_attached += 1;
+                }
+                (function.as_str(), 1)
+            }
+            ProbeStatus::NoFunction => {
+                tracing::warn!(probe = report.spec.name, candidates = ?report.spec.candidates, "not attached: no such function in this kernel");
+                ("", 0)
+            }
+            ProbeStatus::AttachFailed { function, error } => {
+                tracing::warn!(probe = report.spec.name, function, error, "not attached: attach failed");
+                (function.as_str(), 0)
+            }
+        };
+        metrics.probe_attached.with_label_values(&[report.spec.name, function]).set(attached);
+    }
+    if core_attached == 0 {
+        tracing::error!("no core rmap probe attached: mapcount metrics will stay empty on this kernel");
+    }
+
+    let drops = Arc::new(ingest::DropCounters::take(&mut ebpf)?);
+    let drops_for_scrape = Arc::clone(&drops);
+    metrics.registry.register(Box::new(ReadAtScrape::new(
+        "mapcount_events_lost_total",
+        "Events the kernel side could not deliver, by reason; every loss is counted here.",
+        "reason",
+        &["ring_buffer_full", "task_state_full"],
+        move || drops_for_scrape.read(),
+    )))?;
+    let events = ingest::take_events(&mut ebpf)?;
+
+    let state = Arc::new(http::HttpState { metrics: Arc::clone(&metrics), telemetry_path: args.telemetry_path });
+    tracing::info!(address = %args.listen_address, "serving metrics");
+    let server = tokio::spawn(http::serve(listener, state));
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        result = ingest::run(events, Arc::clone(&metrics)) => result.map_err(anyhow::Error::from),
+        result = ingest::run_log(logger) => result.map_err(anyhow::Error::from),
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); Ok(()) }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); Ok(()) }
+    };
+    server.abort();
+    let lost = drops.read();
+    tracing::info!(
+        ring_buffer_full = lost[drop_slot::RING_BUFFER_FULL as usize],
+        task_state_full = lost[drop_slot::TASK_STATE_FULL as usize],
+        "events lost over the daemon's life"
+    );
+    // Dropping the object detaches every link and unloads the programs.
+    drop(ebpf);
+    outcome.map(|()| ExitCode::SUCCESS)
+}
+
+fn check(btf_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let path = btf_path.clone().unwrap_or_else(|| DEFAULT_BTF_PATH.into());
+    let btf = layout::load_btf(&path)?;
+    let resolved = layout::resolve(&btf)?;
+    println!("BTF: {}", path.display());
+    println!("{:<34} {:<20} {:>7}", "field", "member", "offset");
+    for f in &resolved.fields {
+        let offset = f.offset.map_or("absent".to_owned(), |o| o.to_string());
+        println!("{:<34} {:<20} {:>7}", f.slot, f.member.unwrap_or("-"), offset);
+    }
+    // Without a BTF file we check the running kernel's functions too.
+    if btf_path.is_some() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
+    let mut core_missing = 0;
+    println!("\n{:<24} {:<30} {}", "probe", "function", "need");
+    for spec in probes::PROBES {
+        let function = spec.candidates.iter().find_map(|c| symbols.find(c));
+        if function.is_none() && spec.need == Need::Core {
+            core_missing += 1;
+        }
+        let need = if spec.need == Need::Core { "core" } else { "optional" };
+        println!("{:<24} {:<30} {}", spec.name, function.as_deref().unwrap_or("MISSING"), need);
+    }
+    if !std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+        println!("\nthis kernel has no kprobe PMU (CONFIG_KPROBES=n): no probe can attach");
+        core_missing += 1;
+    }
+    Ok(if core_missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
