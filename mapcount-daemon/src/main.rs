@@ -1,6 +1,6 @@
 //! `mapcountd`: the daemon and its command line.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -59,7 +59,11 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_new(&cli.run.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
     // aya-log records arrive through the `log` crate.
     if let Err(e) = tracing_log::LogTracer::init() {
         eprintln!("mapcountd: cannot route eBPF log records: {e}");
@@ -113,7 +117,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 (function.as_str(), 1)
             }
             ProbeStatus::NoFunction => {
-                tracing::warn!(probe = report.spec.name, candidates = ?report.spec.candidates, "not attached: no such function in this kernel");
+                let candidates: Vec<_> = report.spec.candidates.iter().map(|c| c.function).collect();
+                tracing::warn!(probe = report.spec.name, ?candidates, "not attached: no such function in this kernel");
                 ("", 0)
             }
             ProbeStatus::AttachFailed { function, error } => {
@@ -179,7 +184,7 @@ fn check(btf_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let mut core_missing = 0;
     println!("\n{:<24} {:<30} {}", "probe", "function", "need");
     for spec in probes::PROBES {
-        let function = spec.candidates.iter().find_map(|c| symbols.find(c));
+        let function = spec.candidates.iter().find_map(|c| symbols.find(c.function));
         if function.is_none() && spec.need == Need::Core {
             core_missing += 1;
         }

@@ -22,27 +22,46 @@ pub enum Need {
 pub struct ProbeSpec {
     /// Logical name: the `probe` label of `mapcount_probe_attached`.
     pub name: &'static str,
-    /// The program in the eBPF object.
-    pub program: &'static str,
-    pub candidates: &'static [&'static str],
+    /// In order of preference: the first one that exists and attaches is used.
+    pub candidates: &'static [Candidate],
     pub need: Need,
 }
 
+/// A kernel function and the program that understands its arguments.
+pub struct Candidate {
+    pub function: &'static str,
+    pub program: &'static str,
+}
+
+macro_rules! candidates {
+    ($($function:literal => $program:literal),+ $(,)?) => {
+        &[$(Candidate { function: $function, program: $program }),+]
+    };
+}
+
 pub const PROBES: &[ProbeSpec] = &[
-    ProbeSpec { name: "anon_add_ptes", program: "add_anon_ptes", candidates: &["folio_add_anon_rmap_ptes"], need: Need::Core },
-    ProbeSpec { name: "anon_add_pmd", program: "add_anon_pmd", candidates: &["folio_add_anon_rmap_pmd"], need: Need::Optional },
-    ProbeSpec { name: "anon_add_new", program: "add_new_anon", candidates: &["folio_add_new_anon_rmap"], need: Need::Core },
-    ProbeSpec { name: "anon_add_new_return", program: "add_new_anon_return", candidates: &["folio_add_new_anon_rmap"], need: Need::Core },
-    ProbeSpec { name: "file_add_ptes", program: "add_file_ptes", candidates: &["folio_add_file_rmap_ptes"], need: Need::Core },
-    ProbeSpec { name: "file_add_pmd", program: "add_file_pmd", candidates: &["folio_add_file_rmap_pmd"], need: Need::Optional },
-    ProbeSpec { name: "file_add_pud", program: "add_file_pud", candidates: &["folio_add_file_rmap_pud"], need: Need::Optional },
-    ProbeSpec { name: "remove_ptes", program: "remove_ptes", candidates: &["folio_remove_rmap_ptes"], need: Need::Core },
-    ProbeSpec { name: "remove_pmd", program: "remove_pmd", candidates: &["folio_remove_rmap_pmd"], need: Need::Optional },
-    ProbeSpec { name: "remove_pud", program: "remove_pud", candidates: &["folio_remove_rmap_pud"], need: Need::Optional },
-    ProbeSpec { name: "write_fault", program: "write_fault_entry", candidates: &["do_wp_page"], need: Need::Core },
-    ProbeSpec { name: "write_fault_return", program: "write_fault_return", candidates: &["do_wp_page"], need: Need::Core },
-    ProbeSpec { name: "write_fault_reuse", program: "write_fault_reuse", candidates: &["wp_page_reuse"], need: Need::Optional },
-    ProbeSpec { name: "write_fault_move_anon", program: "write_fault_move_anon", candidates: &["folio_move_anon_rmap"], need: Need::Optional },
+    ProbeSpec { name: "anon_add_ptes", candidates: candidates!["folio_add_anon_rmap_ptes" => "add_anon_ptes"], need: Need::Core },
+    ProbeSpec { name: "anon_add_pmd", candidates: candidates!["folio_add_anon_rmap_pmd" => "add_anon_pmd"], need: Need::Optional },
+    ProbeSpec { name: "anon_add_new", candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon"], need: Need::Core },
+    ProbeSpec { name: "anon_add_new_return", candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon_return"], need: Need::Core },
+    ProbeSpec { name: "file_add_ptes", candidates: candidates!["folio_add_file_rmap_ptes" => "add_file_ptes"], need: Need::Core },
+    ProbeSpec { name: "file_add_pmd", candidates: candidates!["folio_add_file_rmap_pmd" => "add_file_pmd"], need: Need::Optional },
+    ProbeSpec { name: "file_add_pud", candidates: candidates!["folio_add_file_rmap_pud" => "add_file_pud"], need: Need::Optional },
+    ProbeSpec { name: "remove_ptes", candidates: candidates!["folio_remove_rmap_ptes" => "remove_ptes"], need: Need::Core },
+    ProbeSpec { name: "remove_pmd", candidates: candidates!["folio_remove_rmap_pmd" => "remove_pmd"], need: Need::Optional },
+    ProbeSpec { name: "remove_pud", candidates: candidates!["folio_remove_rmap_pud" => "remove_pud"], need: Need::Optional },
+    ProbeSpec { name: "write_fault", candidates: candidates!["do_wp_page" => "write_fault_entry"], need: Need::Core },
+    ProbeSpec { name: "write_fault_return", candidates: candidates!["do_wp_page" => "write_fault_return"], need: Need::Core },
+    // The reuse marker. wp_page_reuse is static and often not probe-able
+    // (Debian 6.12 lists it in kallsyms but kprobes refuse it); inside the
+    // write-fault window only the reuse path upgrades the PTE in place with
+    // ptep_set_access_flags, copies install a new PTE.
+    ProbeSpec {
+        name: "write_fault_reuse",
+        candidates: candidates!["wp_page_reuse" => "write_fault_reuse", "ptep_set_access_flags" => "write_fault_pte_reuse"],
+        need: Need::Optional,
+    },
+    ProbeSpec { name: "write_fault_move_anon", candidates: candidates!["folio_move_anon_rmap" => "write_fault_move_anon"], need: Need::Optional },
 ];
 
 /// Function names the kernel has out of line, from `/proc/kallsyms`.
@@ -108,15 +127,16 @@ pub enum ProbesError {
     },
 }
 
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(ProbesError::MissingProgram(name))
+}
+
 /// Loads every program (the verifier runs on each) without attaching.
 pub fn load_all(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
-    for spec in PROBES {
-        let program: &mut KProbe = ebpf
-            .program_mut(spec.program)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ProbesError::MissingProgram(spec.program))?;
+    for candidate in PROBES.iter().flat_map(|spec| spec.candidates) {
+        let program = program(ebpf, candidate.program)?;
         if program.fd().is_err() {
-            program.load().map_err(|source| ProbesError::Load { program: spec.program, source })?;
+            program.load().map_err(|source| ProbesError::Load { program: candidate.program, source })?;
         }
     }
     Ok(())
@@ -127,17 +147,22 @@ pub fn attach_all(ebpf: &mut Ebpf, symbols: &KernelSymbols) -> Result<Vec<ProbeR
     load_all(ebpf)?;
     let mut reports = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
-        let program: &mut KProbe = ebpf
-            .program_mut(spec.program)
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ProbesError::MissingProgram(spec.program))?;
-        let status = match spec.candidates.iter().find_map(|c| symbols.find(c)) {
-            None => ProbeStatus::NoFunction,
-            Some(function) => match program.attach(&function, 0) {
-                Ok(_link) => ProbeStatus::Attached { function },
-                Err(e) => ProbeStatus::AttachFailed { function, error: error_chain(&e) },
-            },
-        };
+        let mut status = ProbeStatus::NoFunction;
+        for candidate in spec.candidates {
+            let Some(function) = symbols.find(candidate.function) else { continue };
+            match program(ebpf, candidate.program)?.attach(&function, 0) {
+                Ok(_link) => {
+                    status = ProbeStatus::Attached { function };
+                    break;
+                }
+                // Keep trying later candidates; report the first failure if none attaches.
+                Err(e) => {
+                    if !matches!(status, ProbeStatus::AttachFailed { .. }) {
+                        status = ProbeStatus::AttachFailed { function, error: error_chain(&e) };
+                    }
+                }
+            }
+        }
         reports.push(ProbeReport { spec, status });
     }
     Ok(reports)
@@ -174,7 +199,7 @@ mod tests {
     }
 
     #[test]
-    fn every_program_is_named_once_per_probe() {
+    fn every_probe_is_named_once() {
         let mut names: Vec<_> = PROBES.iter().map(|p| p.name).collect();
         names.sort();
         names.dedup();

@@ -323,6 +323,14 @@ pub fn write_fault_reuse(ctx: ProbeContext) -> u32 {
     0
 }
 
+// ptep_set_access_flags(vma, address, ptep, entry, dirty): inside the
+// write-fault window only the reuse path calls it.
+#[kprobe]
+pub fn write_fault_pte_reuse(_ctx: ProbeContext) -> u32 {
+    mark_reuse(0);
+    0
+}
+
 // folio_move_anon_rmap(folio, vma)
 #[kprobe]
 pub fn write_fault_move_anon(ctx: ProbeContext) -> u32 {

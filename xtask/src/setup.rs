@@ -1,0 +1,91 @@
+//! Makes a fresh machine of the project's kind ready to build and test.
+//! Every step checks first and installs only what is missing.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::run_cmd;
+
+/// Debian packages: LLVM 22 for bpf-linker (matching the nightly's LLVM),
+/// qemu and the initramfs tools for the VM tests, decompressors for kernel
+/// modules.
+const DEBIAN_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libpolly-22-dev", "qemu-system-x86", "cpio", "busybox-static", "xz-utils", "zstd"];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup not found; the nightly toolchain builds the eBPF object")?;
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: installing rust-src for the nightly toolchain (the eBPF build rebuilds core)");
+    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(" "));
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut all: Vec<&str> = sudo.to_vec();
+        all.push("apt-get");
+        all.extend_from_slice(args);
+        let mut cmd = Command::new(all[0]);
+        cmd.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    // A new machine's package lists may be empty or stale.
+    run_cmd(&mut apt(&["update", "-qq"]))?;
+    let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    install.extend(missing.iter());
+    run_cmd(&mut apt(&install))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run_cmd(Command::new(env!("CARGO")).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))?;
+    if Command::new("bpf-linker").arg("--version").output().is_err() {
+        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,287 @@
+//! Booting a stock kernel in qemu (TCG) with an initramfs of busybox,
+//! mapcountd and the workload.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cache_dir, kernels::Kernel, run_cmd};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Run the workload's checks once, stop the daemon, power off.
+    Test,
+    /// Serve metrics to the host while the workload repeats, until killed.
+    Demo,
+}
+
+pub struct Image {
+    pub initramfs: PathBuf,
+}
+
+/// Network drivers the demo VM needs to reach the host (with their dependencies).
+const NET_MODULES: &[&str] = &["virtio_net"];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t tmpfs tmpfs /tmp
+# ramfs: page-cache folios that are not swap-backed, i.e. kind "file".
+mkdir -p /mnt/ramfs && mount -t ramfs ramfs /mnt/ramfs
+ip link set lo up
+for m in $(cat /modules.order 2>/dev/null); do insmod /modules/$m; done
+if ip link show eth0 >/dev/null 2>&1; then
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+fi
+echo "MAPCOUNT-KERNEL $(uname -r)"
+mapcountd --web.listen-address=0.0.0.0:9730 >/tmp/mapcountd.log 2>&1 &
+daemon=$!
+ready=0
+for i in $(seq 1 300); do
+    if wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null; then ready=1; break; fi
+    sleep 0.2
+done
+echo "MAPCOUNT-DAEMON-READY $ready"
+if [ "$MODE" = test ]; then
+    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs
+    echo "MAPCOUNT-WORKLOAD-EXIT $?"
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
+    sed 's/^/mapcountd: /' /tmp/mapcountd.log
+else
+    tail -f /tmp/mapcountd.log &
+    mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &
+    wait $daemon
+fi
+poweroff -f
+"#;
+
+impl Image {
+    pub fn build(bin_dir: &Path, kernel: &Kernel, mode: Mode) -> anyhow::Result<Self> {
+        let name = match mode {
+            Mode::Test => "test",
+            Mode::Demo => "demo",
+        };
+        let root = cache_dir().join(format!("initramfs-{}-{name}", kernel.name));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["bin", "usr/bin", "proc", "sys", "dev", "tmp", "mnt", "modules"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        let busybox = Path::new("/bin/busybox");
+        fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
+        fs::write(root.join("init"), INIT.replace("\"$MODE\"", &format!("\"{name}\"")))?;
+        set_executable(&root.join("init"))?;
+
+        let mut libraries = BTreeSet::new();
+        for binary in ["mapcountd", "mapcount-workload"] {
+            let src = bin_dir.join(binary);
+            fs::copy(&src, root.join("usr/bin").join(binary)).with_context(|| format!("copy {}", src.display()))?;
+            libraries.extend(shared_libraries(&src)?);
+        }
+        for lib in &libraries {
+            let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
+            fs::create_dir_all(dst.parent().expect("a library has a directory"))?;
+            fs::copy(lib, &dst).with_context(|| format!("copy {}", lib.display()))?;
+        }
+        if mode == Mode::Demo {
+            let order = install_modules(&kernel.modules, NET_MODULES, &root.join("modules"))?;
+            fs::write(root.join("modules.order"), order.join("\n"))?;
+        }
+
+        let initramfs = cache_dir().join(format!("initramfs-{}-{name}.cpio.gz", kernel.name));
+        let script = format!(
+            "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
+            root.display(),
+            initramfs.display()
+        );
+        run_cmd(Command::new("sh").args(["-c", &script]))?;
+        Ok(Self { initramfs })
+    }
+}
+
+fn set_executable(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// The libraries `ldd` lists, so dynamically linked binaries run in the initramfs.
+fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output().context("ldd")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from))
+        .collect())
+}
+
+/// Decompresses `names` and their dependencies into `dest`; returns the load order.
+fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::Result<Vec<String>> {
+    let mut index = std::collections::HashMap::new();
+    let mut stack = vec![modules_dir.join("kernel")];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(file) = p.file_name().map(|f| f.to_string_lossy().into_owned())
+                && let Some(stem) = file.split(".ko").next()
+                && file.contains(".ko")
+            {
+                index.insert(stem.replace('-', "_"), p);
+            }
+        }
+    }
+    let mut order = Vec::new();
+    fn visit(
+        name: &str,
+        index: &std::collections::HashMap<String, PathBuf>,
+        dest: &Path,
+        order: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let file = format!("{name}.ko");
+        if order.contains(&file) {
+            return Ok(());
+        }
+        let src = index.get(name).with_context(|| format!("kernel module {name} not in the package"))?;
+        let tool = match src.extension().and_then(|e| e.to_str()) {
+            Some("xz") => Some("xz"),
+            Some("zst") => Some("zstd"),
+            Some("ko") => None,
+            other => bail!("unknown module compression {other:?}"),
+        };
+        let bytes = match tool {
+            Some(tool) => Command::new(tool).arg("-dc").arg(src).output().context("decompress module")?.stdout,
+            None => fs::read(src)?,
+        };
+        for dep in modinfo_depends(&bytes) {
+            visit(&dep, index, dest, order)?;
+        }
+        fs::write(dest.join(&file), &bytes)?;
+        order.push(file);
+        Ok(())
+    }
+    for name in names {
+        visit(name, &index, dest, &mut order)?;
+    }
+    Ok(order)
+}
+
+/// The `depends=` entry of a module's `.modinfo` section.
+fn modinfo_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(start) = ko.windows(key.len()).position(|w| w == key) else { return Vec::new() };
+    let value = &ko[start + key.len()..];
+    let end = value.iter().position(|&b| b == 0).unwrap_or(0);
+    String::from_utf8_lossy(&value[..end]).split(',').filter(|s| !s.is_empty()).map(|s| s.replace('-', "_")).collect()
+}
+
+pub struct Boot {
+    pub forward_port: Option<u16>,
+    /// Seconds before the VM is killed.
+    pub timeout: Option<u64>,
+    /// Copy the console to our stdout as it arrives.
+    pub echo: bool,
+}
+
+/// Boots the kernel and returns everything it wrote to the serial console.
+pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String> {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&image.initramfs)
+        .args(["-append", "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise"]);
+    match boot.forward_port {
+        Some(port) => {
+            cmd.args(["-netdev", &format!("user,id=net0,hostfwd=tcp::{port}-:9730"), "-device", "virtio-net-pci,netdev=net0"]);
+        }
+        None => {
+            cmd.args(["-nic", "none"]);
+        }
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = boot.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    let mut output = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                if boot.echo {
+                    println!("{line}");
+                }
+                output.push_str(line.trim_end_matches('\r'));
+                output.push('\n');
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() > d) {
+            let _ = child.kill();
+            output.push_str("MAPCOUNT-TIMEOUT the VM did not finish in time\n");
+            break;
+        }
+    }
+    let _ = child.wait();
+    let _ = reader.join();
+    Ok(output)
+}
+
+pub struct CheckResult {
+    pub name: String,
+    pub known: String,
+    pub reported: String,
+    pub accepted: String,
+    pub passed: bool,
+}
+
+/// `MAPCOUNT-CHECK name known=K reported=R accepted=A..=B PASS|FAIL` lines, plus
+/// the daemon's exit status after SIGTERM.
+pub fn parse_checks(console: &str) -> Vec<CheckResult> {
+    let mut results = Vec::new();
+    for line in console.lines() {
+        if let Some(rest) = line.strip_prefix("MAPCOUNT-CHECK ") {
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or("?").to_owned();
+            let field = |key: &str| {
+                rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned()
+            };
+            let known = field("known=");
+            let reported = field("reported=");
+            let accepted = field("accepted=");
+            results.push(CheckResult { name, known, reported, accepted, passed: rest.ends_with(" PASS") });
+        } else if let Some(code) = line.strip_prefix("MAPCOUNT-DAEMON-EXIT ") {
+            results.push(CheckResult {
+                name: "daemon/exit_after_sigterm".to_owned(),
+                known: "0".to_owned(),
+                reported: code.trim().to_owned(),
+                accepted: "0".to_owned(),
+                passed: code.trim() == "0",
+            });
+        }
+    }
+    results
+}
