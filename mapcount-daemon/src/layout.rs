@@ -46,19 +46,91 @@ struct FieldSpec {
 }
 
 const FIELDS: &[FieldSpec] = &[
-    FieldSpec { slot: "folio.flags", strukt: "folio", candidates: &["flags"], need: Need::Required, set: |l, v| l.folio_flags = v },
-    FieldSpec { slot: "folio.mapping", strukt: "folio", candidates: &["mapping"], need: Need::Required, set: |l, v| l.folio_mapping = v },
-    FieldSpec { slot: "folio._mapcount", strukt: "folio", candidates: &["_mapcount"], need: Need::Required, set: |l, v| l.folio_mapcount = v },
-    FieldSpec { slot: "folio._refcount", strukt: "folio", candidates: &["_refcount"], need: Need::Required, set: |l, v| l.folio_refcount = v },
+    FieldSpec {
+        slot: "folio.flags",
+        strukt: "folio",
+        candidates: &["flags"],
+        need: Need::Required,
+        set: |l, v| l.folio_flags = v,
+    },
+    FieldSpec {
+        slot: "folio.mapping",
+        strukt: "folio",
+        candidates: &["mapping"],
+        need: Need::Required,
+        set: |l, v| l.folio_mapping = v,
+    },
+    FieldSpec {
+        slot: "folio._mapcount",
+        strukt: "folio",
+        candidates: &["_mapcount"],
+        need: Need::Required,
+        set: |l, v| l.folio_mapcount = v,
+    },
+    FieldSpec {
+        slot: "folio._refcount",
+        strukt: "folio",
+        candidates: &["_refcount"],
+        need: Need::Required,
+        set: |l, v| l.folio_refcount = v,
+    },
     // 6.8+: the order is the low byte of _flags_1; 6.1-6.7: a u8 of its own.
-    FieldSpec { slot: "folio.order", strukt: "folio", candidates: &["_flags_1", "_folio_order"], need: Need::Required, set: |l, v| l.folio_order = v },
-    FieldSpec { slot: "folio._large_mapcount", strukt: "folio", candidates: &["_large_mapcount", "_total_mapcount"], need: Need::Optional, set: |l, v| l.folio_large_mapcount = v },
-    FieldSpec { slot: "folio._entire_mapcount", strukt: "folio", candidates: &["_entire_mapcount", "_compound_mapcount"], need: Need::Optional, set: |l, v| l.folio_entire_mapcount = v },
-    FieldSpec { slot: "folio._nr_pages_mapped", strukt: "folio", candidates: &["_nr_pages_mapped"], need: Need::Optional, set: |l, v| l.folio_nr_pages_mapped = v },
-    FieldSpec { slot: "folio._pincount", strukt: "folio", candidates: &["_pincount"], need: Need::Optional, set: |l, v| l.folio_pincount = v },
-    FieldSpec { slot: "vm_area_struct.vm_mm", strukt: "vm_area_struct", candidates: &["vm_mm"], need: Need::Required, set: |l, v| l.vma_mm = v },
-    FieldSpec { slot: "vm_area_struct.vm_flags", strukt: "vm_area_struct", candidates: &["vm_flags", "__vm_flags"], need: Need::Required, set: |l, v| l.vma_flags = v },
-    FieldSpec { slot: "vm_fault.vma", strukt: "vm_fault", candidates: &["vma"], need: Need::Required, set: |l, v| l.vmf_vma = v },
+    FieldSpec {
+        slot: "folio.order",
+        strukt: "folio",
+        candidates: &["_flags_1", "_folio_order"],
+        need: Need::Required,
+        set: |l, v| l.folio_order = v,
+    },
+    FieldSpec {
+        slot: "folio._large_mapcount",
+        strukt: "folio",
+        candidates: &["_large_mapcount", "_total_mapcount"],
+        need: Need::Optional,
+        set: |l, v| l.folio_large_mapcount = v,
+    },
+    FieldSpec {
+        slot: "folio._entire_mapcount",
+        strukt: "folio",
+        candidates: &["_entire_mapcount", "_compound_mapcount"],
+        need: Need::Optional,
+        set: |l, v| l.folio_entire_mapcount = v,
+    },
+    FieldSpec {
+        slot: "folio._nr_pages_mapped",
+        strukt: "folio",
+        candidates: &["_nr_pages_mapped"],
+        need: Need::Optional,
+        set: |l, v| l.folio_nr_pages_mapped = v,
+    },
+    FieldSpec {
+        slot: "folio._pincount",
+        strukt: "folio",
+        candidates: &["_pincount"],
+        need: Need::Optional,
+        set: |l, v| l.folio_pincount = v,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_mm",
+        strukt: "vm_area_struct",
+        candidates: &["vm_mm"],
+        need: Need::Required,
+        set: |l, v| l.vma_mm = v,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_flags",
+        strukt: "vm_area_struct",
+        candidates: &["vm_flags", "__vm_flags"],
+        need: Need::Required,
+        set: |l, v| l.vma_flags = v,
+    },
+    FieldSpec {
+        slot: "vm_fault.vma",
+        strukt: "vm_fault",
+        candidates: &["vma"],
+        need: Need::Required,
+        set: |l, v| l.vmf_vma = v,
+    },
 ];
 
 /// One resolved row, for `mapcountd check` and the logs.
@@ -79,7 +151,10 @@ pub struct Resolved {
 pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 pub fn load_btf(path: &Path) -> Result<Btf, LayoutError> {
-    Btf::from_file(path).map_err(|e| LayoutError::ReadBtf { path: path.display().to_string(), reason: format!("{e:#}") })
+    Btf::from_file(path).map_err(|e| LayoutError::ReadBtf {
+        path: path.display().to_string(),
+        reason: format!("{e:#}"),
+    })
 }
 
 pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
@@ -97,19 +172,34 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
         match found {
             Some((member, offset)) => {
                 (spec.set)(&mut layout, offset);
-                fields.push(ResolvedField { slot: spec.slot, member: Some(member), offset: Some(offset) });
+                fields.push(ResolvedField {
+                    slot: spec.slot,
+                    member: Some(member),
+                    offset: Some(offset),
+                });
             }
             None if spec.need == Need::Optional => {
-                fields.push(ResolvedField { slot: spec.slot, member: None, offset: None });
+                fields.push(ResolvedField {
+                    slot: spec.slot,
+                    member: None,
+                    offset: None,
+                });
             }
             None => {
-                return Err(LayoutError::MissingRequiredField { strukt: spec.strukt, candidates: spec.candidates });
+                return Err(LayoutError::MissingRequiredField {
+                    strukt: spec.strukt,
+                    candidates: spec.candidates,
+                });
             }
         }
     }
     layout.pg_head_bit = enum_value(btf, "pageflags", "PG_head")?;
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
-    fields.push(ResolvedField { slot: "pageflags.PG_head (bit)", member: Some("PG_head"), offset: Some(layout.pg_head_bit) });
+    fields.push(ResolvedField {
+        slot: "pageflags.PG_head (bit)",
+        member: Some("PG_head"),
+        offset: Some(layout.pg_head_bit),
+    });
     fields.push(ResolvedField {
         slot: "pageflags.PG_swapbacked (bit)",
         member: Some("PG_swapbacked"),
@@ -166,7 +256,9 @@ fn member_bit_offset(btf: &Btf, strukt: &btf_rs::Struct, name: &str) -> Result<O
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, value: &'static str) -> Result<u32, LayoutError> {
-    let types = btf.resolve_types_by_name(enum_name).map_err(|_| LayoutError::MissingEnumValue(value))?;
+    let types = btf
+        .resolve_types_by_name(enum_name)
+        .map_err(|_| LayoutError::MissingEnumValue(value))?;
     for ty in types {
         if let Type::Enum(e) = ty {
             for member in &e.members {
@@ -200,7 +292,10 @@ mod tests {
         assert_eq!(l.folio_flags, 0);
         // mapping, _mapcount and _refcount have sat at 24/48/52 on x86-64
         // since struct folio exists; a different answer means a parser bug.
-        assert_eq!((l.folio_mapping, l.folio_mapcount, l.folio_refcount), (24, 48, 52));
+        assert_eq!(
+            (l.folio_mapping, l.folio_mapcount, l.folio_refcount),
+            (24, 48, 52)
+        );
         assert!(l.folio_order >= 64, "order lives in the second struct page");
         assert!(l.pg_head_bit < 64 && l.pg_swapbacked_bit < 64);
         assert_ne!(l.pg_head_bit, l.pg_swapbacked_bit);

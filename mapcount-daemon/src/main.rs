@@ -14,7 +14,11 @@ use mapcount_daemon::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "mapcountd", version, about = "Measures how folios are mapped, from the kernel's rmap calls, for Prometheus.")]
+#[command(
+    name = "mapcountd",
+    version,
+    about = "Measures how folios are mapped, from the kernel's rmap calls, for Prometheus."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -87,7 +91,9 @@ fn main() -> ExitCode {
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -96,7 +102,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let btf = layout::load_btf(DEFAULT_BTF_PATH.as_ref())?;
     let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
     for field in resolved.fields.iter().filter(|f| f.offset.is_none()) {
-        tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
+        tracing::info!(
+            field = field.slot,
+            "field absent on this kernel; metrics that need it stay empty"
+        );
     }
 
     let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes)?;
@@ -118,15 +127,27 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             ProbeStatus::NoFunction => {
                 let candidates: Vec<_> = report.spec.candidates.iter().map(|c| c.function).collect();
-                tracing::warn!(probe = report.spec.name, ?candidates, "not attached: no such function in this kernel");
+                tracing::warn!(
+                    probe = report.spec.name,
+                    ?candidates,
+                    "not attached: no such function in this kernel"
+                );
                 ("", 0)
             }
             ProbeStatus::AttachFailed { function, error } => {
-                tracing::warn!(probe = report.spec.name, function, error, "not attached: attach failed");
+                tracing::warn!(
+                    probe = report.spec.name,
+                    function,
+                    error,
+                    "not attached: attach failed"
+                );
                 (function.as_str(), 0)
             }
         };
-        metrics.probe_attached.with_label_values(&[report.spec.name, function]).set(attached);
+        metrics
+            .probe_attached
+            .with_label_values(&[report.spec.name, function])
+            .set(attached);
     }
     if core_attached == 0 {
         tracing::error!("no core rmap probe attached: mapcount metrics will stay empty on this kernel");
@@ -143,7 +164,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )))?;
     let events = ingest::take_events(&mut ebpf)?;
 
-    let state = Arc::new(http::HttpState { metrics: Arc::clone(&metrics), telemetry_path: args.telemetry_path });
+    let state = Arc::new(http::HttpState {
+        metrics: Arc::clone(&metrics),
+        telemetry_path: args.telemetry_path,
+    });
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));
 
@@ -182,18 +206,31 @@ fn check(btf_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     }
     let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
     let mut core_missing = 0;
-    println!("\n{:<24} {:<30} {}", "probe", "function", "need");
+    println!("\n{:<24} {:<30} need", "probe", "function");
     for spec in probes::PROBES {
         let function = spec.candidates.iter().find_map(|c| symbols.find(c.function));
         if function.is_none() && spec.need == Need::Core {
             core_missing += 1;
         }
-        let need = if spec.need == Need::Core { "core" } else { "optional" };
-        println!("{:<24} {:<30} {}", spec.name, function.as_deref().unwrap_or("MISSING"), need);
+        let need = if spec.need == Need::Core {
+            "core"
+        } else {
+            "optional"
+        };
+        println!(
+            "{:<24} {:<30} {}",
+            spec.name,
+            function.as_deref().unwrap_or("MISSING"),
+            need
+        );
     }
     if !std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         println!("\nthis kernel has no kprobe PMU (CONFIG_KPROBES=n): no probe can attach");
         core_missing += 1;
     }
-    Ok(if core_missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if core_missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -4,7 +4,8 @@
 //! values each; nothing carries a pid or an address.
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
@@ -32,23 +33,38 @@ impl Metrics {
         let registry = Registry::new();
         let rmap_labels = &["op", "level", "kind", "order"];
         let rmap_calls = must(IntCounterVec::new(
-            Opts::new("mapcount_rmap_calls_total", "Calls of the rmap add/remove functions, by operation, page-table level, folio kind and folio order."),
+            Opts::new(
+                "mapcount_rmap_calls_total",
+                "Calls of the rmap add/remove functions, by operation, page-table level, folio kind and folio order.",
+            ),
             rmap_labels,
         ));
         let rmap_pages = must(IntCounterVec::new(
-            Opts::new("mapcount_rmap_pages_total", "Pages mapped (add, add_new) or unmapped (remove) by rmap calls; a PMD mapping counts 512 pages."),
+            Opts::new(
+                "mapcount_rmap_pages_total",
+                "Pages mapped (add, add_new) or unmapped (remove) by rmap calls; a PMD mapping counts 512 pages.",
+            ),
             rmap_labels,
         ));
         let write_faults = must(IntCounterVec::new(
-            Opts::new("mapcount_cow_faults_total", "Write faults on present, write-protected PTEs (do_wp_page) by outcome: reuse, copy, copy_zero_page, shared, other."),
+            Opts::new(
+                "mapcount_cow_faults_total",
+                "Write faults on present, write-protected PTEs (do_wp_page) by outcome: reuse, copy, copy_zero_page, shared, other.",
+            ),
             &["outcome"],
         ));
         let write_fault_duration = must(Histogram::with_opts(
-            HistogramOpts::new("mapcount_cow_fault_duration_seconds", "Time from do_wp_page entry to return.")
-                .buckets(prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets")),
+            HistogramOpts::new(
+                "mapcount_cow_fault_duration_seconds",
+                "Time from do_wp_page entry to return.",
+            )
+            .buckets(prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets")),
         ));
         let events = must(IntCounterVec::new(
-            Opts::new("mapcount_events_total", "Events received from the kernel, by type."),
+            Opts::new(
+                "mapcount_events_total",
+                "Events received from the kernel, by type.",
+            ),
             &["type"],
         ));
         let events_undecodable = must(IntCounter::new(
@@ -56,15 +72,24 @@ impl Metrics {
             "Ring-buffer records that did not decode (wrong size or unknown values); should stay 0.",
         ));
         let probe_attached = must(IntGaugeVec::new(
-            Opts::new("mapcount_probe_attached", "1 if the probe is attached, 0 if its function is missing or attaching failed."),
+            Opts::new(
+                "mapcount_probe_attached",
+                "1 if the probe is attached, 0 if its function is missing or attaching failed.",
+            ),
             &["probe", "function"],
         ));
         let build_info = must(IntGaugeVec::new(
-            Opts::new("mapcount_build_info", "Always 1; labels describe the mapcountd build."),
+            Opts::new(
+                "mapcount_build_info",
+                "Always 1; labels describe the mapcountd build.",
+            ),
             &["version"],
         ));
         let kernel_info = must(IntGaugeVec::new(
-            Opts::new("mapcount_kernel_info", "Always 1; labels describe the running kernel."),
+            Opts::new(
+                "mapcount_kernel_info",
+                "Always 1; labels describe the running kernel.",
+            ),
             &["release"],
         ));
         for c in [&rmap_calls, &rmap_pages, &write_faults, &events] {
@@ -119,8 +144,13 @@ where
 {
     /// `read` returns one value per entry of `labels`.
     pub fn new(name: &str, help: &str, label: &str, labels: &'static [&'static str], read: F) -> Self {
-        let desc = Desc::new(name.to_owned(), help.to_owned(), vec![label.to_owned()], Default::default())
-            .expect("valid metric description");
+        let desc = Desc::new(
+            name.to_owned(),
+            help.to_owned(),
+            vec![label.to_owned()],
+            Default::default(),
+        )
+        .expect("valid metric description");
         Self { desc, labels, read }
     }
 }

@@ -40,18 +40,66 @@ macro_rules! candidates {
 }
 
 pub const PROBES: &[ProbeSpec] = &[
-    ProbeSpec { name: "anon_add_ptes", candidates: candidates!["folio_add_anon_rmap_ptes" => "add_anon_ptes"], need: Need::Core },
-    ProbeSpec { name: "anon_add_pmd", candidates: candidates!["folio_add_anon_rmap_pmd" => "add_anon_pmd"], need: Need::Optional },
-    ProbeSpec { name: "anon_add_new", candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon"], need: Need::Core },
-    ProbeSpec { name: "anon_add_new_return", candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon_return"], need: Need::Core },
-    ProbeSpec { name: "file_add_ptes", candidates: candidates!["folio_add_file_rmap_ptes" => "add_file_ptes"], need: Need::Core },
-    ProbeSpec { name: "file_add_pmd", candidates: candidates!["folio_add_file_rmap_pmd" => "add_file_pmd"], need: Need::Optional },
-    ProbeSpec { name: "file_add_pud", candidates: candidates!["folio_add_file_rmap_pud" => "add_file_pud"], need: Need::Optional },
-    ProbeSpec { name: "remove_ptes", candidates: candidates!["folio_remove_rmap_ptes" => "remove_ptes"], need: Need::Core },
-    ProbeSpec { name: "remove_pmd", candidates: candidates!["folio_remove_rmap_pmd" => "remove_pmd"], need: Need::Optional },
-    ProbeSpec { name: "remove_pud", candidates: candidates!["folio_remove_rmap_pud" => "remove_pud"], need: Need::Optional },
-    ProbeSpec { name: "write_fault", candidates: candidates!["do_wp_page" => "write_fault_entry"], need: Need::Core },
-    ProbeSpec { name: "write_fault_return", candidates: candidates!["do_wp_page" => "write_fault_return"], need: Need::Core },
+    ProbeSpec {
+        name: "anon_add_ptes",
+        candidates: candidates!["folio_add_anon_rmap_ptes" => "add_anon_ptes"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "anon_add_pmd",
+        candidates: candidates!["folio_add_anon_rmap_pmd" => "add_anon_pmd"],
+        need: Need::Optional,
+    },
+    ProbeSpec {
+        name: "anon_add_new",
+        candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "anon_add_new_return",
+        candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon_return"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "file_add_ptes",
+        candidates: candidates!["folio_add_file_rmap_ptes" => "add_file_ptes"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "file_add_pmd",
+        candidates: candidates!["folio_add_file_rmap_pmd" => "add_file_pmd"],
+        need: Need::Optional,
+    },
+    ProbeSpec {
+        name: "file_add_pud",
+        candidates: candidates!["folio_add_file_rmap_pud" => "add_file_pud"],
+        need: Need::Optional,
+    },
+    ProbeSpec {
+        name: "remove_ptes",
+        candidates: candidates!["folio_remove_rmap_ptes" => "remove_ptes"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "remove_pmd",
+        candidates: candidates!["folio_remove_rmap_pmd" => "remove_pmd"],
+        need: Need::Optional,
+    },
+    ProbeSpec {
+        name: "remove_pud",
+        candidates: candidates!["folio_remove_rmap_pud" => "remove_pud"],
+        need: Need::Optional,
+    },
+    ProbeSpec {
+        name: "write_fault",
+        candidates: candidates!["do_wp_page" => "write_fault_entry"],
+        need: Need::Core,
+    },
+    ProbeSpec {
+        name: "write_fault_return",
+        candidates: candidates!["do_wp_page" => "write_fault_return"],
+        need: Need::Core,
+    },
     // The reuse marker. wp_page_reuse is static and often not probe-able
     // (Debian 6.12 lists it in kallsyms but kprobes refuse it); inside the
     // write-fault window only the reuse path upgrades the PTE in place with
@@ -61,7 +109,11 @@ pub const PROBES: &[ProbeSpec] = &[
         candidates: candidates!["wp_page_reuse" => "write_fault_reuse", "ptep_set_access_flags" => "write_fault_pte_reuse"],
         need: Need::Optional,
     },
-    ProbeSpec { name: "write_fault_move_anon", candidates: candidates!["folio_move_anon_rmap" => "write_fault_move_anon"], need: Need::Optional },
+    ProbeSpec {
+        name: "write_fault_move_anon",
+        candidates: candidates!["folio_move_anon_rmap" => "write_fault_move_anon"],
+        need: Need::Optional,
+    },
 ];
 
 /// Function names the kernel has out of line, from `/proc/kallsyms`.
@@ -103,11 +155,16 @@ impl KernelSymbols {
 /// What happened to one logical probe.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeStatus {
-    Attached { function: String },
+    Attached {
+        function: String,
+    },
     /// None of the candidate functions exists out of line in this kernel.
     NoFunction,
     /// The function exists but attaching failed (no kprobe support, lockdown, ...).
-    AttachFailed { function: String, error: String },
+    AttachFailed {
+        function: String,
+        error: String,
+    },
 }
 
 pub struct ProbeReport {
@@ -128,7 +185,9 @@ pub enum ProbesError {
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
-    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(ProbesError::MissingProgram(name))
+    ebpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(ProbesError::MissingProgram(name))
 }
 
 /// Loads every program (the verifier runs on each) without attaching.
@@ -136,7 +195,10 @@ pub fn load_all(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
     for candidate in PROBES.iter().flat_map(|spec| spec.candidates) {
         let program = program(ebpf, candidate.program)?;
         if program.fd().is_err() {
-            program.load().map_err(|source| ProbesError::Load { program: candidate.program, source })?;
+            program.load().map_err(|source| ProbesError::Load {
+                program: candidate.program,
+                source,
+            })?;
         }
     }
     Ok(())
@@ -149,7 +211,9 @@ pub fn attach_all(ebpf: &mut Ebpf, symbols: &KernelSymbols) -> Result<Vec<ProbeR
     for spec in PROBES {
         let mut status = ProbeStatus::NoFunction;
         for candidate in spec.candidates {
-            let Some(function) = symbols.find(candidate.function) else { continue };
+            let Some(function) = symbols.find(candidate.function) else {
+                continue;
+            };
             match program(ebpf, candidate.program)?.attach(&function, 0) {
                 Ok(_link) => {
                     status = ProbeStatus::Attached { function };
@@ -158,7 +222,10 @@ pub fn attach_all(ebpf: &mut Ebpf, symbols: &KernelSymbols) -> Result<Vec<ProbeR
                 // Keep trying later candidates; report the first failure if none attaches.
                 Err(e) => {
                     if !matches!(status, ProbeStatus::AttachFailed { .. }) {
-                        status = ProbeStatus::AttachFailed { function, error: error_chain(&e) };
+                        status = ProbeStatus::AttachFailed {
+                            function,
+                            error: error_chain(&e),
+                        };
                     }
                 }
             }
@@ -192,9 +259,19 @@ mod tests {
              ffffffff81000300 t folio_remove_rmap_ptes [some_module]\n",
         );
         assert_eq!(symbols.find("do_wp_page").as_deref(), Some("do_wp_page"));
-        assert_eq!(symbols.find("wp_page_reuse").as_deref(), Some("wp_page_reuse.isra.0"));
-        assert_eq!(symbols.find("folio_add_new_anon_rmap"), None, "data symbols are not functions");
-        assert_eq!(symbols.find("folio_remove_rmap_ptes").as_deref(), Some("folio_remove_rmap_ptes"));
+        assert_eq!(
+            symbols.find("wp_page_reuse").as_deref(),
+            Some("wp_page_reuse.isra.0")
+        );
+        assert_eq!(
+            symbols.find("folio_add_new_anon_rmap"),
+            None,
+            "data symbols are not functions"
+        );
+        assert_eq!(
+            symbols.find("folio_remove_rmap_ptes").as_deref(),
+            Some("folio_remove_rmap_ptes")
+        );
         assert_eq!(symbols.find("wp_page"), None, "a prefix is not a match");
     }
 

@@ -188,7 +188,13 @@ fn arg(ctx: &ProbeContext, n: usize) -> u64 {
 // folio_add_anon_rmap_ptes(folio, page, nr_pages, vma, address, flags)
 #[kprobe]
 pub fn add_anon_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 3), RmapOp::Add, Level::Pte, arg(&ctx, 2) as u32);
+    emit_rmap(
+        arg(&ctx, 0),
+        arg(&ctx, 3),
+        RmapOp::Add,
+        Level::Pte,
+        arg(&ctx, 2) as u32,
+    );
     0
 }
 
@@ -202,7 +208,13 @@ pub fn add_anon_pmd(ctx: ProbeContext) -> u32 {
 // folio_add_file_rmap_ptes(folio, page, nr_pages, vma)
 #[kprobe]
 pub fn add_file_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 3), RmapOp::Add, Level::Pte, arg(&ctx, 2) as u32);
+    emit_rmap(
+        arg(&ctx, 0),
+        arg(&ctx, 3),
+        RmapOp::Add,
+        Level::Pte,
+        arg(&ctx, 2) as u32,
+    );
     0
 }
 
@@ -223,7 +235,13 @@ pub fn add_file_pud(ctx: ProbeContext) -> u32 {
 // folio_remove_rmap_ptes(folio, page, nr_pages, vma)
 #[kprobe]
 pub fn remove_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 3), RmapOp::Remove, Level::Pte, arg(&ctx, 2) as u32);
+    emit_rmap(
+        arg(&ctx, 0),
+        arg(&ctx, 3),
+        RmapOp::Remove,
+        Level::Pte,
+        arg(&ctx, 2) as u32,
+    );
     0
 }
 
@@ -245,7 +263,10 @@ pub fn remove_pud(ctx: ProbeContext) -> u32 {
 // counters and the mapping, so the event is built at return.
 #[kprobe]
 pub fn add_new_anon(ctx: ProbeContext) -> u32 {
-    let call = NewAnonCall { folio: arg(&ctx, 0), vma: arg(&ctx, 1) };
+    let call = NewAnonCall {
+        folio: arg(&ctx, 0),
+        vma: arg(&ctx, 1),
+    };
     if NEW_ANON_CALLS.insert(thread_id(), call, 0).is_err() {
         count_drop(drop_slot::TASK_STATE_FULL);
         warn!(&ctx, "new-anon call table full");
@@ -349,7 +370,11 @@ pub fn write_fault_return(_ctx: RetProbeContext) -> u32 {
     let outcome = if window.vma_shared != 0 {
         WriteFaultOutcome::Shared
     } else if window.saw_new_anon != 0 {
-        if window.saw_old_folio != 0 { WriteFaultOutcome::Copy } else { WriteFaultOutcome::CopyZeroPage }
+        if window.saw_old_folio != 0 {
+            WriteFaultOutcome::Copy
+        } else {
+            WriteFaultOutcome::CopyZeroPage
+        }
     } else if window.saw_reuse != 0 {
         WriteFaultOutcome::Reuse
     } else {

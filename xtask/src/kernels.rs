@@ -79,13 +79,27 @@ fn locate(spec: &KernelSpec, root: &Path) -> anyhow::Result<Option<Kernel>> {
         }
     }
     let modules_root = root.join("usr/lib/modules");
-    let modules_root = if modules_root.exists() { modules_root } else { root.join("lib/modules") };
-    let release_dir = fs::read_dir(&modules_root).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
-    let Some(modules) = release_dir else { return Ok(None) };
+    let modules_root = if modules_root.exists() {
+        modules_root
+    } else {
+        root.join("lib/modules")
+    };
+    let release_dir = fs::read_dir(&modules_root)
+        .ok()
+        .and_then(|mut d| d.next())
+        .and_then(|e| e.ok())
+        .map(|e| e.path());
+    let Some(modules) = release_dir else {
+        return Ok(None);
+    };
     if vmlinuz.is_none() && modules.join("vmlinuz").exists() {
         vmlinuz = Some(modules.join("vmlinuz"));
     }
-    Ok(vmlinuz.map(|vmlinuz| Kernel { name: spec.name.to_owned(), vmlinuz, modules }))
+    Ok(vmlinuz.map(|vmlinuz| Kernel {
+        name: spec.name.to_owned(),
+        vmlinuz,
+        modules,
+    }))
 }
 
 struct PrivateApt {
@@ -103,7 +117,9 @@ impl PrivateApt {
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
         fs::write(
             &sources,
-            format!("deb [signed-by={keyring}] {uri} {suite} main\ndeb [signed-by={keyring}] {uri} {suite}-backports main\n"),
+            format!(
+                "deb [signed-by={keyring}] {uri} {suite} main\ndeb [signed-by={keyring}] {uri} {suite}-backports main\n"
+            ),
         )?;
         let options = vec![
             format!("Dir::Etc::sourcelist={}", sources.display()),
@@ -140,24 +156,37 @@ impl PrivateApt {
     }
 
     fn download(&self, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-        run_cmd(self.cmd("apt-get").current_dir(dir).args(["download", "-qq", package]))?;
+        run_cmd(
+            self.cmd("apt-get")
+                .current_dir(dir)
+                .args(["download", "-qq", package]),
+        )?;
         fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
             .with_context(|| format!("apt-get download {package} left no .deb"))
     }
 }
 
 /// Numeric components of a version, for ordering "117" after "99".
 fn version_key(version: &str) -> Vec<u64> {
-    version.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect()
+    version
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 /// The Debian archive this machine already uses.
 fn archive_uri() -> anyhow::Result<String> {
     let sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    if let Some(uri) = sources.lines().find_map(|l| l.strip_prefix("URIs:")).map(|u| u.trim().to_owned())
+    if let Some(uri) = sources
+        .lines()
+        .find_map(|l| l.strip_prefix("URIs:"))
+        .map(|u| u.trim().to_owned())
         && !uri.contains("security")
     {
         return Ok(uri);
@@ -165,6 +194,10 @@ fn archive_uri() -> anyhow::Result<String> {
     let list = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
     list.lines()
         .filter(|l| l.starts_with("deb ") && !l.contains("security"))
-        .find_map(|l| l.split_whitespace().find(|w| w.starts_with("http")).map(str::to_owned))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("http"))
+                .map(str::to_owned)
+        })
         .context("cannot find the Debian archive URI in the apt sources")
 }

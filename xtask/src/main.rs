@@ -59,12 +59,17 @@ fn main() -> anyhow::Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Where downloaded kernels and built images are kept between runs.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("MAPCOUNT_CACHE").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/mapcount-cache"))
+    std::env::var_os("MAPCOUNT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/mapcount-cache"))
 }
 
 pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
@@ -77,7 +82,12 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 
 /// Builds mapcountd and the workload; returns the directory holding them.
 fn build_binaries() -> anyhow::Result<PathBuf> {
-    run_cmd(Command::new(env!("CARGO")).current_dir(workspace_root()).args(["build", "-p", "mapcount-daemon", "--bins"]))?;
+    run_cmd(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
+        "build",
+        "-p",
+        "mapcount-daemon",
+        "--bins",
+    ]))?;
     Ok(workspace_root().join("target/debug"))
 }
 
@@ -89,14 +99,24 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
     let bin = build_binaries()?;
     if host_can_trace() && !force_vm {
         println!("this kernel can attach kprobes: running mapcountd here on port {port}");
-        return run_cmd(Command::new(bin.join("mapcountd")).arg(format!("--web.listen-address=0.0.0.0:{port}")));
+        return run_cmd(
+            Command::new(bin.join("mapcountd")).arg(format!("--web.listen-address=0.0.0.0:{port}")),
+        );
     }
     println!(
         "this kernel cannot attach kprobes (no kprobe PMU): running mapcountd in a VM on Debian's 6.12 kernel with a demo workload; metrics at http://localhost:{port}/metrics, Ctrl-C stops"
     );
     let kernel = kernels::fetch(kernels::find("6.12")?)?;
     let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo)?;
-    vm::boot(&kernel, &image, vm::Boot { forward_port: Some(port), timeout: None, echo: true })?;
+    vm::boot(
+        &kernel,
+        &image,
+        vm::Boot {
+            forward_port: Some(port),
+            timeout: None,
+            echo: true,
+        },
+    )?;
     Ok(())
 }
 
@@ -114,13 +134,24 @@ fn test(kernel_names: &[String], vm_only: bool) -> anyhow::Result<()> {
         let kernel = kernels::fetch(kernels::find(name)?)?;
         let image = vm::Image::build(&bin, &kernel, vm::Mode::Test)?;
         let started = std::time::Instant::now();
-        let output = vm::boot(&kernel, &image, vm::Boot { forward_port: None, timeout: Some(600), echo: false })?;
+        let output = vm::boot(
+            &kernel,
+            &image,
+            vm::Boot {
+                forward_port: None,
+                timeout: Some(600),
+                echo: false,
+            },
+        )?;
         let results = vm::parse_checks(&output);
         let log_path = cache_dir().join(format!("vm-test-{name}.log"));
         std::fs::write(&log_path, &output)?;
         if results.is_empty() || !output.contains("MAPCOUNT-SUMMARY") {
             failed += 1;
-            println!("kernel {name}: the VM produced no check results; console log in {}", log_path.display());
+            println!(
+                "kernel {name}: the VM produced no check results; console log in {}",
+                log_path.display()
+            );
             let tail: Vec<&str> = output.lines().rev().take(40).collect();
             for line in tail.into_iter().rev() {
                 println!("  | {line}");
@@ -133,8 +164,15 @@ fn test(kernel_names: &[String], vm_only: bool) -> anyhow::Result<()> {
         table.push((name.clone(), started.elapsed(), results, log_path));
     }
     for (name, elapsed, results, log_path) in &table {
-        println!("\nVM checks on kernel {name} ({:.1} s, console log {}):", elapsed.as_secs_f64(), log_path.display());
-        println!("  {:<34} {:>8} {:>10} {:>14}  result", "check", "known", "reported", "accepted");
+        println!(
+            "\nVM checks on kernel {name} ({:.1} s, console log {}):",
+            elapsed.as_secs_f64(),
+            log_path.display()
+        );
+        println!(
+            "  {:<34} {:>8} {:>10} {:>14}  result",
+            "check", "known", "reported", "accepted"
+        );
         for r in results {
             println!(
                 "  {:<34} {:>8} {:>10} {:>14}  {}",

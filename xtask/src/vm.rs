@@ -82,13 +82,17 @@ impl Image {
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
-        fs::write(root.join("init"), INIT.replace("\"$MODE\"", &format!("\"{name}\"")))?;
+        fs::write(
+            root.join("init"),
+            INIT.replace("\"$MODE\"", &format!("\"{name}\"")),
+        )?;
         set_executable(&root.join("init"))?;
 
         let mut libraries = BTreeSet::new();
         for binary in ["mapcountd", "mapcount-workload"] {
             let src = bin_dir.join(binary);
-            fs::copy(&src, root.join("usr/bin").join(binary)).with_context(|| format!("copy {}", src.display()))?;
+            fs::copy(&src, root.join("usr/bin").join(binary))
+                .with_context(|| format!("copy {}", src.display()))?;
             libraries.extend(shared_libraries(&src)?);
         }
         for lib in &libraries {
@@ -123,7 +127,11 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().context("ldd")?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from)
+        })
         .collect())
 }
 
@@ -155,7 +163,9 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
         if order.contains(&file) {
             return Ok(());
         }
-        let src = index.get(name).with_context(|| format!("kernel module {name} not in the package"))?;
+        let src = index
+            .get(name)
+            .with_context(|| format!("kernel module {name} not in the package"))?;
         let tool = match src.extension().and_then(|e| e.to_str()) {
             Some("xz") => Some("xz"),
             Some("zst") => Some("zstd"),
@@ -163,7 +173,14 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
             other => bail!("unknown module compression {other:?}"),
         };
         let bytes = match tool {
-            Some(tool) => Command::new(tool).arg("-dc").arg(src).output().context("decompress module")?.stdout,
+            Some(tool) => {
+                Command::new(tool)
+                    .arg("-dc")
+                    .arg(src)
+                    .output()
+                    .context("decompress module")?
+                    .stdout
+            }
             None => fs::read(src)?,
         };
         for dep in modinfo_depends(&bytes) {
@@ -182,10 +199,16 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
 /// The `depends=` entry of a module's `.modinfo` section.
 fn modinfo_depends(ko: &[u8]) -> Vec<String> {
     let key = b"depends=";
-    let Some(start) = ko.windows(key.len()).position(|w| w == key) else { return Vec::new() };
+    let Some(start) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
     let value = &ko[start + key.len()..];
     let end = value.iter().position(|&b| b == 0).unwrap_or(0);
-    String::from_utf8_lossy(&value[..end]).split(',').filter(|s| !s.is_empty()).map(|s| s.replace('-', "_")).collect()
+    String::from_utf8_lossy(&value[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.replace('-', "_"))
+        .collect()
 }
 
 pub struct Boot {
@@ -199,21 +222,45 @@ pub struct Boot {
 /// Boots the kernel and returns everything it wrote to the serial console.
 pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String> {
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&kernel.vmlinuz)
-        .arg("-initrd")
-        .arg(&image.initramfs)
-        .args(["-append", "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise"]);
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+        "-no-reboot",
+    ])
+    .arg("-kernel")
+    .arg(&kernel.vmlinuz)
+    .arg("-initrd")
+    .arg(&image.initramfs)
+    .args([
+        "-append",
+        "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise",
+    ]);
     match boot.forward_port {
         Some(port) => {
-            cmd.args(["-netdev", &format!("user,id=net0,hostfwd=tcp::{port}-:9730"), "-device", "virtio-net-pci,netdev=net0"]);
+            cmd.args([
+                "-netdev",
+                &format!("user,id=net0,hostfwd=tcp::{port}-:9730"),
+                "-device",
+                "virtio-net-pci,netdev=net0",
+            ]);
         }
         None => {
             cmd.args(["-nic", "none"]);
         }
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     // SAFETY: prctl is async-signal-safe. The VM must not outlive xtask when
     // xtask is killed by something other than a terminal's Ctrl-C.
     unsafe {
@@ -223,7 +270,9 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+    let mut child = cmd
+        .spawn()
+        .context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -276,12 +325,21 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
             let mut words = rest.split_whitespace();
             let name = words.next().unwrap_or("?").to_owned();
             let field = |key: &str| {
-                rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned()
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .unwrap_or("-")
+                    .to_owned()
             };
             let known = field("known=");
             let reported = field("reported=");
             let accepted = field("accepted=");
-            results.push(CheckResult { name, known, reported, accepted, passed: rest.ends_with(" PASS") });
+            results.push(CheckResult {
+                name,
+                known,
+                reported,
+                accepted,
+                passed: rest.ends_with(" PASS"),
+            });
         } else if let Some(code) = line.strip_prefix("MAPCOUNT-DAEMON-EXIT ") {
             results.push(CheckResult {
                 name: "daemon/exit_after_sigterm".to_owned(),

@@ -30,12 +30,25 @@ const SHARED_PAGES: usize = 20;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let metrics_url = args.iter().position(|a| a == "--metrics").and_then(|i| args.get(i + 1));
-    let metrics_url = metrics_url.map_or("127.0.0.1:9730", |s| s.as_str()).trim_start_matches("http://");
-    let (address, path) = metrics_url.split_once('/').map_or((metrics_url, "metrics"), |(a, p)| (a, p));
-    let scratch = args.iter().position(|a| a == "--file-dir").and_then(|i| args.get(i + 1));
+    let metrics_url = args
+        .iter()
+        .position(|a| a == "--metrics")
+        .and_then(|i| args.get(i + 1));
+    let metrics_url = metrics_url
+        .map_or("127.0.0.1:9730", |s| s.as_str())
+        .trim_start_matches("http://");
+    let (address, path) = metrics_url
+        .split_once('/')
+        .map_or((metrics_url, "metrics"), |(a, p)| (a, p));
+    let scratch = args
+        .iter()
+        .position(|a| a == "--file-dir")
+        .and_then(|i| args.get(i + 1));
     let scratch = scratch.map_or("/tmp", |s| s.as_str());
-    let metrics = MetricsSource { address: address.to_owned(), path: format!("/{path}") };
+    let metrics = MetricsSource {
+        address: address.to_owned(),
+        path: format!("/{path}"),
+    };
     match args.get(1).map(String::as_str) {
         Some("check") => check(&metrics, scratch),
         Some("demo") => loop {
@@ -58,8 +71,22 @@ fn main() -> ExitCode {
 /// A private anonymous mapping of `pages` small pages (THP disabled for it).
 fn map_anon(pages: usize, flags: libc::c_int, prot: libc::c_int) -> *mut u8 {
     // SAFETY: plain anonymous mmap; failure is checked.
-    let p = unsafe { libc::mmap(ptr::null_mut(), pages * PAGE, prot, flags | libc::MAP_ANONYMOUS, -1, 0) };
-    assert_ne!(p, libc::MAP_FAILED, "mmap failed: {}", std::io::Error::last_os_error());
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            pages * PAGE,
+            prot,
+            flags | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap failed: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: p is our mapping.
     unsafe { libc::madvise(p, pages * PAGE, libc::MADV_NOHUGEPAGE) };
     p.cast()
@@ -78,7 +105,9 @@ fn write_each_page(p: *mut u8, pages: usize, value: u8) {
 }
 
 fn read_each_page(p: *const u8, pages: usize) -> u64 {
-    (0..pages).map(|i| u64::from(unsafe { ptr::read_volatile(p.add(i * PAGE)) })).sum()
+    (0..pages)
+        .map(|i| u64::from(unsafe { ptr::read_volatile(p.add(i * PAGE)) }))
+        .sum()
 }
 
 /// Fault in `pages` new anonymous pages, then unmap them.
@@ -96,8 +125,22 @@ fn run_file(dir: &str, pages: usize) {
     // SAFETY: plain open/mmap with checked results.
     let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDONLY) };
     assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
-    let p = unsafe { libc::mmap(ptr::null_mut(), pages * PAGE, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0) };
-    assert_ne!(p, libc::MAP_FAILED, "mmap {path}: {}", std::io::Error::last_os_error());
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            pages * PAGE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap {path}: {}",
+        std::io::Error::last_os_error()
+    );
     let sum = read_each_page(p.cast(), pages);
     assert_eq!(sum, 7 * pages as u64);
     unmap(p.cast(), pages);
@@ -154,7 +197,10 @@ fn run_shared(pages: usize) {
         child => {
             let mut status = 0;
             unsafe { libc::waitpid(child, &mut status, 0) };
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "clear_refs failed in the child");
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "clear_refs failed in the child"
+            );
         }
     }
 }
@@ -171,9 +217,15 @@ struct Scrape(Vec<(String, f64)>);
 
 impl MetricsSource {
     fn scrape(&self) -> Result<Scrape, String> {
-        let mut stream = TcpStream::connect(&self.address).map_err(|e| format!("connect {}: {e}", self.address))?;
+        let mut stream =
+            TcpStream::connect(&self.address).map_err(|e| format!("connect {}: {e}", self.address))?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        write!(stream, "GET {} HTTP/1.0\r\nHost: {}\r\n\r\n", self.path, self.address).map_err(|e| e.to_string())?;
+        write!(
+            stream,
+            "GET {} HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.path, self.address
+        )
+        .map_err(|e| e.to_string())?;
         let mut response = String::new();
         stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
         let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
@@ -217,7 +269,9 @@ impl Scrape {
             .filter(|(series, _)| {
                 let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
                 series_name == name
-                    && labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+                    && labels
+                        .iter()
+                        .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
             })
             .map(|(_, v)| v)
             .sum()
@@ -233,7 +287,11 @@ impl Checker {
     /// `reported` must lie in `[at_least, at_most]`.
     fn range(&mut self, name: &str, known: usize, reported: f64, at_least: f64, at_most: f64) {
         let ok = reported >= at_least && reported <= at_most;
-        if ok { self.passed += 1 } else { self.failed += 1 }
+        if ok {
+            self.passed += 1
+        } else {
+            self.failed += 1
+        }
         println!(
             "MAPCOUNT-CHECK {name} known={known} reported={reported} accepted={at_least}..={at_most} {}",
             if ok { "PASS" } else { "FAIL" }
@@ -252,7 +310,15 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
     let mut checker = Checker { passed: 0, failed: 0 };
     let result = (|| -> Result<(), String> {
         let base = metrics.settled_scrape()?;
-        for probe in ["anon_add_ptes", "anon_add_new", "anon_add_new_return", "file_add_ptes", "remove_ptes", "write_fault", "write_fault_return"] {
+        for probe in [
+            "anon_add_ptes",
+            "anon_add_new",
+            "anon_add_new_return",
+            "file_add_ptes",
+            "remove_ptes",
+            "write_fault",
+            "write_fault_return",
+        ] {
             let attached = base.sum("mapcount_probe_attached", &[("probe", probe)]);
             checker.range(&format!("probe_attached/{probe}"), 1, attached, 1.0, 1.0);
         }
@@ -260,39 +326,106 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
         let delta = |before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]| {
             after.sum(name, labels) - before.sum(name, labels)
         };
-        let mut expect = |name: &str, known: usize, before: &Scrape, after: &Scrape, metric: &str, labels: &[(&str, &str)]| {
+        let mut expect = |name: &str,
+                          known: usize,
+                          before: &Scrape,
+                          after: &Scrape,
+                          metric: &str,
+                          labels: &[(&str, &str)]| {
             let reported = delta(before, after, metric, labels);
-            checker.range(name, known, reported, known as f64, known as f64 + noise_margin(known));
+            checker.range(
+                name,
+                known,
+                reported,
+                known as f64,
+                known as f64 + noise_margin(known),
+            );
         };
 
         run_anon(ANON_PAGES);
         let after = metrics.settled_scrape()?;
         let new_anon = [("op", "add_new"), ("kind", "anon"), ("order", "0")];
-        expect("anon/new_pages", ANON_PAGES, &base, &after, "mapcount_rmap_pages_total", &new_anon);
+        expect(
+            "anon/new_pages",
+            ANON_PAGES,
+            &base,
+            &after,
+            "mapcount_rmap_pages_total",
+            &new_anon,
+        );
         let removed = [("op", "remove"), ("kind", "anon"), ("order", "0")];
-        expect("anon/removed_pages", ANON_PAGES, &base, &after, "mapcount_rmap_pages_total", &removed);
+        expect(
+            "anon/removed_pages",
+            ANON_PAGES,
+            &base,
+            &after,
+            "mapcount_rmap_pages_total",
+            &removed,
+        );
 
         let before = after;
         run_file(scratch, FILE_PAGES);
         let after = metrics.settled_scrape()?;
-        expect("file/mapped_pages", FILE_PAGES, &before, &after, "mapcount_rmap_pages_total", &[("op", "add"), ("kind", "file")]);
-        expect("file/unmapped_pages", FILE_PAGES, &before, &after, "mapcount_rmap_pages_total", &[("op", "remove"), ("kind", "file")]);
+        expect(
+            "file/mapped_pages",
+            FILE_PAGES,
+            &before,
+            &after,
+            "mapcount_rmap_pages_total",
+            &[("op", "add"), ("kind", "file")],
+        );
+        expect(
+            "file/unmapped_pages",
+            FILE_PAGES,
+            &before,
+            &after,
+            "mapcount_rmap_pages_total",
+            &[("op", "remove"), ("kind", "file")],
+        );
 
         let before = after;
         run_fork_cow(COW_PAGES);
         let after = metrics.settled_scrape()?;
-        expect("cow/child_copies", COW_PAGES, &before, &after, "mapcount_cow_faults_total", &[("outcome", "copy")]);
-        expect("cow/parent_reuses", COW_PAGES, &before, &after, "mapcount_cow_faults_total", &[("outcome", "reuse")]);
+        expect(
+            "cow/child_copies",
+            COW_PAGES,
+            &before,
+            &after,
+            "mapcount_cow_faults_total",
+            &[("outcome", "copy")],
+        );
+        expect(
+            "cow/parent_reuses",
+            COW_PAGES,
+            &before,
+            &after,
+            "mapcount_cow_faults_total",
+            &[("outcome", "reuse")],
+        );
 
         let before = after;
         run_zero_page(ZERO_PAGES);
         let after = metrics.settled_scrape()?;
-        expect("cow/zero_page_copies", ZERO_PAGES, &before, &after, "mapcount_cow_faults_total", &[("outcome", "copy_zero_page")]);
+        expect(
+            "cow/zero_page_copies",
+            ZERO_PAGES,
+            &before,
+            &after,
+            "mapcount_cow_faults_total",
+            &[("outcome", "copy_zero_page")],
+        );
 
         let before = after;
         run_shared(SHARED_PAGES);
         let after = metrics.settled_scrape()?;
-        expect("cow/shared_mapping_faults", SHARED_PAGES, &before, &after, "mapcount_cow_faults_total", &[("outcome", "shared")]);
+        expect(
+            "cow/shared_mapping_faults",
+            SHARED_PAGES,
+            &before,
+            &after,
+            "mapcount_cow_faults_total",
+            &[("outcome", "shared")],
+        );
 
         let lost = after.sum("mapcount_events_lost_total", &[]);
         checker.range("daemon/events_lost", 0, lost, 0.0, 0.0);
@@ -304,6 +437,13 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
         println!("MAPCOUNT-CHECK workload known=0 reported=error:{e} FAIL");
         checker.failed += 1;
     }
-    println!("MAPCOUNT-SUMMARY {} passed, {} failed", checker.passed, checker.failed);
-    if checker.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    println!(
+        "MAPCOUNT-SUMMARY {} passed, {} failed",
+        checker.passed, checker.failed
+    );
+    if checker.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
