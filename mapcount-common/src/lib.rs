@@ -116,7 +116,7 @@ pub struct Event {
     pub order: u8,
     /// A [`WriteFaultOutcome`] (write-fault events).
     pub outcome: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 impl Event {
@@ -139,7 +139,7 @@ impl Event {
         kind: 0,
         order: 0,
         outcome: 0,
-        _pad: [0; 6],
+        _pad: [0; 2],
     };
 }
 
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn event_has_no_hidden_padding() {
-        assert_eq!(size_of::<Event>(), 3 * 8 + 7 * 4 + 6 + 6);
+        assert_eq!(size_of::<Event>(), 3 * 8 + 8 * 4 + 6 + 2);
         assert_eq!(size_of::<Event>(), 64);
     }
 

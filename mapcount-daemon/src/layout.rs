@@ -74,25 +74,27 @@ const FIELDS: &[FieldSpec] = &[
         need: Need::Required,
         set: |l, v| l.folio_refcount = v,
     },
-    // 6.8+: the order is the low byte of _flags_1; 6.1-6.7: a u8 of its own.
+    // 6.1-6.7: a u8 of its own (6.1 also has a _flags_1 that is not the
+    // order, so _folio_order is tried first); 6.8+: the low byte of _flags_1.
     FieldSpec {
         slot: "folio.order",
         strukt: "folio",
-        candidates: &["_flags_1", "_folio_order"],
+        candidates: &["_folio_order", "_flags_1"],
         need: Need::Required,
         set: |l, v| l.folio_order = v,
     },
     FieldSpec {
         slot: "folio._large_mapcount",
         strukt: "folio",
-        candidates: &["_large_mapcount", "_total_mapcount"],
+        candidates: &["_large_mapcount"],
         need: Need::Optional,
         set: |l, v| l.folio_large_mapcount = v,
     },
     FieldSpec {
         slot: "folio._entire_mapcount",
         strukt: "folio",
-        candidates: &["_entire_mapcount", "_compound_mapcount"],
+        // 6.1 calls the PMD mapcount _total_mapcount (folio_entire_mapcount reads it).
+        candidates: &["_entire_mapcount", "_total_mapcount"],
         need: Need::Optional,
         set: |l, v| l.folio_entire_mapcount = v,
     },

@@ -15,7 +15,8 @@ use crate::{cache_dir, run_cmd};
 pub struct KernelSpec {
     /// Short name used on the command line.
     pub name: &'static str,
-    pub suite: &'static str,
+    /// Debian suites to search; `-security` suites come from the security archive.
+    pub suites: &'static [&'static str],
     /// Package name pattern: `{prefix}<version>{suffix}`; the newest matching package is used.
     pub prefix: &'static str,
     pub suffix: &'static str,
@@ -23,13 +24,31 @@ pub struct KernelSpec {
     pub modules_prefix: Option<&'static str>,
 }
 
-pub const KERNELS: &[KernelSpec] = &[KernelSpec {
-    name: "6.12",
-    suite: "trixie",
-    prefix: "linux-image-6.12.",
-    suffix: "+deb13-cloud-amd64-unsigned",
-    modules_prefix: None,
-}];
+/// The VM matrix: the oldest supported generation (page_* rmap functions),
+/// the current stable one and the newest (mm ids, PUD rmap functions).
+pub const KERNELS: &[KernelSpec] = &[
+    KernelSpec {
+        name: "6.1",
+        suites: &["bookworm", "bookworm-security"],
+        prefix: "linux-image-6.1.0-",
+        suffix: "-cloud-amd64-unsigned",
+        modules_prefix: None,
+    },
+    KernelSpec {
+        name: "6.12",
+        suites: &["trixie"],
+        prefix: "linux-image-6.12.",
+        suffix: "+deb13-cloud-amd64-unsigned",
+        modules_prefix: None,
+    },
+    KernelSpec {
+        name: "7.3",
+        suites: &["trixie-backports"],
+        prefix: "linux-binary-7.3.",
+        suffix: "+deb13-cloud-amd64",
+        modules_prefix: Some("linux-modules-7.3."),
+    },
+];
 
 pub fn find(name: &str) -> anyhow::Result<&'static KernelSpec> {
     KERNELS.iter().find(|k| k.name == name).with_context(|| {
@@ -53,7 +72,7 @@ pub fn fetch(spec: &KernelSpec) -> anyhow::Result<Kernel> {
         return Ok(kernel);
     }
     fs::create_dir_all(&dir)?;
-    let apt = PrivateApt::new(&cache_dir().join("apt"), spec.suite)?;
+    let apt = PrivateApt::new(&cache_dir().join("apt"), spec.name, spec.suites)?;
     let mut packages = vec![apt.newest(spec.prefix, spec.suffix)?];
     if let Some(modules_prefix) = spec.modules_prefix {
         packages.push(apt.newest(modules_prefix, spec.suffix)?);
@@ -107,20 +126,26 @@ struct PrivateApt {
 }
 
 impl PrivateApt {
-    fn new(dir: &Path, suite: &str) -> anyhow::Result<Self> {
-        let lists = dir.join(format!("lists-{suite}"));
-        let cache = dir.join(format!("cache-{suite}"));
+    fn new(dir: &Path, name: &str, suites: &[&str]) -> anyhow::Result<Self> {
+        let lists = dir.join(format!("lists-{name}"));
+        let cache = dir.join(format!("cache-{name}"));
         fs::create_dir_all(lists.join("partial"))?;
         fs::create_dir_all(cache.join("archives/partial"))?;
-        let uri = archive_uri()?;
-        let sources = dir.join(format!("{suite}.list"));
+        let (archive, security) = archive_uris()?;
+        let sources = dir.join(format!("{name}.list"));
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
-        fs::write(
-            &sources,
-            format!(
-                "deb [signed-by={keyring}] {uri} {suite} main\ndeb [signed-by={keyring}] {uri} {suite}-backports main\n"
-            ),
-        )?;
+        let lines: String = suites
+            .iter()
+            .map(|suite| {
+                let uri = if suite.ends_with("-security") {
+                    &security
+                } else {
+                    &archive
+                };
+                format!("deb [signed-by={keyring}] {uri} {suite} main\n")
+            })
+            .collect();
+        fs::write(&sources, lines)?;
         let options = vec![
             format!("Dir::Etc::sourcelist={}", sources.display()),
             "Dir::Etc::sourceparts=-".to_owned(),
@@ -180,24 +205,32 @@ fn version_key(version: &str) -> Vec<u64> {
         .collect()
 }
 
-/// The Debian archive this machine already uses.
-fn archive_uri() -> anyhow::Result<String> {
+/// The Debian archive and security archive this machine already uses.
+fn archive_uris() -> anyhow::Result<(String, String)> {
+    let mut uris: Vec<String> = Vec::new();
     let sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
-    if let Some(uri) = sources
-        .lines()
-        .find_map(|l| l.strip_prefix("URIs:"))
-        .map(|u| u.trim().to_owned())
-        && !uri.contains("security")
-    {
-        return Ok(uri);
-    }
+    uris.extend(
+        sources
+            .lines()
+            .filter_map(|l| l.strip_prefix("URIs:"))
+            .flat_map(|u| u.split_whitespace())
+            .map(str::to_owned),
+    );
     let list = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    list.lines()
-        .filter(|l| l.starts_with("deb ") && !l.contains("security"))
-        .find_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with("http"))
-                .map(str::to_owned)
-        })
-        .context("cannot find the Debian archive URI in the apt sources")
+    uris.extend(list.lines().filter(|l| l.starts_with("deb ")).filter_map(|l| {
+        l.split_whitespace()
+            .find(|w| w.starts_with("http"))
+            .map(str::to_owned)
+    }));
+    let archive = uris
+        .iter()
+        .find(|u| !u.contains("security"))
+        .cloned()
+        .context("cannot find the Debian archive URI in the apt sources")?;
+    let security = uris
+        .iter()
+        .find(|u| u.contains("security"))
+        .cloned()
+        .unwrap_or_else(|| format!("{}-security", archive.trim_end_matches('/')));
+    Ok((archive, security))
 }

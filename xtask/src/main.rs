@@ -195,7 +195,13 @@ fn test(kernel_names: &[String], vm_only: bool) -> anyhow::Result<()> {
 fn unit_tests() -> anyhow::Result<(u32, u32)> {
     let output = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
-        .args(["test", "--workspace", "--exclude", "mapcount-ebpf"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "mapcount-ebpf",
+            "--no-fail-fast",
+        ])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run cargo test")?;
