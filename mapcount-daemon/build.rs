@@ -8,11 +8,7 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = format!("{manifest_dir}/../mapcount-ebpf");
     // The object also embeds the event ABI: rebuild it when that changes.
     println!("cargo:rerun-if-changed={manifest_dir}/../mapcount-common");
-    let ebpf = aya_build::Package {
-        name: "mapcount-ebpf",
-        root_dir: &ebpf_dir,
-        ..Default::default()
-    };
+    let ebpf = aya_build::Package { name: "mapcount-ebpf", root_dir: &ebpf_dir, ..Default::default() };
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::default())
         .context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
 }

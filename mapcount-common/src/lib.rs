@@ -116,7 +116,10 @@ pub struct Event {
     pub order: u8,
     /// A [`WriteFaultOutcome`] (write-fault events).
     pub outcome: u8,
-    pub _pad: [u8; 2],
+    /// The kernel's own "maybe mapped shared" bit of a large folio
+    /// (`_mm_ids` bit 63, 6.15+): a [`SharedHint`].
+    pub shared_hint: u8,
+    pub _pad: [u8; 1],
 }
 
 impl Event {
@@ -139,8 +142,17 @@ impl Event {
         kind: 0,
         order: 0,
         outcome: 0,
-        _pad: [0; 2],
+        shared_hint: 0,
+        _pad: [0; 1],
     };
+}
+
+/// Values of [`Event::shared_hint`].
+pub mod shared_hint {
+    /// The kernel keeps no such bit (before 6.15), or the folio is small.
+    pub const UNKNOWN: u8 = 0;
+    pub const EXCLUSIVE: u8 = 1;
+    pub const MAYBE_SHARED: u8 = 2;
 }
 
 /// Slots of the per-CPU `DROPS` array: events the kernel side could not deliver.
@@ -175,6 +187,14 @@ pub struct KernelLayout {
     pub vma_flags: u32,
     /// `struct vm_fault` → `vma` (inside an anonymous const struct).
     pub vmf_vma: u32,
+    /// `struct vm_fault` → `page`: the page the write fault is about.
+    pub vmf_page: u32,
+    /// `struct page` → `compound_head` (bit 0 set on tail pages): for the
+    /// 6.1-6.7 rmap functions, which take a page.
+    pub page_compound_head: u32,
+    /// `struct folio` → `_mm_ids` (6.15+; bit 63: maybe mapped shared).
+    pub folio_mm_ids: u32,
+    pub _reserved: u32,
 }
 
 impl KernelLayout {
@@ -193,6 +213,10 @@ impl KernelLayout {
         vma_mm: OFFSET_ABSENT,
         vma_flags: OFFSET_ABSENT,
         vmf_vma: OFFSET_ABSENT,
+        vmf_page: OFFSET_ABSENT,
+        page_compound_head: OFFSET_ABSENT,
+        folio_mm_ids: OFFSET_ABSENT,
+        _reserved: 0,
     };
 }
 
@@ -215,12 +239,12 @@ mod tests {
 
     #[test]
     fn event_has_no_hidden_padding() {
-        assert_eq!(size_of::<Event>(), 3 * 8 + 8 * 4 + 6 + 2);
+        assert_eq!(size_of::<Event>(), 3 * 8 + 8 * 4 + 7 + 1);
         assert_eq!(size_of::<Event>(), 64);
     }
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 14 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 18 * 4);
     }
 }

@@ -30,16 +30,9 @@ impl<'m> Aggregator<'m> {
         match *event {
             Decoded::Rmap { op, level, kind, raw } => {
                 m.events.with_label_values(&["rmap"]).inc();
-                let labels = [
-                    op_label(op),
-                    level_label(level),
-                    kind_label(kind),
-                    order_label(raw.order),
-                ];
+                let labels = [op_label(op), level_label(level), kind_label(kind), order_label(raw.order)];
                 m.rmap_calls.with_label_values(&labels).inc();
-                m.rmap_pages
-                    .with_label_values(&labels)
-                    .inc_by(u64::from(raw.nr_pages));
+                m.rmap_pages.with_label_values(&labels).inc_by(u64::from(raw.nr_pages));
             }
             Decoded::WriteFault { outcome, raw, .. } => {
                 m.events.with_label_values(&["write_fault"]).inc();
@@ -130,9 +123,6 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("# HELP mapcount_rmap_calls_total"));
         assert!(text.contains(r#"mapcount_rmap_calls_total{kind="anon",level="pte",op="add",order="0"} 1"#));
-        assert!(
-            !text.contains("ffff8880") && !text.contains("18446612"),
-            "kernel address leaked"
-        );
+        assert!(!text.contains("ffff8880") && !text.contains("18446612"), "kernel address leaked");
     }
 }

@@ -15,17 +15,8 @@ pub enum DecodeError {
 /// A checked view of one [`Event`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decoded {
-    Rmap {
-        op: RmapOp,
-        level: Level,
-        kind: FolioKind,
-        raw: Event,
-    },
-    WriteFault {
-        outcome: WriteFaultOutcome,
-        kind: Option<FolioKind>,
-        raw: Event,
-    },
+    Rmap { op: RmapOp, level: Level, kind: FolioKind, raw: Event },
+    WriteFault { outcome: WriteFaultOutcome, kind: Option<FolioKind>, raw: Event },
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
@@ -44,11 +35,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }),
         t if t == EventType::WriteFault as u8 => Ok(Decoded::WriteFault {
             outcome: outcome(raw.outcome)?,
-            kind: if raw.kind == 0 {
-                None
-            } else {
-                Some(folio_kind(raw.kind)?)
-            },
+            kind: if raw.kind == 0 { None } else { Some(folio_kind(raw.kind)?) },
             raw,
         }),
         other => Err(DecodeError::UnknownType(other)),
@@ -70,10 +57,7 @@ fn level(v: u8) -> Result<Level, DecodeError> {
         2 => Level::Pmd,
         3 => Level::Pud,
         value => {
-            return Err(DecodeError::BadField {
-                field: "level",
-                value,
-            });
+            return Err(DecodeError::BadField { field: "level", value });
         }
     })
 }
@@ -97,10 +81,7 @@ fn outcome(v: u8) -> Result<WriteFaultOutcome, DecodeError> {
         4 => WriteFaultOutcome::Shared,
         5 => WriteFaultOutcome::Other,
         value => {
-            return Err(DecodeError::BadField {
-                field: "outcome",
-                value,
-            });
+            return Err(DecodeError::BadField { field: "outcome", value });
         }
     })
 }
@@ -169,12 +150,7 @@ mod tests {
         let decoded = decode(&encode(&event)).unwrap();
         assert_eq!(
             decoded,
-            Decoded::Rmap {
-                op: RmapOp::Remove,
-                level: Level::Pmd,
-                kind: FolioKind::Shmem,
-                raw: event
-            }
+            Decoded::Rmap { op: RmapOp::Remove, level: Level::Pmd, kind: FolioKind::Shmem, raw: event }
         );
     }
 
@@ -184,13 +160,7 @@ mod tests {
         assert_eq!(decode(&bytes[..63]), Err(DecodeError::WrongSize(63)));
         let mut bad = rmap_event();
         bad.kind = 9;
-        assert_eq!(
-            decode(&encode(&bad)),
-            Err(DecodeError::BadField {
-                field: "kind",
-                value: 9
-            })
-        );
+        assert_eq!(decode(&encode(&bad)), Err(DecodeError::BadField { field: "kind", value: 9 }));
         bad = rmap_event();
         bad.event_type = 0;
         assert_eq!(decode(&encode(&bad)), Err(DecodeError::UnknownType(0)));
@@ -205,11 +175,7 @@ mod tests {
         };
         assert!(matches!(
             decode(&encode(&event)),
-            Ok(Decoded::WriteFault {
-                outcome: WriteFaultOutcome::CopyZeroPage,
-                kind: None,
-                ..
-            })
+            Ok(Decoded::WriteFault { outcome: WriteFaultOutcome::CopyZeroPage, kind: None, .. })
         ));
     }
 }

@@ -26,9 +26,7 @@ pub enum HttpError {
 
 /// Binds before anything is loaded into the kernel, so a port in use fails fast.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
@@ -48,10 +46,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(respond(&state, &request)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
@@ -61,11 +56,7 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
 fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == state.telemetry_path {
-        return text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            state.metrics.render(),
-        );
+        return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render());
     }
     match path {
         "/-/healthy" | "/-/ready" => text(StatusCode::OK, "text/plain", "OK\n".to_owned()),
@@ -86,9 +77,6 @@ fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response
 }

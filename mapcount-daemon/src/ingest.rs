@@ -61,10 +61,7 @@ pub struct DropCounters {
 impl DropCounters {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, IngestError> {
         let map = ebpf.take_map("DROPS").ok_or(IngestError::MissingMap("DROPS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|source| IngestError::Map {
-            name: "DROPS",
-            source,
-        })?;
+        let map = PerCpuArray::try_from(map).map_err(|source| IngestError::Map { name: "DROPS", source })?;
         Ok(Self { map: Mutex::new(map) })
     }
 
@@ -79,10 +76,7 @@ impl DropCounters {
 
 pub fn take_events(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, IngestError> {
     let map = ebpf.take_map("EVENTS").ok_or(IngestError::MissingMap("EVENTS"))?;
-    let ring = RingBuf::try_from(map).map_err(|source| IngestError::Map {
-        name: "EVENTS",
-        source,
-    })?;
+    let ring = RingBuf::try_from(map).map_err(|source| IngestError::Map { name: "EVENTS", source })?;
     register(ring)
 }
 
@@ -96,10 +90,7 @@ fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, IngestError
 /// Drains the ring buffer for as long as the daemon runs.
 pub async fn run(mut events: AsyncFd<RingBuf<MapData>>, metrics: Arc<Metrics>) -> Result<(), IngestError> {
     let mut aggregator = Aggregator::new(&metrics);
-    tracing::debug!(
-        fd = events.get_ref().as_raw_fd(),
-        "draining the event ring buffer"
-    );
+    tracing::debug!(fd = events.get_ref().as_raw_fd(), "draining the event ring buffer");
     loop {
         let mut guard = events.readable_mut().await?;
         let ring = guard.get_inner_mut();

@@ -17,10 +17,7 @@ pub enum LayoutError {
     #[error("BTF has no struct {0}; is this a kernel BTF (vmlinux)?")]
     MissingStruct(&'static str),
     #[error("BTF has none of the fields {candidates:?} in struct {strukt}, which mapcount needs")]
-    MissingRequiredField {
-        strukt: &'static str,
-        candidates: &'static [&'static str],
-    },
+    MissingRequiredField { strukt: &'static str, candidates: &'static [&'static str] },
     #[error("BTF has no enum value {0}")]
     MissingEnumValue(&'static str),
     #[error("malformed BTF: {0}")]
@@ -133,7 +130,43 @@ const FIELDS: &[FieldSpec] = &[
         need: Need::Required,
         set: |l, v| l.vmf_vma = v,
     },
+    FieldSpec {
+        slot: "vm_fault.page",
+        strukt: "vm_fault",
+        candidates: &["page"],
+        need: Need::Required,
+        set: |l, v| l.vmf_page = v,
+    },
+    FieldSpec {
+        slot: "page.compound_head",
+        strukt: "page",
+        // 7.x renamed it: compound_info holds the head pointer or a mask.
+        candidates: &["compound_head", "compound_info"],
+        need: Need::Required,
+        set: |l, v| l.page_compound_head = v,
+    },
+    FieldSpec {
+        slot: "folio._mm_ids",
+        strukt: "folio",
+        candidates: &["_mm_ids"],
+        need: Need::Optional,
+        set: |l, v| l.folio_mm_ids = v,
+    },
 ];
+
+/// What stays empty when an optional field is absent.
+pub fn consequence(slot: &str) -> &'static str {
+    match slot {
+        "folio._large_mapcount" => {
+            "folio mapcount of large folios (before 6.10: summed per page by the kernel, not readable)"
+        }
+        "folio._entire_mapcount" => "PMD mapcount of large folios",
+        "folio._nr_pages_mapped" => "pages mapped by PTE of large folios (gone with CONFIG_NO_PAGE_MAPCOUNT)",
+        "folio._pincount" => "pins of large folios",
+        "folio._mm_ids" => "the kernel's own maybe-shared bit (6.15+)",
+        _ => "",
+    }
+}
 
 /// One resolved row, for `mapcountd check` and the logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,10 +186,8 @@ pub struct Resolved {
 pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 pub fn load_btf(path: &Path) -> Result<Btf, LayoutError> {
-    Btf::from_file(path).map_err(|e| LayoutError::ReadBtf {
-        path: path.display().to_string(),
-        reason: format!("{e:#}"),
-    })
+    Btf::from_file(path)
+        .map_err(|e| LayoutError::ReadBtf { path: path.display().to_string(), reason: format!("{e:#}") })
 }
 
 pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
@@ -174,18 +205,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
         match found {
             Some((member, offset)) => {
                 (spec.set)(&mut layout, offset);
-                fields.push(ResolvedField {
-                    slot: spec.slot,
-                    member: Some(member),
-                    offset: Some(offset),
-                });
+                fields.push(ResolvedField { slot: spec.slot, member: Some(member), offset: Some(offset) });
             }
             None if spec.need == Need::Optional => {
-                fields.push(ResolvedField {
-                    slot: spec.slot,
-                    member: None,
-                    offset: None,
-                });
+                fields.push(ResolvedField { slot: spec.slot, member: None, offset: None });
             }
             None => {
                 return Err(LayoutError::MissingRequiredField {
@@ -209,6 +232,15 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     });
     debug_assert!(fields.iter().all(|f| f.offset != Some(OFFSET_ABSENT)));
     Ok(Resolved { layout, fields })
+}
+
+/// Whether BTF describes a function of this name (needed for fentry; also
+/// what `mapcountd check --btf` uses in place of /proc/kallsyms).
+pub fn has_function(btf: &Btf, name: &str) -> bool {
+    btf.resolve_ids_by_name(name)
+        .unwrap_or_default()
+        .into_iter()
+        .any(|id| matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))))
 }
 
 fn find_struct(btf: &Btf, name: &str) -> Result<Option<btf_rs::Struct>, LayoutError> {
@@ -258,9 +290,7 @@ fn member_bit_offset(btf: &Btf, strukt: &btf_rs::Struct, name: &str) -> Result<O
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, value: &'static str) -> Result<u32, LayoutError> {
-    let types = btf
-        .resolve_types_by_name(enum_name)
-        .map_err(|_| LayoutError::MissingEnumValue(value))?;
+    let types = btf.resolve_types_by_name(enum_name).map_err(|_| LayoutError::MissingEnumValue(value))?;
     for ty in types {
         if let Type::Enum(e) = ty {
             for member in &e.members {
@@ -294,12 +324,153 @@ mod tests {
         assert_eq!(l.folio_flags, 0);
         // mapping, _mapcount and _refcount have sat at 24/48/52 on x86-64
         // since struct folio exists; a different answer means a parser bug.
-        assert_eq!(
-            (l.folio_mapping, l.folio_mapcount, l.folio_refcount),
-            (24, 48, 52)
-        );
+        assert_eq!((l.folio_mapping, l.folio_mapcount, l.folio_refcount), (24, 48, 52));
         assert!(l.folio_order >= 64, "order lives in the second struct page");
         assert!(l.pg_head_bit < 64 && l.pg_swapbacked_bit < 64);
         assert_ne!(l.pg_head_bit, l.pg_swapbacked_bit);
+    }
+
+    /// Resolves the layout of each Debian kernel in the VM matrix from its
+    /// BTF and checks every offset and bit against an independent reading
+    /// of the same BTF by bpftool.
+    #[test]
+    #[ignore = "needs the kernels' BTF: run `cargo xtask test`, which sets MAPCOUNT_BTF_DIR"]
+    fn debian_kernels_agree_with_bpftool() {
+        let dir = std::env::var_os("MAPCOUNT_BTF_DIR").expect("MAPCOUNT_BTF_DIR is set by cargo xtask test");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+        files.sort();
+        assert!(!files.is_empty(), "no BTF files in {dir:?}");
+        for file in files {
+            let resolved = resolve(&load_btf(&file).unwrap()).unwrap();
+            let dump = bpftool::Dump::read(&file);
+            for field in &resolved.fields {
+                let expected = match field.slot.split_once(" (bit)") {
+                    Some((name, _)) => {
+                        let (enumeration, value) = name.split_once('.').unwrap();
+                        dump.enum_value(enumeration, value)
+                    }
+                    None => {
+                        let (strukt, _) = field.slot.split_once('.').unwrap();
+                        field.member.and_then(|m| dump.member_offset(strukt, m))
+                    }
+                };
+                assert_eq!(field.offset, expected, "{}: {}", file.display(), field.slot);
+            }
+            // An absent optional field must really be absent, not missed.
+            for spec in FIELDS.iter().filter(|s| s.need == Need::Optional) {
+                let resolved_row = resolved.fields.iter().find(|f| f.slot == spec.slot).unwrap();
+                if resolved_row.offset.is_none() {
+                    for candidate in spec.candidates {
+                        assert_eq!(
+                            dump.member_offset(spec.strukt, candidate),
+                            None,
+                            "{}: {candidate}",
+                            file.display()
+                        );
+                    }
+                }
+            }
+            eprintln!("{}: {} fields agree with bpftool", file.display(), resolved.fields.len());
+        }
+    }
+
+    /// A second, independent BTF reader: bpftool's raw dump.
+    mod bpftool {
+        use std::{collections::HashMap, path::Path, process::Command};
+
+        struct BtfType {
+            kind: String,
+            name: String,
+            /// For qualifiers and typedefs: the type they refer to.
+            type_id: u32,
+            /// Struct/union members (name, type id, bit offset) or enum values (name, -, value).
+            members: Vec<(String, u32, u32)>,
+        }
+
+        pub struct Dump {
+            types: HashMap<u32, BtfType>,
+        }
+
+        fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+            line.split_whitespace().find_map(|w| w.strip_prefix(key))
+        }
+
+        impl Dump {
+            pub fn read(file: &Path) -> Self {
+                let out = Command::new("bpftool")
+                    .args(["btf", "dump", "file"])
+                    .arg(file)
+                    .args(["format", "raw"])
+                    .output();
+                let out = out.expect("bpftool runs (cargo xtask setup installs it)");
+                assert!(out.status.success(), "bpftool failed: {}", String::from_utf8_lossy(&out.stderr));
+                let text = String::from_utf8(out.stdout).unwrap();
+                let mut types = HashMap::new();
+                let mut current: Option<u32> = None;
+                for line in text.lines() {
+                    if let Some(rest) = line.strip_prefix('[') {
+                        let (id, rest) = rest.split_once("] ").unwrap();
+                        let id: u32 = id.parse().unwrap();
+                        let kind = rest.split_whitespace().next().unwrap().to_owned();
+                        let name = rest.split('\'').nth(1).unwrap_or("").to_owned();
+                        let type_id = field(rest, "type_id=").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        types.insert(id, BtfType { kind, name, type_id, members: Vec::new() });
+                        current = Some(id);
+                    } else if let (Some(id), Some(rest)) = (current, line.strip_prefix('\t')) {
+                        let name = rest.split('\'').nth(1).unwrap_or("").to_owned();
+                        let type_id = field(rest, "type_id=").and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let value = field(rest, "bits_offset=")
+                            .or_else(|| field(rest, "val="))
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        types.get_mut(&id).unwrap().members.push((name, type_id, value));
+                    }
+                }
+                Self { types }
+            }
+
+            fn aggregate(&self, mut id: u32) -> Option<&BtfType> {
+                loop {
+                    let t = self.types.get(&id)?;
+                    match t.kind.as_str() {
+                        "STRUCT" | "UNION" => return Some(t),
+                        "CONST" | "VOLATILE" | "TYPEDEF" | "TYPE_TAG" | "RESTRICT" => id = t.type_id,
+                        _ => return None,
+                    }
+                }
+            }
+
+            fn find_bits(&self, t: &BtfType, member: &str) -> Option<u32> {
+                for (name, type_id, bits) in &t.members {
+                    if name == member {
+                        return Some(*bits);
+                    }
+                    if name == "(anon)"
+                        && let Some(inner) = self.aggregate(*type_id)
+                        && let Some(inner_bits) = self.find_bits(inner, member)
+                    {
+                        return Some(bits + inner_bits);
+                    }
+                }
+                None
+            }
+
+            pub fn member_offset(&self, strukt: &str, member: &str) -> Option<u32> {
+                let t = self
+                    .types
+                    .values()
+                    .find(|t| t.kind == "STRUCT" && t.name == strukt && !t.members.is_empty())?;
+                self.find_bits(t, member).map(|bits| bits / 8)
+            }
+
+            pub fn enum_value(&self, enumeration: &str, value: &str) -> Option<u32> {
+                self.types
+                    .values()
+                    .filter(|t| t.kind == "ENUM" && t.name == enumeration)
+                    .flat_map(|t| &t.members)
+                    .find(|(name, _, _)| name == value)
+                    .map(|(_, _, v)| *v)
+            }
+        }
     }
 }

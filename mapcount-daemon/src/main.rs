@@ -1,6 +1,12 @@
 //! `mapcountd`: the daemon and its command line.
 
-use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{
+    io::IsTerminal as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -9,7 +15,7 @@ use mapcount_daemon::{
     DEFAULT_LISTEN_ADDRESS, http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape},
-    probes::{self, KernelSymbols, Need, ProbeStatus},
+    probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -33,6 +39,10 @@ enum Command {
         /// Read this BTF file instead of the running kernel's (needs no root).
         #[arg(long, value_name = "PATH")]
         btf: Option<PathBuf>,
+        /// Also load every kprobe program into this kernel without attaching
+        /// (the verifier checks each); needs root.
+        #[arg(long, conflicts_with = "btf")]
+        load: bool,
     },
 }
 
@@ -47,6 +57,9 @@ struct RunArgs {
     /// Size of the event ring buffer in bytes: a power of two, a multiple of the page size.
     #[arg(long = "ringbuf.size", value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
     ring_buffer_bytes: u32,
+    /// How to attach: fentry/fexit where the kernel allows, else kprobes (auto), or only one kind.
+    #[arg(long = "attach.mode", value_name = "MODE", value_enum, default_value_t = AttachMode::Auto)]
+    attach_mode: AttachMode,
     /// Log filter, as in RUST_LOG (error, warn, info, debug, trace).
     #[arg(long = "log.level", value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -74,7 +87,7 @@ fn main() -> ExitCode {
     }
 
     let result = match cli.command {
-        Some(Command::Check { btf }) => check(btf),
+        Some(Command::Check { btf, load }) => check(btf, load),
         None => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -91,9 +104,7 @@ fn main() -> ExitCode {
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -102,28 +113,33 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let btf = layout::load_btf(DEFAULT_BTF_PATH.as_ref())?;
     let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
     for field in resolved.fields.iter().filter(|f| f.offset.is_none()) {
-        tracing::info!(
-            field = field.slot,
-            "field absent on this kernel; metrics that need it stay empty"
-        );
+        tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
     }
 
     let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes)?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
-    let reports = probes::attach_all(&mut ebpf, &symbols)?;
+    // aya's own BTF parse, for fentry targets; without it every probe uses kprobes.
+    let aya_btf = match aya::Btf::from_sys_fs() {
+        Ok(btf) => Some(btf),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read kernel BTF for fentry; using kprobes");
+            None
+        }
+    };
+    let reports = probes::attach_all(&mut ebpf, &symbols, aya_btf.as_ref(), args.attach_mode)?;
 
     let metrics = Arc::new(Metrics::new());
     metrics.kernel_info.with_label_values(&[&kernel_release()]).set(1);
     let mut core_attached = 0;
     for report in &reports {
-        let (function, attached) = match &report.status {
-            ProbeStatus::Attached { function } => {
-                tracing::info!(probe = report.spec.name, function, "attached");
+        let (function, mode, attached) = match &report.status {
+            ProbeStatus::Attached { function, mode } => {
+                tracing::info!(probe = report.spec.name, function, mode = mode.label(), "attached");
                 if report.spec.need == Need::Core {
                     core_attached += 1;
                 }
-                (function.as_str(), 1)
+                (function.as_str(), mode.label(), 1)
             }
             ProbeStatus::NoFunction => {
                 let candidates: Vec<_> = report.spec.candidates.iter().map(|c| c.function).collect();
@@ -132,22 +148,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     ?candidates,
                     "not attached: no such function in this kernel"
                 );
-                ("", 0)
+                ("", "none", 0)
             }
             ProbeStatus::AttachFailed { function, error } => {
-                tracing::warn!(
-                    probe = report.spec.name,
-                    function,
-                    error,
-                    "not attached: attach failed"
-                );
-                (function.as_str(), 0)
+                tracing::warn!(probe = report.spec.name, function, error, "not attached: attach failed");
+                (function.as_str(), "none", 0)
             }
         };
-        metrics
-            .probe_attached
-            .with_label_values(&[report.spec.name, function])
-            .set(attached);
+        metrics.probe_attached.with_label_values(&[report.spec.name, function, mode]).set(attached);
     }
     if core_attached == 0 {
         tracing::error!("no core rmap probe attached: mapcount metrics will stay empty on this kernel");
@@ -164,10 +172,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )))?;
     let events = ingest::take_events(&mut ebpf)?;
 
-    let state = Arc::new(http::HttpState {
-        metrics: Arc::clone(&metrics),
-        telemetry_path: args.telemetry_path,
-    });
+    let state =
+        Arc::new(http::HttpState { metrics: Arc::clone(&metrics), telemetry_path: args.telemetry_path });
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));
 
@@ -190,47 +196,63 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     outcome.map(|()| ExitCode::SUCCESS)
 }
 
-fn check(btf_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
     let path = btf_path.clone().unwrap_or_else(|| DEFAULT_BTF_PATH.into());
     let btf = layout::load_btf(&path)?;
     let resolved = layout::resolve(&btf)?;
     println!("BTF: {}", path.display());
-    println!("{:<34} {:<20} {:>7}", "field", "member", "offset");
+    println!("\n{:<32} {:<18} {:>7}  consequence", "field", "member", "offset");
     for f in &resolved.fields {
         let offset = f.offset.map_or("absent".to_owned(), |o| o.to_string());
-        println!("{:<34} {:<20} {:>7}", f.slot, f.member.unwrap_or("-"), offset);
+        let consequence = if f.offset.is_none() { layout::consequence(f.slot) } else { "" };
+        println!("{:<32} {:<18} {:>7}  {consequence}", f.slot, f.member.unwrap_or("-"), offset);
     }
-    // Without a BTF file we check the running kernel's functions too.
-    if btf_path.is_some() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
+
+    // With a BTF file, a function counts as present when BTF describes it;
+    // on the running kernel, when it is in /proc/kallsyms (out of line).
+    let symbols = match &btf_path {
+        Some(_) => None,
+        None => Some(KernelSymbols::read().context("reading /proc/kallsyms")?),
+    };
+    let traceable = if btf_path.is_none() { KernelSymbols::traceable() } else { None };
+    let kprobes_possible =
+        btf_path.is_some() || Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
     let mut core_missing = 0;
-    println!("\n{:<24} {:<30} need", "probe", "function");
+    println!("\n{:<22} {:<30} {:<8} {:<8} empty without it", "probe", "function", "mode", "need");
     for spec in probes::PROBES {
-        let function = spec.candidates.iter().find_map(|c| symbols.find(c.function));
-        if function.is_none() && spec.need == Need::Core {
+        let found = spec.candidates.iter().find_map(|c| {
+            let function = match &symbols {
+                Some(symbols) => symbols.find(c.function)?,
+                None => layout::has_function(&btf, c.function).then(|| c.function.to_owned())?,
+            };
+            let fentry = layout::has_function(&btf, c.function)
+                && traceable.as_ref().is_none_or(|t| t.contains(c.function));
+            Some((function, fentry))
+        });
+        let (function, mode) = match &found {
+            Some((f, true)) => (f.as_str(), "fentry"),
+            Some((f, false)) => (f.as_str(), "kprobe"),
+            None => ("MISSING", "-"),
+        };
+        let need = if spec.need == Need::Core { "core" } else { "optional" };
+        if found.is_none() && spec.need == Need::Core {
             core_missing += 1;
         }
-        let need = if spec.need == Need::Core {
-            "core"
-        } else {
-            "optional"
-        };
-        println!(
-            "{:<24} {:<30} {}",
-            spec.name,
-            function.as_deref().unwrap_or("MISSING"),
-            need
-        );
+        let feeds = if found.is_none() { spec.feeds } else { "" };
+        println!("{:<22} {:<30} {:<8} {:<8} {feeds}", spec.name, function, mode, need);
     }
-    if !std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
-        println!("\nthis kernel has no kprobe PMU (CONFIG_KPROBES=n): no probe can attach");
-        core_missing += 1;
+    println!(
+        "\nmode: fentry where BTF describes the function and ftrace can trace it{}; else kprobe",
+        if traceable.is_none() { " (tracefs not readable: assumed)" } else { "" }
+    );
+    if !kprobes_possible {
+        println!("this kernel has no kprobe PMU (CONFIG_KPROBES=n): kprobes cannot attach");
     }
-    Ok(if core_missing == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if load {
+        let mut ebpf = ingest::load(&resolved.layout, 1 << 16)?;
+        let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
+        let loaded = probes::load_kprobes(&mut ebpf)?;
+        println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");
+    }
+    Ok(if core_missing == 0 && kprobes_possible { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

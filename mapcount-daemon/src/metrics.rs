@@ -61,10 +61,7 @@ impl Metrics {
             .buckets(prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets")),
         ));
         let events = must(IntCounterVec::new(
-            Opts::new(
-                "mapcount_events_total",
-                "Events received from the kernel, by type.",
-            ),
+            Opts::new("mapcount_events_total", "Events received from the kernel, by type."),
             &["type"],
         ));
         let events_undecodable = must(IntCounter::new(
@@ -76,20 +73,14 @@ impl Metrics {
                 "mapcount_probe_attached",
                 "1 if the probe is attached, 0 if its function is missing or attaching failed.",
             ),
-            &["probe", "function"],
+            &["probe", "function", "mode"],
         ));
         let build_info = must(IntGaugeVec::new(
-            Opts::new(
-                "mapcount_build_info",
-                "Always 1; labels describe the mapcountd build.",
-            ),
+            Opts::new("mapcount_build_info", "Always 1; labels describe the mapcountd build."),
             &["version"],
         ));
         let kernel_info = must(IntGaugeVec::new(
-            Opts::new(
-                "mapcount_kernel_info",
-                "Always 1; labels describe the running kernel.",
-            ),
+            Opts::new("mapcount_kernel_info", "Always 1; labels describe the running kernel."),
             &["release"],
         ));
         for c in [&rmap_calls, &rmap_pages, &write_faults, &events] {
@@ -144,13 +135,8 @@ where
 {
     /// `read` returns one value per entry of `labels`.
     pub fn new(name: &str, help: &str, label: &str, labels: &'static [&'static str], read: F) -> Self {
-        let desc = Desc::new(
-            name.to_owned(),
-            help.to_owned(),
-            vec![label.to_owned()],
-            Default::default(),
-        )
-        .expect("valid metric description");
+        let desc = Desc::new(name.to_owned(), help.to_owned(), vec![label.to_owned()], Default::default())
+            .expect("valid metric description");
         Self { desc, labels, read }
     }
 }

@@ -8,8 +8,8 @@
 use std::{collections::HashSet, fs, io};
 
 use aya::{
-    Ebpf,
-    programs::{KProbe, ProgramError},
+    Btf, Ebpf,
+    programs::{FEntry, FExit, KProbe, ProgramError},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,94 +25,172 @@ pub struct ProbeSpec {
     /// In order of preference: the first one that exists and attaches is used.
     pub candidates: &'static [Candidate],
     pub need: Need,
+    /// Which metrics stay empty without it (for `mapcountd check`).
+    pub feeds: &'static str,
 }
 
-/// A kernel function and the program that understands its arguments.
+/// A kernel function and the programs that understand its arguments.
 pub struct Candidate {
     pub function: &'static str,
-    pub program: &'static str,
+    /// kprobe (or kretprobe) program.
+    pub kprobe: &'static str,
+    /// fentry (or fexit) program.
+    pub fentry: &'static str,
+    pub at: At,
 }
 
-macro_rules! candidates {
-    ($($function:literal => $program:literal),+ $(,)?) => {
-        &[$(Candidate { function: $function, program: $program }),+]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    Entry,
+    Return,
+}
+
+/// How a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// fentry/fexit where the kernel allows it, else kprobe/kretprobe.
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
+impl AttachMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Fentry => "fentry",
+            AttachMode::Kprobe => "kprobe",
+        }
+    }
+}
+
+macro_rules! entry {
+    ($function:literal, $kprobe:literal, $fentry:literal) => {
+        Candidate { function: $function, kprobe: $kprobe, fentry: $fentry, at: At::Entry }
+    };
+}
+macro_rules! ret {
+    ($function:literal, $kprobe:literal, $fentry:literal) => {
+        Candidate { function: $function, kprobe: $kprobe, fentry: $fentry, at: At::Return }
     };
 }
 
+const RMAP: &str = "mapcount_rmap_calls_total, mapcount_rmap_pages_total";
+const COW: &str = "mapcount_cow_faults_total, mapcount_cow_fault_duration_seconds";
+
+/// Every logical probe, with the functions that implement it in each kernel
+/// generation: the folio_* rmap functions of 6.8+ first, then the page_*
+/// functions of 6.1-6.7.
 pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "anon_add_ptes",
-        candidates: candidates!["folio_add_anon_rmap_ptes" => "add_anon_ptes"],
+        candidates: &[
+            entry!("folio_add_anon_rmap_ptes", "add_anon_ptes", "add_anon_ptes_fentry"),
+            entry!("page_add_anon_rmap", "page_add_anon", "page_add_anon_fentry"),
+        ],
         need: Need::Core,
+        feeds: RMAP,
     },
     ProbeSpec {
+        // 6.1-6.7 map anonymous PMDs through page_add_anon_rmap too (anon_add_ptes).
         name: "anon_add_pmd",
-        candidates: candidates!["folio_add_anon_rmap_pmd" => "add_anon_pmd"],
+        candidates: &[entry!("folio_add_anon_rmap_pmd", "add_anon_pmd", "add_anon_pmd_fentry")],
         need: Need::Optional,
+        feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
         name: "anon_add_new",
-        candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon"],
+        candidates: &[
+            entry!("folio_add_new_anon_rmap", "add_new_anon", "add_new_anon_fentry"),
+            entry!("page_add_new_anon_rmap", "page_add_new_anon", "page_add_new_anon_fentry"),
+        ],
         need: Need::Core,
+        feeds: "op=\"add_new\" rmap rows, COW copy detection",
     },
     ProbeSpec {
         name: "anon_add_new_return",
-        candidates: candidates!["folio_add_new_anon_rmap" => "add_new_anon_return"],
+        candidates: &[
+            ret!("folio_add_new_anon_rmap", "add_new_anon_return", "add_new_anon_fexit"),
+            ret!("page_add_new_anon_rmap", "add_new_anon_return", "page_add_new_anon_fexit"),
+        ],
         need: Need::Core,
+        feeds: "op=\"add_new\" rmap rows",
     },
     ProbeSpec {
         name: "file_add_ptes",
-        candidates: candidates!["folio_add_file_rmap_ptes" => "add_file_ptes"],
+        candidates: &[
+            entry!("folio_add_file_rmap_ptes", "add_file_ptes", "add_file_ptes_fentry"),
+            entry!("page_add_file_rmap", "page_add_file", "page_add_file_fentry"),
+        ],
         need: Need::Core,
+        feeds: RMAP,
     },
     ProbeSpec {
         name: "file_add_pmd",
-        candidates: candidates!["folio_add_file_rmap_pmd" => "add_file_pmd"],
+        candidates: &[entry!("folio_add_file_rmap_pmd", "add_file_pmd", "add_file_pmd_fentry")],
         need: Need::Optional,
+        feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
         name: "file_add_pud",
-        candidates: candidates!["folio_add_file_rmap_pud" => "add_file_pud"],
+        candidates: &[entry!("folio_add_file_rmap_pud", "add_file_pud", "add_file_pud_fentry")],
         need: Need::Optional,
+        feeds: "PUD rows of the rmap metrics (6.15+)",
     },
     ProbeSpec {
         name: "remove_ptes",
-        candidates: candidates!["folio_remove_rmap_ptes" => "remove_ptes"],
+        candidates: &[
+            entry!("folio_remove_rmap_ptes", "remove_ptes", "remove_ptes_fentry"),
+            entry!("page_remove_rmap", "page_remove", "page_remove_fentry"),
+        ],
         need: Need::Core,
+        feeds: RMAP,
     },
     ProbeSpec {
         name: "remove_pmd",
-        candidates: candidates!["folio_remove_rmap_pmd" => "remove_pmd"],
+        candidates: &[entry!("folio_remove_rmap_pmd", "remove_pmd", "remove_pmd_fentry")],
         need: Need::Optional,
+        feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
         name: "remove_pud",
-        candidates: candidates!["folio_remove_rmap_pud" => "remove_pud"],
+        candidates: &[entry!("folio_remove_rmap_pud", "remove_pud", "remove_pud_fentry")],
         need: Need::Optional,
+        feeds: "PUD rows of the rmap metrics (6.15+)",
     },
     ProbeSpec {
         name: "write_fault",
-        candidates: candidates!["do_wp_page" => "write_fault_entry"],
+        candidates: &[entry!("do_wp_page", "write_fault_entry_kprobe", "write_fault_entry_fentry")],
         need: Need::Core,
+        feeds: COW,
     },
     ProbeSpec {
         name: "write_fault_return",
-        candidates: candidates!["do_wp_page" => "write_fault_return"],
+        candidates: &[ret!("do_wp_page", "write_fault_return_kretprobe", "write_fault_return_fexit")],
         need: Need::Core,
+        feeds: COW,
     },
     // The reuse marker. wp_page_reuse is static and often not probe-able
     // (Debian 6.12 lists it in kallsyms but kprobes refuse it); inside the
     // write-fault window only the reuse path upgrades the PTE in place with
-    // ptep_set_access_flags, copies install a new PTE.
+    // ptep_set_access_flags.
     ProbeSpec {
         name: "write_fault_reuse",
-        candidates: candidates!["wp_page_reuse" => "write_fault_reuse", "ptep_set_access_flags" => "write_fault_pte_reuse"],
+        candidates: &[
+            entry!("wp_page_reuse", "reuse_marker", "reuse_marker_fentry"),
+            entry!("ptep_set_access_flags", "reuse_marker", "reuse_marker_fentry"),
+        ],
         need: Need::Optional,
+        feeds: "outcome=\"reuse\" of exclusive pages (else counted as \"other\")",
     },
     ProbeSpec {
         name: "write_fault_move_anon",
-        candidates: candidates!["folio_move_anon_rmap" => "write_fault_move_anon"],
+        candidates: &[
+            entry!("folio_move_anon_rmap", "reuse_marker", "move_anon_marker_fentry"),
+            entry!("page_move_anon_rmap", "reuse_marker", "move_anon_marker_fentry"),
+        ],
         need: Need::Optional,
+        feeds: "outcome=\"reuse\" of pages shared before fork",
     },
 ];
 
@@ -139,6 +217,18 @@ impl KernelSymbols {
         Self { names }
     }
 
+    /// Functions that function tracing (fentry) may attach to, when tracefs
+    /// says; `None` when it cannot be read.
+    pub fn traceable() -> Option<HashSet<String>> {
+        [
+            "/sys/kernel/tracing/available_filter_functions",
+            "/sys/kernel/debug/tracing/available_filter_functions",
+        ]
+        .iter()
+        .find_map(|p| fs::read_to_string(p).ok())
+        .map(|text| text.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
+    }
+
     /// The symbol to attach to for `function`: the plain name, or the name
     /// with a compiler suffix (`.isra.0`, `.constprop.0`, ...).
     pub fn find(&self, function: &str) -> Option<String> {
@@ -157,6 +247,7 @@ impl KernelSymbols {
 pub enum ProbeStatus {
     Attached {
         function: String,
+        mode: AttachMode,
     },
     /// None of the candidate functions exists out of line in this kernel.
     NoFunction,
@@ -184,48 +275,70 @@ pub enum ProbesError {
     },
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
-    ebpf.program_mut(name)
-        .and_then(|p| p.try_into().ok())
-        .ok_or(ProbesError::MissingProgram(name))
+fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(ProbesError::MissingProgram(name))
 }
 
-/// Loads every program (the verifier runs on each) without attaching.
-pub fn load_all(ebpf: &mut Ebpf) -> Result<(), ProbesError> {
-    for candidate in PROBES.iter().flat_map(|spec| spec.candidates) {
-        let program = program(ebpf, candidate.program)?;
+/// Every kprobe program, each once.
+fn kprobe_programs() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = PROBES.iter().flat_map(|s| s.candidates).map(|c| c.kprobe).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Loads every kprobe program (the verifier runs on each) without attaching;
+/// returns how many. fentry programs are verified when they attach: their
+/// load already names the target function.
+pub fn load_kprobes(ebpf: &mut Ebpf) -> Result<usize, ProbesError> {
+    let names = kprobe_programs();
+    for &name in &names {
+        let program = kprobe(ebpf, name)?;
         if program.fd().is_err() {
-            program.load().map_err(|source| ProbesError::Load {
-                program: candidate.program,
-                source,
-            })?;
+            program.load().map_err(|source| ProbesError::Load { program: name, source })?;
         }
     }
-    Ok(())
+    Ok(names.len())
 }
 
 /// Attaches every probe whose function exists; never fails because one is missing.
-pub fn attach_all(ebpf: &mut Ebpf, symbols: &KernelSymbols) -> Result<Vec<ProbeReport>, ProbesError> {
-    load_all(ebpf)?;
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    symbols: &KernelSymbols,
+    btf: Option<&Btf>,
+    mode: AttachMode,
+) -> Result<Vec<ProbeReport>, ProbesError> {
+    if mode != AttachMode::Fentry {
+        load_kprobes(ebpf)?;
+    }
     let mut reports = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
         let mut status = ProbeStatus::NoFunction;
-        for candidate in spec.candidates {
-            let Some(function) = symbols.find(candidate.function) else {
-                continue;
+        'candidates: for candidate in spec.candidates {
+            let Some(function) = symbols.find(candidate.function) else { continue };
+            let modes: &[AttachMode] = match mode {
+                AttachMode::Auto => &[AttachMode::Fentry, AttachMode::Kprobe],
+                AttachMode::Fentry => &[AttachMode::Fentry],
+                AttachMode::Kprobe => &[AttachMode::Kprobe],
             };
-            match program(ebpf, candidate.program)?.attach(&function, 0) {
-                Ok(_link) => {
-                    status = ProbeStatus::Attached { function };
-                    break;
-                }
-                // Keep trying later candidates; report the first failure if none attaches.
-                Err(e) => {
-                    if !matches!(status, ProbeStatus::AttachFailed { .. }) {
-                        status = ProbeStatus::AttachFailed {
-                            function,
-                            error: error_chain(&e),
-                        };
+            for &try_mode in modes {
+                let result = match try_mode {
+                    AttachMode::Fentry => attach_fentry(ebpf, candidate, btf),
+                    _ => kprobe(ebpf, candidate.kprobe)?
+                        .attach(&function, 0)
+                        .map(drop)
+                        .map_err(|e| error_chain(&e)),
+                };
+                match result {
+                    Ok(()) => {
+                        status = ProbeStatus::Attached { function, mode: try_mode };
+                        break 'candidates;
+                    }
+                    // Keep trying; report the first failure if nothing attaches.
+                    Err(error) => {
+                        if !matches!(status, ProbeStatus::AttachFailed { .. }) {
+                            status = ProbeStatus::AttachFailed { function: function.clone(), error };
+                        }
                     }
                 }
             }
@@ -233,6 +346,34 @@ pub fn attach_all(ebpf: &mut Ebpf, symbols: &KernelSymbols) -> Result<Vec<ProbeR
         reports.push(ProbeReport { spec, status });
     }
     Ok(reports)
+}
+
+/// fentry/fexit need the function's BTF id (functions renamed by the
+/// compiler, `.isra` and friends, have none) and function tracing.
+fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> Result<(), String> {
+    let btf = btf.ok_or("no kernel BTF for fentry")?;
+    let program = ebpf.program_mut(candidate.fentry).ok_or("no such fentry program in the object")?;
+    // A program whose load or attach failed cannot take another target
+    // until it is unloaded.
+    let result = match candidate.at {
+        At::Entry => {
+            let program: &mut FEntry = program.try_into().map_err(|e: ProgramError| e.to_string())?;
+            let result = program.load(candidate.function, btf).and_then(|()| program.attach().map(drop));
+            if result.is_err() {
+                let _ = program.unload();
+            }
+            result
+        }
+        At::Return => {
+            let program: &mut FExit = program.try_into().map_err(|e: ProgramError| e.to_string())?;
+            let result = program.load(candidate.function, btf).and_then(|()| program.attach().map(drop));
+            if result.is_err() {
+                let _ = program.unload();
+            }
+            result
+        }
+    };
+    result.map_err(|e| error_chain(&e))
 }
 
 pub fn error_chain(error: &dyn std::error::Error) -> String {
@@ -259,20 +400,72 @@ mod tests {
              ffffffff81000300 t folio_remove_rmap_ptes [some_module]\n",
         );
         assert_eq!(symbols.find("do_wp_page").as_deref(), Some("do_wp_page"));
-        assert_eq!(
-            symbols.find("wp_page_reuse").as_deref(),
-            Some("wp_page_reuse.isra.0")
-        );
-        assert_eq!(
-            symbols.find("folio_add_new_anon_rmap"),
-            None,
-            "data symbols are not functions"
-        );
-        assert_eq!(
-            symbols.find("folio_remove_rmap_ptes").as_deref(),
-            Some("folio_remove_rmap_ptes")
-        );
+        assert_eq!(symbols.find("wp_page_reuse").as_deref(), Some("wp_page_reuse.isra.0"));
+        assert_eq!(symbols.find("folio_add_new_anon_rmap"), None, "data symbols are not functions");
+        assert_eq!(symbols.find("folio_remove_rmap_ptes").as_deref(), Some("folio_remove_rmap_ptes"));
         assert_eq!(symbols.find("wp_page"), None, "a prefix is not a match");
+    }
+
+    /// Every program the table names exists in the embedded object, with
+    /// the attach type its candidate needs.
+    #[test]
+    fn table_matches_the_object() {
+        use aya_obj::ProgramSection;
+        let object = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("the embedded object parses");
+        let section = |name: &str| {
+            object
+                .programs
+                .get(name)
+                .map(|p| p.section.clone())
+                .unwrap_or_else(|| panic!("no program {name}"))
+        };
+        for candidate in PROBES.iter().flat_map(|s| s.candidates) {
+            match candidate.at {
+                At::Entry => {
+                    assert!(
+                        matches!(section(candidate.kprobe), ProgramSection::KProbe),
+                        "{}",
+                        candidate.kprobe
+                    );
+                    assert!(
+                        matches!(section(candidate.fentry), ProgramSection::FEntry { .. }),
+                        "{}",
+                        candidate.fentry
+                    );
+                }
+                At::Return => {
+                    assert!(
+                        matches!(section(candidate.kprobe), ProgramSection::KRetProbe),
+                        "{}",
+                        candidate.kprobe
+                    );
+                    assert!(
+                        matches!(section(candidate.fentry), ProgramSection::FExit { .. }),
+                        "{}",
+                        candidate.fentry
+                    );
+                }
+            }
+        }
+    }
+
+    /// An fentry program loads for one target: two logical probes must not
+    /// share one (kprobes may).
+    #[test]
+    fn no_fentry_program_serves_two_probes() {
+        for (i, a) in PROBES.iter().enumerate() {
+            for b in &PROBES[i + 1..] {
+                for ca in a.candidates {
+                    assert!(
+                        b.candidates.iter().all(|cb| cb.fentry != ca.fentry),
+                        "{} is used by {} and {}",
+                        ca.fentry,
+                        a.name,
+                        b.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,19 +5,23 @@
 //! the daemon resolves them from the running kernel's BTF and writes them into
 //! [`LAYOUT`] before the object is loaded, so this one object serves every
 //! supported kernel.
+//!
+//! Every handler exists twice: as a kprobe (works everywhere) and as an
+//! fentry/fexit program (cheaper, needs BTF and function tracing). The daemon
+//! picks one per probe; the handlers only see the arguments.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::{kprobe, kretprobe, map},
+    macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
     Event, EventType, FIELD_ABSENT, FolioKind, KernelLayout, Level, OFFSET_ABSENT, RmapOp,
-    VM_SHARED_OR_MAYSHARE, WriteFaultOutcome, drop_slot,
+    VM_SHARED_OR_MAYSHARE, WriteFaultOutcome, drop_slot, shared_hint,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -45,22 +49,19 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_slot::COUNT,
 #[derive(Clone, Copy)]
 struct WriteFaultWindow {
     start_ns: u64,
+    vmf: u64,
     mm: u64,
-    folio: u64,
     vma_shared: u8,
     saw_new_anon: u8,
     saw_reuse: u8,
-    saw_old_folio: u8,
-    kind: u8,
-    order: u8,
-    _pad: [u8; 2],
+    _pad: [u8; 5],
 }
 
 /// Keyed by thread id (the low half of `bpf_get_current_pid_tgid`).
 #[map]
 static WRITE_FAULTS: HashMap<u32, WriteFaultWindow> = HashMap::with_max_entries(16384, 0);
 
-/// Arguments of `folio_add_new_anon_rmap`, kept from entry to return.
+/// Arguments of `folio_add_new_anon_rmap`, kept from kprobe to kretprobe.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct NewAnonCall {
@@ -73,6 +74,37 @@ static NEW_ANON_CALLS: HashMap<u32, NewAnonCall> = HashMap::with_max_entries(163
 
 const PMD_PAGES: u32 = 512;
 const PUD_PAGES: u32 = 512 * 512;
+const PMD_ORDER: u8 = 9;
+/// 6.1-6.7 `rmap_t`: the call maps the whole compound page (by PMD).
+const RMAP_COMPOUND: u64 = 1 << 1;
+
+// ---- reading the kernel ---------------------------------------------------
+
+/// Arguments of the probed function, however the program was entered.
+trait Args {
+    fn raw(&self, n: usize) -> u64;
+}
+
+impl Args for ProbeContext {
+    #[inline(always)]
+    fn raw(&self, n: usize) -> u64 {
+        ProbeContext::arg::<u64>(self, n).unwrap_or(0)
+    }
+}
+
+impl Args for FEntryContext {
+    #[inline(always)]
+    fn raw(&self, n: usize) -> u64 {
+        FEntryContext::arg::<u64>(self, n)
+    }
+}
+
+impl Args for FExitContext {
+    #[inline(always)]
+    fn raw(&self, n: usize) -> u64 {
+        FExitContext::arg::<u64>(self, n)
+    }
+}
 
 #[inline(always)]
 fn count_drop(slot: u32) {
@@ -98,6 +130,22 @@ fn read_at<T: Copy>(base: u64, offset: u32) -> Option<T> {
 #[inline(always)]
 fn read_i32_or_absent(base: u64, offset: u32) -> i32 {
     read_at::<i32>(base, offset).unwrap_or(FIELD_ABSENT)
+}
+
+/// `page_folio()`. A tail page has bit 0 of `compound_head` set; the rest
+/// is the head's address, or (7.x `compound_info` with power-of-two
+/// `struct page` in vmemmap) a mask that rounds the page's own address down
+/// to its head. A mask is all ones above a bit and zeros below; no vmemmap
+/// address has that shape.
+#[inline(always)]
+fn page_folio(page: u64) -> u64 {
+    let info: u64 = read_at(page, layout!(page_compound_head)).unwrap_or(0);
+    if info & 1 == 0 {
+        return page;
+    }
+    let value = info & !1;
+    let below = !value;
+    if below & below.wrapping_add(1) == 0 { page & value } else { value }
 }
 
 /// What the folio is and its counters, read from the folio itself.
@@ -133,6 +181,11 @@ fn fill_folio(event: &mut Event, folio: u64) {
         event.entire_mapcount = read_i32_or_absent(folio, layout!(folio_entire_mapcount));
         event.nr_pages_mapped = read_i32_or_absent(folio, layout!(folio_nr_pages_mapped));
         event.pincount = read_i32_or_absent(folio, layout!(folio_pincount));
+        event.shared_hint = match read_at::<u64>(folio, layout!(folio_mm_ids)) {
+            Some(ids) if ids & (1 << 63) != 0 => shared_hint::MAYBE_SHARED,
+            Some(_) => shared_hint::EXCLUSIVE,
+            None => shared_hint::UNKNOWN,
+        };
     } else {
         event.order = 0;
         event.mapcount = read_i32_or_absent(folio, layout!(folio_mapcount));
@@ -144,6 +197,9 @@ fn vma_mm(vma: u64) -> u64 {
     read_at(vma, layout!(vma_mm)).unwrap_or(0)
 }
 
+// ---- rmap events ----------------------------------------------------------
+
+#[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_drop(drop_slot::RING_BUFFER_FULL);
@@ -160,221 +216,239 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     entry.write(event);
     entry.submit(0);
-
-    if op == RmapOp::Remove {
-        note_old_folio_in_write_fault(&event);
-    }
 }
 
-/// Inside a write fault, the first folio that loses a mapping is the one the
-/// fault copied away from.
+/// A page-based (6.1-6.7) rmap call: a compound call maps the whole PMD.
 #[inline(always)]
-fn note_old_folio_in_write_fault(event: &Event) {
-    if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
-        let window = unsafe { &mut *window };
-        if window.saw_old_folio == 0 {
-            window.saw_old_folio = 1;
-            window.folio = event.folio;
-            window.kind = event.kind;
-            window.order = event.order;
-        }
-    }
+fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
+    let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
+    emit_rmap(page_folio(page), vma, op, level, nr_pages);
 }
 
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+/// Declares a kprobe and an fentry program that run the same handler.
+macro_rules! entry_probe {
+    ($kprobe:ident, $fentry:ident, |$args:ident| $body:expr) => {
+        #[kprobe]
+        pub fn $kprobe(ctx: ProbeContext) -> u32 {
+            let $args = &ctx;
+            $body;
+            0
+        }
+
+        #[fentry]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            let $args = &ctx;
+            $body;
+            0
+        }
+    };
 }
 
 // folio_add_anon_rmap_ptes(folio, page, nr_pages, vma, address, flags)
-#[kprobe]
-pub fn add_anon_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(
-        arg(&ctx, 0),
-        arg(&ctx, 3),
-        RmapOp::Add,
-        Level::Pte,
-        arg(&ctx, 2) as u32,
-    );
-    0
-}
-
+entry_probe!(add_anon_ptes, add_anon_ptes_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(3),
+    RmapOp::Add,
+    Level::Pte,
+    a.raw(2) as u32
+));
 // folio_add_anon_rmap_pmd(folio, page, vma, address, flags)
-#[kprobe]
-pub fn add_anon_pmd(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 2), RmapOp::Add, Level::Pmd, PMD_PAGES);
-    0
-}
-
+entry_probe!(add_anon_pmd, add_anon_pmd_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(2),
+    RmapOp::Add,
+    Level::Pmd,
+    PMD_PAGES
+));
 // folio_add_file_rmap_ptes(folio, page, nr_pages, vma)
-#[kprobe]
-pub fn add_file_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(
-        arg(&ctx, 0),
-        arg(&ctx, 3),
-        RmapOp::Add,
-        Level::Pte,
-        arg(&ctx, 2) as u32,
-    );
-    0
-}
-
+entry_probe!(add_file_ptes, add_file_ptes_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(3),
+    RmapOp::Add,
+    Level::Pte,
+    a.raw(2) as u32
+));
 // folio_add_file_rmap_pmd(folio, page, vma)
-#[kprobe]
-pub fn add_file_pmd(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 2), RmapOp::Add, Level::Pmd, PMD_PAGES);
-    0
-}
-
+entry_probe!(add_file_pmd, add_file_pmd_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(2),
+    RmapOp::Add,
+    Level::Pmd,
+    PMD_PAGES
+));
 // folio_add_file_rmap_pud(folio, page, vma)
-#[kprobe]
-pub fn add_file_pud(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 2), RmapOp::Add, Level::Pud, PUD_PAGES);
-    0
-}
-
+entry_probe!(add_file_pud, add_file_pud_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(2),
+    RmapOp::Add,
+    Level::Pud,
+    PUD_PAGES
+));
 // folio_remove_rmap_ptes(folio, page, nr_pages, vma)
-#[kprobe]
-pub fn remove_ptes(ctx: ProbeContext) -> u32 {
-    emit_rmap(
-        arg(&ctx, 0),
-        arg(&ctx, 3),
-        RmapOp::Remove,
-        Level::Pte,
-        arg(&ctx, 2) as u32,
-    );
-    0
-}
-
+entry_probe!(remove_ptes, remove_ptes_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(3),
+    RmapOp::Remove,
+    Level::Pte,
+    a.raw(2) as u32
+));
 // folio_remove_rmap_pmd(folio, page, vma)
-#[kprobe]
-pub fn remove_pmd(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 2), RmapOp::Remove, Level::Pmd, PMD_PAGES);
-    0
-}
-
+entry_probe!(remove_pmd, remove_pmd_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(2),
+    RmapOp::Remove,
+    Level::Pmd,
+    PMD_PAGES
+));
 // folio_remove_rmap_pud(folio, page, vma)
-#[kprobe]
-pub fn remove_pud(ctx: ProbeContext) -> u32 {
-    emit_rmap(arg(&ctx, 0), arg(&ctx, 2), RmapOp::Remove, Level::Pud, PUD_PAGES);
-    0
-}
+entry_probe!(remove_pud, remove_pud_fentry, |a| emit_rmap(
+    a.raw(0),
+    a.raw(2),
+    RmapOp::Remove,
+    Level::Pud,
+    PUD_PAGES
+));
 
-// folio_add_new_anon_rmap(folio, vma, address[, flags]): it initialises the
-// counters and the mapping, so the event is built at return.
-#[kprobe]
-pub fn add_new_anon(ctx: ProbeContext) -> u32 {
-    let call = NewAnonCall {
-        folio: arg(&ctx, 0),
-        vma: arg(&ctx, 1),
-    };
-    if NEW_ANON_CALLS.insert(thread_id(), call, 0).is_err() {
+// 6.1-6.7: page_add_anon_rmap(page, vma, address, rmap_t flags)
+entry_probe!(page_add_anon, page_add_anon_fentry, |a| emit_page_rmap(
+    a.raw(0),
+    a.raw(1),
+    RmapOp::Add,
+    a.raw(3) & RMAP_COMPOUND != 0
+));
+// 6.1-6.7: page_add_file_rmap(page, vma, bool compound)
+entry_probe!(page_add_file, page_add_file_fentry, |a| emit_page_rmap(
+    a.raw(0),
+    a.raw(1),
+    RmapOp::Add,
+    a.raw(2) & 0xff != 0
+));
+// 6.1-6.7: page_remove_rmap(page, vma, bool compound)
+entry_probe!(page_remove, page_remove_fentry, |a| emit_page_rmap(
+    a.raw(0),
+    a.raw(1),
+    RmapOp::Remove,
+    a.raw(2) & 0xff != 0
+));
+
+// ---- new anonymous folios -------------------------------------------------
+//
+// folio_add_new_anon_rmap(folio, vma, address[, flags]) and 6.1's
+// page_add_new_anon_rmap(page, vma, address) initialise the counters and the
+// mapping, so the event is built when they return.
+
+#[inline(always)]
+fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
+    if keep_arguments && NEW_ANON_CALLS.insert(thread_id(), NewAnonCall { folio, vma }, 0).is_err() {
         count_drop(drop_slot::TASK_STATE_FULL);
-        warn!(&ctx, "new-anon call table full");
     }
+    // A new anonymous folio inside a write fault is the copy.
     if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
         unsafe { (*window).saw_new_anon = 1 };
     }
+}
+
+#[inline(always)]
+fn new_anon_return(folio: u64, vma: u64) {
+    // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
+    let mut probe = Event::ZERO;
+    fill_folio(&mut probe, folio);
+    let (level, nr_pages) = if probe.order >= PMD_ORDER {
+        (Level::Pmd, PMD_PAGES)
+    } else {
+        (Level::Pte, 1u32 << (probe.order & 31))
+    };
+    emit_rmap(folio, vma, RmapOp::AddNew, level, nr_pages);
+}
+
+#[kprobe]
+pub fn add_new_anon(ctx: ProbeContext) -> u32 {
+    new_anon_entry(Args::raw(&ctx, 0), Args::raw(&ctx, 1), true);
+    0
+}
+
+#[kprobe]
+pub fn page_add_new_anon(ctx: ProbeContext) -> u32 {
+    new_anon_entry(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1), true);
     0
 }
 
 #[kretprobe]
-pub fn add_new_anon_return(_ctx: RetProbeContext) -> u32 {
+pub fn add_new_anon_return(ctx: RetProbeContext) -> u32 {
     let tid = thread_id();
     let Some(call) = (unsafe { NEW_ANON_CALLS.get(tid) }).copied() else {
+        warn!(&ctx, "new-anon return without its entry");
         return 0;
     };
     let _ = NEW_ANON_CALLS.remove(tid);
-    // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
-    let mut folio = Event::ZERO;
-    fill_folio(&mut folio, call.folio);
-    let (level, nr_pages) = if folio.order >= 9 {
-        (Level::Pmd, PMD_PAGES)
-    } else {
-        (Level::Pte, 1u32 << (folio.order & 31))
-    };
-    emit_rmap(call.folio, call.vma, RmapOp::AddNew, level, nr_pages);
+    new_anon_return(call.folio, call.vma);
     0
 }
 
-// do_wp_page(vmf): open the per-task window.
-#[kprobe]
-pub fn write_fault_entry(ctx: ProbeContext) -> u32 {
-    let vmf = arg(&ctx, 0);
+// fentry/fexit see the arguments at both ends: nothing to keep in between.
+#[fentry]
+pub fn add_new_anon_fentry(ctx: FEntryContext) -> u32 {
+    new_anon_entry(0, 0, false);
+    let _ = ctx;
+    0
+}
+
+#[fexit]
+pub fn add_new_anon_fexit(ctx: FExitContext) -> u32 {
+    new_anon_return(Args::raw(&ctx, 0), Args::raw(&ctx, 1));
+    0
+}
+
+#[fentry]
+pub fn page_add_new_anon_fentry(ctx: FEntryContext) -> u32 {
+    new_anon_entry(0, 0, false);
+    let _ = ctx;
+    0
+}
+
+#[fexit]
+pub fn page_add_new_anon_fexit(ctx: FExitContext) -> u32 {
+    new_anon_return(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1));
+    0
+}
+
+// ---- write faults ---------------------------------------------------------
+
+/// do_wp_page(vmf): open the per-task window.
+#[inline(always)]
+fn write_fault_entry(vmf: u64) {
     let vma: u64 = read_at(vmf, layout!(vmf_vma)).unwrap_or(0);
     let vm_flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
     let window = WriteFaultWindow {
         start_ns: unsafe { bpf_ktime_get_ns() },
+        vmf,
         mm: vma_mm(vma),
-        folio: 0,
         vma_shared: (vm_flags & VM_SHARED_OR_MAYSHARE != 0) as u8,
         saw_new_anon: 0,
         saw_reuse: 0,
-        saw_old_folio: 0,
-        kind: 0,
-        order: 0,
-        _pad: [0; 2],
+        _pad: [0; 5],
     };
     if WRITE_FAULTS.insert(thread_id(), window, 0).is_err() {
         count_drop(drop_slot::TASK_STATE_FULL);
     }
-    0
 }
 
-/// Marks a private reuse: `wp_page_reuse(vmf, folio)` (also called on shared
-/// mappings, which the VMA flags tell apart) or `folio_move_anon_rmap(folio, vma)`.
-fn mark_reuse(folio: u64) {
-    if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
-        let window = unsafe { &mut *window };
-        window.saw_reuse = 1;
-        if folio != 0 && window.saw_old_folio == 0 {
-            let mut probe = Event::ZERO;
-            fill_folio(&mut probe, folio);
-            window.saw_old_folio = 1;
-            window.folio = folio;
-            window.kind = probe.kind;
-            window.order = probe.order;
-        }
-    }
-}
-
-// wp_page_reuse(vmf[, folio since 6.8])
-#[kprobe]
-pub fn write_fault_reuse(ctx: ProbeContext) -> u32 {
-    mark_reuse(arg(&ctx, 1));
-    0
-}
-
-// ptep_set_access_flags(vma, address, ptep, entry, dirty): inside the
-// write-fault window only the reuse path calls it.
-#[kprobe]
-pub fn write_fault_pte_reuse(_ctx: ProbeContext) -> u32 {
-    mark_reuse(0);
-    0
-}
-
-// folio_move_anon_rmap(folio, vma)
-#[kprobe]
-pub fn write_fault_move_anon(ctx: ProbeContext) -> u32 {
-    mark_reuse(arg(&ctx, 0));
-    0
-}
-
-#[kretprobe]
-pub fn write_fault_return(_ctx: RetProbeContext) -> u32 {
+/// do_wp_page returned: classify and emit.
+#[inline(always)]
+fn write_fault_return() {
     let tid = thread_id();
     let Some(window) = (unsafe { WRITE_FAULTS.get(tid) }).copied() else {
-        return 0;
+        return;
     };
     let _ = WRITE_FAULTS.remove(tid);
 
+    // vmf->page is the page the fault was about (NULL for the zero page);
+    // vmf lives in the caller's frame, still valid while do_wp_page returns.
+    let page: u64 = read_at(window.vmf, layout!(vmf_page)).unwrap_or(0);
     let outcome = if window.vma_shared != 0 {
         WriteFaultOutcome::Shared
     } else if window.saw_new_anon != 0 {
-        if window.saw_old_folio != 0 {
-            WriteFaultOutcome::Copy
-        } else {
-            WriteFaultOutcome::CopyZeroPage
-        }
+        if page != 0 { WriteFaultOutcome::Copy } else { WriteFaultOutcome::CopyZeroPage }
     } else if window.saw_reuse != 0 {
         WriteFaultOutcome::Reuse
     } else {
@@ -383,21 +457,55 @@ pub fn write_fault_return(_ctx: RetProbeContext) -> u32 {
 
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
         count_drop(drop_slot::RING_BUFFER_FULL);
-        return 0;
+        return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut event = Event::ZERO;
+    if page != 0 {
+        fill_folio(&mut event, page_folio(page));
+    }
     event.event_type = EventType::WriteFault as u8;
     event.outcome = outcome as u8;
-    event.folio = window.folio;
     event.mm = window.mm;
-    event.kind = window.kind;
-    event.order = window.order;
     event.timestamp_ns = now;
     event.duration_ns = now.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     entry.write(event);
     entry.submit(0);
+}
+
+/// Marks a reuse inside the window: `wp_page_reuse` (also on shared
+/// mappings, which the VMA flags tell apart), `folio_move_anon_rmap` /
+/// `page_move_anon_rmap`, or `ptep_set_access_flags` (only the reuse path
+/// upgrades the PTE in place; copies install a new one).
+#[inline(always)]
+fn mark_reuse() {
+    if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
+        unsafe { (*window).saw_reuse = 1 };
+    }
+}
+
+entry_probe!(write_fault_entry_kprobe, write_fault_entry_fentry, |a| write_fault_entry(a.raw(0)));
+entry_probe!(reuse_marker, reuse_marker_fentry, |a| {
+    let _ = a;
+    mark_reuse()
+});
+// fentry programs attach to exactly one function: a second marker.
+#[fentry]
+pub fn move_anon_marker_fentry(_ctx: FEntryContext) -> u32 {
+    mark_reuse();
+    0
+}
+
+#[kretprobe]
+pub fn write_fault_return_kretprobe(_ctx: RetProbeContext) -> u32 {
+    write_fault_return();
+    0
+}
+
+#[fexit]
+pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
+    write_fault_return();
     0
 }
 

@@ -98,27 +98,16 @@ fn locate(spec: &KernelSpec, root: &Path) -> anyhow::Result<Option<Kernel>> {
         }
     }
     let modules_root = root.join("usr/lib/modules");
-    let modules_root = if modules_root.exists() {
-        modules_root
-    } else {
-        root.join("lib/modules")
-    };
-    let release_dir = fs::read_dir(&modules_root)
-        .ok()
-        .and_then(|mut d| d.next())
-        .and_then(|e| e.ok())
-        .map(|e| e.path());
+    let modules_root = if modules_root.exists() { modules_root } else { root.join("lib/modules") };
+    let release_dir =
+        fs::read_dir(&modules_root).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
     let Some(modules) = release_dir else {
         return Ok(None);
     };
     if vmlinuz.is_none() && modules.join("vmlinuz").exists() {
         vmlinuz = Some(modules.join("vmlinuz"));
     }
-    Ok(vmlinuz.map(|vmlinuz| Kernel {
-        name: spec.name.to_owned(),
-        vmlinuz,
-        modules,
-    }))
+    Ok(vmlinuz.map(|vmlinuz| Kernel { name: spec.name.to_owned(), vmlinuz, modules }))
 }
 
 struct PrivateApt {
@@ -137,11 +126,7 @@ impl PrivateApt {
         let lines: String = suites
             .iter()
             .map(|suite| {
-                let uri = if suite.ends_with("-security") {
-                    &security
-                } else {
-                    &archive
-                };
+                let uri = if suite.ends_with("-security") { &security } else { &archive };
                 format!("deb [signed-by={keyring}] {uri} {suite} main\n")
             })
             .collect();
@@ -181,28 +166,18 @@ impl PrivateApt {
     }
 
     fn download(&self, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-        run_cmd(
-            self.cmd("apt-get")
-                .current_dir(dir)
-                .args(["download", "-qq", package]),
-        )?;
+        run_cmd(self.cmd("apt-get").current_dir(dir).args(["download", "-qq", package]))?;
         fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
-            })
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
             .with_context(|| format!("apt-get download {package} left no .deb"))
     }
 }
 
 /// Numeric components of a version, for ordering "117" after "99".
 fn version_key(version: &str) -> Vec<u64> {
-    version
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|s| s.parse().ok())
-        .collect()
+    version.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse().ok()).collect()
 }
 
 /// The Debian archive and security archive this machine already uses.
@@ -217,11 +192,11 @@ fn archive_uris() -> anyhow::Result<(String, String)> {
             .map(str::to_owned),
     );
     let list = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
-    uris.extend(list.lines().filter(|l| l.starts_with("deb ")).filter_map(|l| {
-        l.split_whitespace()
-            .find(|w| w.starts_with("http"))
-            .map(str::to_owned)
-    }));
+    uris.extend(
+        list.lines()
+            .filter(|l| l.starts_with("deb "))
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("http")).map(str::to_owned)),
+    );
     let archive = uris
         .iter()
         .find(|u| !u.contains("security"))
@@ -233,4 +208,42 @@ fn archive_uris() -> anyhow::Result<(String, String)> {
         .cloned()
         .unwrap_or_else(|| format!("{}-security", archive.trim_end_matches('/')));
     Ok((archive, security))
+}
+
+/// The kernel's own BTF, cut out of its vmlinuz: find the compressed
+/// payload by its magic, decompress it to the ELF vmlinux, take `.BTF`.
+pub fn extract_btf(kernel: &Kernel) -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("kernels").join(&kernel.name);
+    let btf = dir.join("vmlinux.btf");
+    if btf.exists() {
+        return Ok(btf);
+    }
+    let image = fs::read(&kernel.vmlinuz)?;
+    const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+    const LZ4_LEGACY: &[u8] = &[0x02, 0x21, 0x4c, 0x18];
+    let find = |magic: &[u8]| image.windows(magic.len()).position(|w| w == magic);
+    let (offset, tool) = match (find(ZSTD), find(LZ4_LEGACY)) {
+        (Some(z), Some(l)) if l < z => (l, "lz4"),
+        (Some(z), _) => (z, "zstd"),
+        (None, Some(l)) => (l, "lz4"),
+        (None, None) => bail!("{}: no zstd or LZ4 payload", kernel.vmlinuz.display()),
+    };
+    let payload = dir.join("payload");
+    fs::write(&payload, &image[offset..])?;
+    let elf = dir.join("vmlinux.elf");
+    // The payload is followed by the rest of the bzImage: the decompressor
+    // complains about trailing bytes after writing the whole ELF, so its
+    // exit status is not the test; the ELF magic is.
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{tool} -dc '{}' > '{}' 2>/dev/null", payload.display(), elf.display()))
+        .status()?;
+    let head = fs::read(&elf).map(|b| b.get(..4).map(<[u8]>::to_vec)).unwrap_or_default();
+    if head.as_deref() != Some(b"\x7fELF".as_slice()) {
+        bail!("decompressing {} with {tool} gave no ELF", kernel.vmlinuz.display());
+    }
+    run_cmd(Command::new("objcopy").args(["-O", "binary", "--only-section=.BTF"]).arg(&elf).arg(&btf))?;
+    let _ = fs::remove_file(&payload);
+    let _ = fs::remove_file(&elf);
+    Ok(btf)
 }

@@ -32,12 +32,15 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
     },
-    /// Unit tests, then the VM scenario on a stock kernel.
+    /// Unit tests, the host verifier test, then the VM matrix (kernel x attach mode).
     Test {
         /// Kernels to boot (by short name).
-        #[arg(long, value_delimiter = ',', default_value = "6.12")]
+        #[arg(long, value_delimiter = ',', default_value = "6.1,6.12,7.3")]
         kernel: Vec<String>,
-        /// Skip the unit tests.
+        /// Attach modes to run each kernel in.
+        #[arg(long, value_delimiter = ',', default_value = "fentry,kprobe")]
+        mode: Vec<String>,
+        /// Skip the unit and host tests.
         #[arg(long)]
         vm_only: bool,
     },
@@ -51,18 +54,15 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             run(port, vm)
         }
-        Cmd::Test { kernel, vm_only } => {
+        Cmd::Test { kernel, mode, vm_only } => {
             setup::run()?;
-            test(&kernel, vm_only)
+            test(&kernel, &mode, vm_only)
         }
     }
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Where downloaded kernels and built images are kept between runs.
@@ -111,96 +111,172 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
     vm::boot(
         &kernel,
         &image,
-        vm::Boot {
-            forward_port: Some(port),
-            timeout: None,
-            echo: true,
-        },
+        vm::Boot { forward_port: Some(port), timeout: None, echo: true, attach_mode: "auto" },
     )?;
     Ok(())
 }
 
-fn test(kernel_names: &[String], vm_only: bool) -> anyhow::Result<()> {
-    let mut passed = 0u32;
-    let mut failed = 0u32;
-    if !vm_only {
-        let (p, f) = unit_tests()?;
-        passed += p;
-        failed += f;
-    }
-    let bin = build_binaries()?;
-    let mut table = Vec::new();
+/// One cell of the VM matrix.
+struct Cell {
+    kernel: String,
+    mode: String,
+    elapsed: std::time::Duration,
+    results: Vec<vm::CheckResult>,
+    log: PathBuf,
+}
+
+fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
+
+    let mut kernels = Vec::new();
     for name in kernel_names {
-        let kernel = kernels::fetch(kernels::find(name)?)?;
-        let image = vm::Image::build(&bin, &kernel, vm::Mode::Test)?;
-        let started = std::time::Instant::now();
-        let output = vm::boot(
-            &kernel,
-            &image,
-            vm::Boot {
-                forward_port: None,
-                timeout: Some(600),
-                echo: false,
-            },
-        )?;
-        let results = vm::parse_checks(&output);
-        let log_path = cache_dir().join(format!("vm-test-{name}.log"));
-        std::fs::write(&log_path, &output)?;
-        if results.is_empty() || !output.contains("MAPCOUNT-SUMMARY") {
-            failed += 1;
-            println!(
-                "kernel {name}: the VM produced no check results; console log in {}",
-                log_path.display()
-            );
-            let tail: Vec<&str> = output.lines().rev().take(40).collect();
-            for line in tail.into_iter().rev() {
-                println!("  | {line}");
+        kernels.push(kernels::fetch(kernels::find(name)?)?);
+    }
+    let btf_dir = cache_dir().join("btf");
+    std::fs::create_dir_all(&btf_dir)?;
+    for kernel in &kernels {
+        let btf = kernels::extract_btf(kernel)?;
+        std::fs::copy(&btf, btf_dir.join(format!("{}.btf", kernel.name)))?;
+    }
+
+    let bin = build_binaries()?;
+    if !vm_only {
+        let (passed, failed) = unit_tests(&btf_dir)?;
+        tally.passed += passed;
+        tally.failed += failed;
+        tally.add(host_verifier_test(&bin));
+        for kernel in &kernels {
+            tally.add(check_against_btf(&bin, kernel, &btf_dir)?);
+        }
+    }
+
+    let mut cells = Vec::new();
+    for kernel in &kernels {
+        let image = vm::Image::build(&bin, kernel, vm::Mode::Test)?;
+        for mode in modes {
+            let started = std::time::Instant::now();
+            let boot = vm::Boot { forward_port: None, timeout: Some(600), echo: false, attach_mode: mode };
+            let output = vm::boot(kernel, &image, boot)?;
+            let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
+            std::fs::write(&log, &output)?;
+            let mut results = vm::parse_checks(&output);
+            if !output.contains("MAPCOUNT-SUMMARY") {
+                results
+                    .push(vm::CheckResult::failed("vm/completed", "the VM produced no summary: see the log"));
             }
-            continue;
+            for r in &results {
+                tally.add(r.passed);
+            }
+            cells.push(Cell {
+                kernel: kernel.name.clone(),
+                mode: mode.clone(),
+                elapsed: started.elapsed(),
+                results,
+                log,
+            });
         }
-        for r in &results {
-            if r.passed { passed += 1 } else { failed += 1 }
-        }
-        table.push((name.clone(), started.elapsed(), results, log_path));
     }
-    for (name, elapsed, results, log_path) in &table {
+
+    for cell in &cells {
         println!(
-            "\nVM checks on kernel {name} ({:.1} s, console log {}):",
-            elapsed.as_secs_f64(),
-            log_path.display()
+            "\nVM checks, kernel {} in {} mode ({:.1} s, console log {}):",
+            cell.kernel,
+            cell.mode,
+            cell.elapsed.as_secs_f64(),
+            cell.log.display()
         );
-        println!(
-            "  {:<34} {:>8} {:>10} {:>14}  result",
-            "check", "known", "reported", "accepted"
-        );
-        for r in results {
+        println!("  {:<34} {:>8} {:>10} {:>14}  result", "check", "known", "reported", "accepted");
+        for r in &cell.results {
+            let verdict = if r.passed { "passed" } else { "FAILED" };
+            println!("  {:<34} {:>8} {:>10} {:>14}  {verdict}", r.name, r.known, r.reported, r.accepted);
+        }
+    }
+    if !cells.is_empty() {
+        println!("\nVM matrix:");
+        println!("  {:<8} {:<8} {:>8} {:>8} {:>9}", "kernel", "mode", "passed", "failed", "seconds");
+        for cell in &cells {
+            let ok = cell.results.iter().filter(|r| r.passed).count();
+            let bad = cell.results.len() - ok;
             println!(
-                "  {:<34} {:>8} {:>10} {:>14}  {}",
-                r.name,
-                r.known,
-                r.reported,
-                r.accepted,
-                if r.passed { "passed" } else { "FAILED" }
+                "  {:<8} {:<8} {:>8} {:>8} {:>9.1}",
+                cell.kernel,
+                cell.mode,
+                ok,
+                bad,
+                cell.elapsed.as_secs_f64()
             );
         }
     }
-    println!("\n{passed} passed, {failed} failed");
-    if failed > 0 {
-        bail!("{failed} test(s) failed");
+    println!("\n{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        bail!("{} test(s) failed", tally.failed);
     }
     Ok(())
 }
 
+#[derive(Default)]
+struct Tally {
+    passed: u32,
+    failed: u32,
+}
+
+impl Tally {
+    fn add(&mut self, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+}
+
+/// Every kprobe program passes this machine's verifier (loaded, not attached).
+fn host_verifier_test(bin: &Path) -> bool {
+    let output = Command::new(bin.join("mapcountd")).args(["check", "--load"]).output();
+    let Ok(output) = output else {
+        println!("host verifier test: cannot run mapcountd");
+        return false;
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().find(|l| l.starts_with("verifier:")) {
+        Some(line) => {
+            println!("host verifier test: passed ({line})");
+            true
+        }
+        None => {
+            println!("host verifier test: FAILED\n{stdout}{}", String::from_utf8_lossy(&output.stderr));
+            false
+        }
+    }
+}
+
+/// `mapcountd check --btf` on a kernel's BTF: every core probe and field resolves.
+fn check_against_btf(bin: &Path, kernel: &kernels::Kernel, btf_dir: &Path) -> anyhow::Result<bool> {
+    let btf = btf_dir.join(format!("{}.btf", kernel.name));
+    let output = Command::new(bin.join("mapcountd")).arg("check").arg("--btf").arg(&btf).output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    std::fs::write(cache_dir().join(format!("check-{}.txt", kernel.name)), text.as_bytes())?;
+    println!("\nmapcountd check --btf ({}):\n{text}{}", kernel.name, String::from_utf8_lossy(&output.stderr));
+    let ok = output.status.success();
+    println!("check on {} BTF: {}", kernel.name, if ok { "passed" } else { "FAILED" });
+    Ok(ok)
+}
+
 /// Runs the workspace's unit tests; returns (passed, failed) from cargo's summary lines.
-fn unit_tests() -> anyhow::Result<(u32, u32)> {
+fn unit_tests(btf_dir: &Path) -> anyhow::Result<(u32, u32)> {
+    // The per-kernel BTF tests are #[ignore]d in a plain `cargo test`
+    // (they need the kernels this command downloads); here they run.
     let output = Command::new(env!("CARGO"))
         .current_dir(workspace_root())
+        .env("MAPCOUNT_BTF_DIR", btf_dir)
         .args([
             "test",
             "--workspace",
             "--exclude",
             "mapcount-ebpf",
             "--no-fail-fast",
+            "--",
+            "--include-ignored",
         ])
         .stderr(std::process::Stdio::inherit())
         .output()

@@ -9,7 +9,7 @@ use crate::run_cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (matching the nightly's LLVM),
 /// qemu and the initramfs tools for the VM tests, decompressors for kernel
-/// modules.
+/// images and modules, bpftool and objcopy for the BTF cross-checks.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -18,6 +18,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "busybox-static",
     "xz-utils",
     "zstd",
+    "lz4",
+    "bpftool",
+    "binutils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -34,10 +37,7 @@ fn rust_src() -> anyhow::Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("rustup not found; the nightly toolchain builds the eBPF object")?;
-    if String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
     println!("setup: installing rust-src for the nightly toolchain (the eBPF build rebuilds core)");
@@ -49,9 +49,7 @@ fn debian_packages() -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
             !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
         })
         .collect();
@@ -82,19 +80,15 @@ fn bpf_linker() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-    run_cmd(
-        Command::new(env!("CARGO"))
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ]),
-    )?;
+    run_cmd(Command::new(env!("CARGO")).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))?;
     if Command::new("bpf-linker").arg("--version").output().is_err() {
         bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
     }

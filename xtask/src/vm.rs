@@ -46,7 +46,9 @@ if ip link show eth0 >/dev/null 2>&1; then
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 fi
 echo "MAPCOUNT-KERNEL $(uname -r)"
-mapcountd --web.listen-address=0.0.0.0:9730 >/tmp/mapcountd.log 2>&1 &
+attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
+[ -n "$attach" ] || attach=auto
+mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach >/tmp/mapcountd.log 2>&1 &
 daemon=$!
 ready=0
 for i in $(seq 1 300); do
@@ -55,7 +57,7 @@ for i in $(seq 1 300); do
 done
 echo "MAPCOUNT-DAEMON-READY $ready"
 if [ "$MODE" = test ]; then
-    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs
+    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
     echo "MAPCOUNT-WORKLOAD-EXIT $?"
     kill -TERM $daemon
     wait $daemon
@@ -82,10 +84,7 @@ impl Image {
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
-        fs::write(
-            root.join("init"),
-            INIT.replace("\"$MODE\"", &format!("\"{name}\"")),
-        )?;
+        fs::write(root.join("init"), INIT.replace("\"$MODE\"", &format!("\"{name}\"")))?;
         set_executable(&root.join("init"))?;
 
         let mut libraries = BTreeSet::new();
@@ -127,11 +126,7 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let out = Command::new("ldd").arg(binary).output().context("ldd")?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| {
-            l.split_whitespace()
-                .find(|w| w.starts_with('/'))
-                .map(PathBuf::from)
-        })
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')).map(PathBuf::from))
         .collect())
 }
 
@@ -163,9 +158,7 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
         if order.contains(&file) {
             return Ok(());
         }
-        let src = index
-            .get(name)
-            .with_context(|| format!("kernel module {name} not in the package"))?;
+        let src = index.get(name).with_context(|| format!("kernel module {name} not in the package"))?;
         let tool = match src.extension().and_then(|e| e.to_str()) {
             Some("xz") => Some("xz"),
             Some("zst") => Some("zstd"),
@@ -174,12 +167,7 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
         };
         let bytes = match tool {
             Some(tool) => {
-                Command::new(tool)
-                    .arg("-dc")
-                    .arg(src)
-                    .output()
-                    .context("decompress module")?
-                    .stdout
+                Command::new(tool).arg("-dc").arg(src).output().context("decompress module")?.stdout
             }
             None => fs::read(src)?,
         };
@@ -211,8 +199,10 @@ fn modinfo_depends(ko: &[u8]) -> Vec<String> {
         .collect()
 }
 
-pub struct Boot {
+pub struct Boot<'a> {
     pub forward_port: Option<u16>,
+    /// `--attach.mode` for mapcountd in the guest.
+    pub attach_mode: &'a str,
     /// Seconds before the VM is killed.
     pub timeout: Option<u64>,
     /// Copy the console to our stdout as it arrives.
@@ -220,7 +210,7 @@ pub struct Boot {
 }
 
 /// Boots the kernel and returns everything it wrote to the serial console.
-pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String> {
+pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<String> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
@@ -243,7 +233,10 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String
     .arg(&image.initramfs)
     .args([
         "-append",
-        "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise",
+        &format!(
+            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={}",
+            boot.attach_mode
+        ),
     ]);
     match boot.forward_port {
         Some(port) => {
@@ -258,9 +251,7 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String
             cmd.args(["-nic", "none"]);
         }
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     // SAFETY: prctl is async-signal-safe. The VM must not outlive xtask when
     // xtask is killed by something other than a terminal's Ctrl-C.
     unsafe {
@@ -270,9 +261,7 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot) -> anyhow::Result<String
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
     let stdout = child.stdout.take().expect("piped");
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -316,6 +305,18 @@ pub struct CheckResult {
     pub passed: bool,
 }
 
+impl CheckResult {
+    pub fn failed(name: &str, why: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            known: "-".to_owned(),
+            reported: why.to_owned(),
+            accepted: "-".to_owned(),
+            passed: false,
+        }
+    }
+}
+
 /// `MAPCOUNT-CHECK name known=K reported=R accepted=A..=B PASS|FAIL` lines, plus
 /// the daemon's exit status after SIGTERM.
 pub fn parse_checks(console: &str) -> Vec<CheckResult> {
@@ -325,21 +326,12 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
             let mut words = rest.split_whitespace();
             let name = words.next().unwrap_or("?").to_owned();
             let field = |key: &str| {
-                rest.split_whitespace()
-                    .find_map(|w| w.strip_prefix(key))
-                    .unwrap_or("-")
-                    .to_owned()
+                rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned()
             };
             let known = field("known=");
             let reported = field("reported=");
             let accepted = field("accepted=");
-            results.push(CheckResult {
-                name,
-                known,
-                reported,
-                accepted,
-                passed: rest.ends_with(" PASS"),
-            });
+            results.push(CheckResult { name, known, reported, accepted, passed: rest.ends_with(" PASS") });
         } else if let Some(code) = line.strip_prefix("MAPCOUNT-DAEMON-EXIT ") {
             results.push(CheckResult {
                 name: "daemon/exit_after_sigterm".to_owned(),

@@ -30,27 +30,17 @@ const SHARED_PAGES: usize = 20;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let metrics_url = args
-        .iter()
-        .position(|a| a == "--metrics")
-        .and_then(|i| args.get(i + 1));
-    let metrics_url = metrics_url
-        .map_or("127.0.0.1:9730", |s| s.as_str())
-        .trim_start_matches("http://");
-    let (address, path) = metrics_url
-        .split_once('/')
-        .map_or((metrics_url, "metrics"), |(a, p)| (a, p));
-    let scratch = args
-        .iter()
-        .position(|a| a == "--file-dir")
-        .and_then(|i| args.get(i + 1));
+    let metrics_url = args.iter().position(|a| a == "--metrics").and_then(|i| args.get(i + 1));
+    let metrics_url = metrics_url.map_or("127.0.0.1:9730", |s| s.as_str()).trim_start_matches("http://");
+    let (address, path) = metrics_url.split_once('/').map_or((metrics_url, "metrics"), |(a, p)| (a, p));
+    let scratch = args.iter().position(|a| a == "--file-dir").and_then(|i| args.get(i + 1));
     let scratch = scratch.map_or("/tmp", |s| s.as_str());
-    let metrics = MetricsSource {
-        address: address.to_owned(),
-        path: format!("/{path}"),
-    };
+    let metrics = MetricsSource { address: address.to_owned(), path: format!("/{path}") };
+    // In a forced attach mode, the core probes must be attached in that mode.
+    let expect_mode = args.iter().position(|a| a == "--expect-mode").and_then(|i| args.get(i + 1));
+    let expect_mode = expect_mode.map_or("auto", |s| s.as_str());
     match args.get(1).map(String::as_str) {
-        Some("check") => check(&metrics, scratch),
+        Some("check") => check(&metrics, scratch, expect_mode),
         Some("demo") => loop {
             run_anon(ANON_PAGES);
             run_file(scratch, FILE_PAGES);
@@ -60,7 +50,9 @@ fn main() -> ExitCode {
             sleep(Duration::from_secs(2));
         },
         _ => {
-            eprintln!("usage: mapcount-workload check|demo [--metrics HOST:PORT/PATH] [--file-dir DIR]");
+            eprintln!(
+                "usage: mapcount-workload check|demo [--metrics HOST:PORT/PATH] [--file-dir DIR] [--expect-mode MODE]"
+            );
             ExitCode::from(2)
         }
     }
@@ -71,22 +63,8 @@ fn main() -> ExitCode {
 /// A private anonymous mapping of `pages` small pages (THP disabled for it).
 fn map_anon(pages: usize, flags: libc::c_int, prot: libc::c_int) -> *mut u8 {
     // SAFETY: plain anonymous mmap; failure is checked.
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            pages * PAGE,
-            prot,
-            flags | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap failed: {}",
-        std::io::Error::last_os_error()
-    );
+    let p = unsafe { libc::mmap(ptr::null_mut(), pages * PAGE, prot, flags | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap failed: {}", std::io::Error::last_os_error());
     // SAFETY: p is our mapping.
     unsafe { libc::madvise(p, pages * PAGE, libc::MADV_NOHUGEPAGE) };
     p.cast()
@@ -105,9 +83,7 @@ fn write_each_page(p: *mut u8, pages: usize, value: u8) {
 }
 
 fn read_each_page(p: *const u8, pages: usize) -> u64 {
-    (0..pages)
-        .map(|i| u64::from(unsafe { ptr::read_volatile(p.add(i * PAGE)) }))
-        .sum()
+    (0..pages).map(|i| u64::from(unsafe { ptr::read_volatile(p.add(i * PAGE)) })).sum()
 }
 
 /// Fault in `pages` new anonymous pages, then unmap them.
@@ -125,22 +101,8 @@ fn run_file(dir: &str, pages: usize) {
     // SAFETY: plain open/mmap with checked results.
     let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDONLY) };
     assert!(fd >= 0, "open {path}: {}", std::io::Error::last_os_error());
-    let p = unsafe {
-        libc::mmap(
-            ptr::null_mut(),
-            pages * PAGE,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            fd,
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap {path}: {}",
-        std::io::Error::last_os_error()
-    );
+    let p = unsafe { libc::mmap(ptr::null_mut(), pages * PAGE, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap {path}: {}", std::io::Error::last_os_error());
     let sum = read_each_page(p.cast(), pages);
     assert_eq!(sum, 7 * pages as u64);
     unmap(p.cast(), pages);
@@ -220,12 +182,8 @@ impl MetricsSource {
         let mut stream =
             TcpStream::connect(&self.address).map_err(|e| format!("connect {}: {e}", self.address))?;
         stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
-        write!(
-            stream,
-            "GET {} HTTP/1.0\r\nHost: {}\r\n\r\n",
-            self.path, self.address
-        )
-        .map_err(|e| e.to_string())?;
+        write!(stream, "GET {} HTTP/1.0\r\nHost: {}\r\n\r\n", self.path, self.address)
+            .map_err(|e| e.to_string())?;
         let mut response = String::new();
         stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
         let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
@@ -269,9 +227,7 @@ impl Scrape {
             .filter(|(series, _)| {
                 let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
                 series_name == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
+                    && labels.iter().all(|(k, v)| series_labels.contains(&format!("{k}=\"{v}\"")))
             })
             .map(|(_, v)| v)
             .sum()
@@ -306,7 +262,7 @@ fn noise_margin(known: usize) -> f64 {
     (known as f64 / 4.0).max(64.0)
 }
 
-fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
+fn check(metrics: &MetricsSource, scratch: &str, expect_mode: &str) -> ExitCode {
     let mut checker = Checker { passed: 0, failed: 0 };
     let result = (|| -> Result<(), String> {
         let base = metrics.settled_scrape()?;
@@ -319,7 +275,11 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
             "write_fault",
             "write_fault_return",
         ] {
-            let attached = base.sum("mapcount_probe_attached", &[("probe", probe)]);
+            let mut labels = vec![("probe", probe)];
+            if expect_mode != "auto" {
+                labels.push(("mode", expect_mode));
+            }
+            let attached = base.sum("mapcount_probe_attached", &labels);
             checker.range(&format!("probe_attached/{probe}"), 1, attached, 1.0, 1.0);
         }
 
@@ -333,35 +293,15 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
                           metric: &str,
                           labels: &[(&str, &str)]| {
             let reported = delta(before, after, metric, labels);
-            checker.range(
-                name,
-                known,
-                reported,
-                known as f64,
-                known as f64 + noise_margin(known),
-            );
+            checker.range(name, known, reported, known as f64, known as f64 + noise_margin(known));
         };
 
         run_anon(ANON_PAGES);
         let after = metrics.settled_scrape()?;
         let new_anon = [("op", "add_new"), ("kind", "anon"), ("order", "0")];
-        expect(
-            "anon/new_pages",
-            ANON_PAGES,
-            &base,
-            &after,
-            "mapcount_rmap_pages_total",
-            &new_anon,
-        );
+        expect("anon/new_pages", ANON_PAGES, &base, &after, "mapcount_rmap_pages_total", &new_anon);
         let removed = [("op", "remove"), ("kind", "anon"), ("order", "0")];
-        expect(
-            "anon/removed_pages",
-            ANON_PAGES,
-            &base,
-            &after,
-            "mapcount_rmap_pages_total",
-            &removed,
-        );
+        expect("anon/removed_pages", ANON_PAGES, &base, &after, "mapcount_rmap_pages_total", &removed);
 
         let before = after;
         run_file(scratch, FILE_PAGES);
@@ -437,13 +377,6 @@ fn check(metrics: &MetricsSource, scratch: &str) -> ExitCode {
         println!("MAPCOUNT-CHECK workload known=0 reported=error:{e} FAIL");
         checker.failed += 1;
     }
-    println!(
-        "MAPCOUNT-SUMMARY {} passed, {} failed",
-        checker.passed, checker.failed
-    );
-    if checker.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    println!("MAPCOUNT-SUMMARY {} passed, {} failed", checker.passed, checker.failed);
+    if checker.failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
