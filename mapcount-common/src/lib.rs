@@ -14,14 +14,18 @@ pub const FIELD_ABSENT: i32 = i32::MIN;
 /// Offset value in [`KernelLayout`] for a field the kernel lacks.
 pub const OFFSET_ABSENT: u32 = u32::MAX;
 
-/// What an event describes.
+/// What a ring-buffer record describes: the first byte of every record.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventType {
-    /// A call of an rmap add or remove function.
+    /// A call of an rmap add or remove function: [`Event`].
     Rmap = 1,
-    /// A write fault that finished (`do_wp_page` returned).
+    /// A write fault that finished (`do_wp_page` returned): [`Event`].
     WriteFault = 2,
+    /// Fork copying one VMA (`copy_page_range`): [`ForkEvent`].
+    Fork = 3,
+    /// Where a page without a mapping (driver page) was mapped: [`SourceEvent`].
+    Source = 4,
 }
 
 /// Which rmap operation an [`EventType::Rmap`] event reports.
@@ -47,7 +51,7 @@ pub enum Level {
 
 /// Folio kind, from `folio->mapping` and `PG_swapbacked`.
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FolioKind {
     Anon = 1,
     Ksm = 2,
@@ -73,19 +77,57 @@ pub enum WriteFaultOutcome {
     Other = 5,
 }
 
-/// One record in the ring buffer.
+/// Bits of [`Event::flags`].
+pub mod event_flags {
+    /// The task that caused the event owns the address space (`current->mm
+    /// == vma->vm_mm`): its tgid names the mm. Not so for kernel threads
+    /// (khugepaged, ksmd) or remote access.
+    pub const OWN_MM: u8 = 1 << 0;
+    /// `PG_swapcache` was set on the folio.
+    pub const SWAPCACHE: u8 = 1 << 1;
+}
+
+/// Values of [`Event::shared_hint`].
+pub mod shared_hint {
+    /// The kernel keeps no such bit (before 6.15), or the folio is small.
+    pub const UNKNOWN: u8 = 0;
+    pub const EXCLUSIVE: u8 = 1;
+    pub const MAYBE_SHARED: u8 = 2;
+}
+
+/// An rmap call or a finished write fault.
 ///
 /// For rmap events the folio counters are read at the function's entry, so
 /// they describe the folio *before* the operation; the daemon applies the
 /// operation itself. For `folio_add_new_anon_rmap` they are read at return,
-/// because that function initialises them.
+/// because that function initialises them. For write faults they describe
+/// the faulting folio when the fault returns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// An [`EventType`]: first, as in every record.
+    pub event_type: u8,
+    /// An [`RmapOp`] (rmap events).
+    pub op: u8,
+    /// A [`Level`] (rmap events).
+    pub level: u8,
+    /// A [`FolioKind`]; 0 if unknown (a write fault on the zero page).
+    pub kind: u8,
+    /// Folio order.
+    pub order: u8,
+    /// A [`WriteFaultOutcome`] (write-fault events).
+    pub outcome: u8,
+    /// The kernel's own "maybe mapped shared" bit of a large folio
+    /// (`_mm_ids` bit 63, 6.15+): a [`shared_hint`] value.
+    pub shared_hint: u8,
+    /// [`event_flags`] bits.
+    pub flags: u8,
     /// Opaque folio identity. Never exported: it is a kernel address.
     pub folio: u64,
     /// Opaque address-space identity (`vma->vm_mm`). Never exported.
     pub mm: u64,
+    /// Opaque VMA identity, to carry mappings to a child at fork. Never exported.
+    pub vma: u64,
     /// `bpf_ktime_get_ns()` at the event.
     pub timestamp_ns: u64,
     pub tgid: u32,
@@ -104,29 +146,22 @@ pub struct Event {
     pub pincount: i32,
     /// Write faults: time from `do_wp_page` entry to return.
     pub duration_ns: u32,
-    /// An [`EventType`].
-    pub event_type: u8,
-    /// An [`RmapOp`] (rmap events).
-    pub op: u8,
-    /// A [`Level`] (rmap events).
-    pub level: u8,
-    /// A [`FolioKind`]; for write faults the kind of the faulting folio, 0 if unknown.
-    pub kind: u8,
-    /// Folio order; for write faults the order of the faulting folio.
-    pub order: u8,
-    /// A [`WriteFaultOutcome`] (write-fault events).
-    pub outcome: u8,
-    /// The kernel's own "maybe mapped shared" bit of a large folio
-    /// (`_mm_ids` bit 63, 6.15+): a [`SharedHint`].
-    pub shared_hint: u8,
-    pub _pad: [u8; 1],
 }
 
 impl Event {
-    /// An all-zero event for the kernel side to fill in.
+    /// An event for the kernel side to fill in.
     pub const ZERO: Event = Event {
+        event_type: 0,
+        op: 0,
+        level: 0,
+        kind: 0,
+        order: 0,
+        outcome: 0,
+        shared_hint: 0,
+        flags: 0,
         folio: 0,
         mm: 0,
+        vma: 0,
         timestamp_ns: 0,
         tgid: 0,
         nr_pages: 0,
@@ -136,23 +171,59 @@ impl Event {
         nr_pages_mapped: FIELD_ABSENT,
         pincount: FIELD_ABSENT,
         duration_ns: 0,
-        event_type: 0,
-        op: 0,
-        level: 0,
-        kind: 0,
-        order: 0,
-        outcome: 0,
-        shared_hint: 0,
-        _pad: [0; 1],
     };
 }
 
-/// Values of [`Event::shared_hint`].
-pub mod shared_hint {
-    /// The kernel keeps no such bit (before 6.15), or the folio is small.
-    pub const UNKNOWN: u8 = 0;
-    pub const EXCLUSIVE: u8 = 1;
-    pub const MAYBE_SHARED: u8 = 2;
+/// Fork copying one VMA: `copy_page_range(dst_vma, src_vma)`. The kernel
+/// duplicates the source's page-table entries inline, with no rmap call a
+/// probe could see; the daemon carries the source's mappings to the child.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkEvent {
+    /// [`EventType::Fork`].
+    pub event_type: u8,
+    /// 1 when the kernel copies the entries (`vma_needs_copy`: the source
+    /// has an anon_vma, or is PFNMAP/MIXEDMAP/hugetlb); 0 when the child
+    /// will fault them in itself.
+    pub copies: u8,
+    pub _pad: [u8; 6],
+    pub src_mm: u64,
+    pub src_vma: u64,
+    pub dst_mm: u64,
+    pub dst_vma: u64,
+    pub timestamp_ns: u64,
+    pub tgid: u32,
+    pub _pad2: u32,
+}
+
+/// VMA classes of [`SourceEvent::vma_class`].
+pub mod vma_class {
+    pub const MIXEDMAP: u8 = 1;
+    pub const PFNMAP: u8 = 2;
+    pub const OTHER: u8 = 3;
+}
+
+/// Length of the names in [`SourceEvent`].
+pub const SOURCE_NAME_LEN: usize = 28;
+
+/// Where a page without a mapping was mapped: sent with each rmap add of a
+/// [`FolioKind::NoMapping`] folio. Names are raw kernel strings, possibly
+/// unterminated; the daemon bounds what it exports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceEvent {
+    /// [`EventType::Source`].
+    pub event_type: u8,
+    /// A [`vma_class`] value.
+    pub vma_class: u8,
+    /// An [`RmapOp`].
+    pub op: u8,
+    pub _pad: [u8; 1],
+    pub nr_pages: u32,
+    /// `vma->vm_file->f_inode->i_sb->s_type->name` ("sockfs", "anon_inodefs", ...).
+    pub fs_type: [u8; SOURCE_NAME_LEN],
+    /// `vma->vm_file->f_path.dentry->d_name` ("bpf-map", "[io_uring]", "", ...).
+    pub name: [u8; SOURCE_NAME_LEN],
 }
 
 /// Slots of the per-CPU `DROPS` array: events the kernel side could not deliver.
@@ -194,7 +265,18 @@ pub struct KernelLayout {
     pub page_compound_head: u32,
     /// `struct folio` → `_mm_ids` (6.15+; bit 63: maybe mapped shared).
     pub folio_mm_ids: u32,
-    pub _reserved: u32,
+    pub pg_swapcache_bit: u32,
+    pub vma_anon_vma: u32,
+    pub vma_file: u32,
+    pub task_mm: u32,
+    /// `struct file` → `f_path.dentry` (two offsets added).
+    pub file_dentry: u32,
+    /// `struct dentry` → `d_name.name`.
+    pub dentry_name: u32,
+    pub file_inode: u32,
+    pub inode_sb: u32,
+    pub sb_type: u32,
+    pub fs_type_name: u32,
 }
 
 impl KernelLayout {
@@ -216,18 +298,35 @@ impl KernelLayout {
         vmf_page: OFFSET_ABSENT,
         page_compound_head: OFFSET_ABSENT,
         folio_mm_ids: OFFSET_ABSENT,
-        _reserved: 0,
+        pg_swapcache_bit: OFFSET_ABSENT,
+        vma_anon_vma: OFFSET_ABSENT,
+        vma_file: OFFSET_ABSENT,
+        task_mm: OFFSET_ABSENT,
+        file_dentry: OFFSET_ABSENT,
+        dentry_name: OFFSET_ABSENT,
+        file_inode: OFFSET_ABSENT,
+        inode_sb: OFFSET_ABSENT,
+        sb_type: OFFSET_ABSENT,
+        fs_type_name: OFFSET_ABSENT,
     };
 }
 
-/// `VM_SHARED | VM_MAYSHARE`: stable across every supported kernel (include/linux/mm.h).
-pub const VM_SHARED_OR_MAYSHARE: u64 = 0x08 | 0x80;
+/// VMA flag bits, stable across every supported kernel (include/linux/mm.h).
+pub mod vm_flags {
+    pub const SHARED: u64 = 0x08;
+    pub const MAYSHARE: u64 = 0x80;
+    pub const PFNMAP: u64 = 0x400;
+    pub const HUGETLB: u64 = 0x40_0000;
+    pub const MIXEDMAP: u64 = 0x1000_0000;
+}
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), contain only integers and have no implicit padding
     // (checked by the size tests), so every byte pattern is a valid value.
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::SourceEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
 
@@ -238,13 +337,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn event_has_no_hidden_padding() {
-        assert_eq!(size_of::<Event>(), 3 * 8 + 8 * 4 + 7 + 1);
-        assert_eq!(size_of::<Event>(), 64);
+    fn events_have_no_hidden_padding() {
+        assert_eq!(size_of::<Event>(), 8 + 4 * 8 + 8 * 4);
+        assert_eq!(size_of::<ForkEvent>(), 8 + 5 * 8 + 2 * 4);
+        assert_eq!(size_of::<SourceEvent>(), 4 + 4 + 2 * SOURCE_NAME_LEN);
     }
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 18 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 27 * 4);
+    }
+
+    /// The decoder tells records apart by size as well as by type byte.
+    #[test]
+    fn record_sizes_differ() {
+        let sizes = [size_of::<Event>(), size_of::<ForkEvent>(), size_of::<SourceEvent>()];
+        assert!(sizes[0] != sizes[1] && sizes[1] != sizes[2] && sizes[0] != sizes[2]);
     }
 }

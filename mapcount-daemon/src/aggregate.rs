@@ -1,8 +1,15 @@
 //! Events to metrics. Pure: no kernel, no I/O, so it is tested with
 //! synthetic event streams.
 
+use std::{collections::HashMap, sync::Arc};
+
+use mapcount_common::{
+    Event, FIELD_ABSENT, FolioKind, RmapOp, WriteFaultOutcome, event_flags, shared_hint, vma_class,
+};
+
 use crate::{
     decode::{Decoded, kind_label, level_label, op_label, outcome_label},
+    folios::{FolioTable, RmapCall},
     metrics::Metrics,
 };
 
@@ -16,30 +23,254 @@ fn order_label(order: u8) -> &'static str {
     ORDER_LABELS.get(order as usize).copied().unwrap_or("other")
 }
 
-pub struct Aggregator<'m> {
-    metrics: &'m Metrics,
+/// Distinct `source` label values before the rest become "other".
+pub const MAX_SOURCES: usize = 32;
+
+/// 2^31: the refcount (an `atomic_t`) overflows past it.
+const REFCOUNT_LIMIT: f64 = 2147483648.0;
+
+pub struct Aggregator {
+    metrics: Arc<Metrics>,
+    table: FolioTable,
+    /// Highest refcount seen per (kind, order) over the daemon's life.
+    refcount_max: HashMap<(FolioKind, u8), i32>,
+    sources: Vec<String>,
 }
 
-impl<'m> Aggregator<'m> {
-    pub fn new(metrics: &'m Metrics) -> Self {
-        Self { metrics }
+/// `folio_mapcount()` from the raw counters, where the kernel keeps one.
+fn kernel_mapcount(raw: &Event) -> Option<u64> {
+    if raw.mapcount == FIELD_ABSENT {
+        return None;
+    }
+    // Stored minus one. A small folio's `_mapcount` below -1 is a page type
+    // (PageType), not a count.
+    u64::try_from(i64::from(raw.mapcount) + 1).ok()
+}
+
+impl Aggregator {
+    pub fn new(metrics: Arc<Metrics>, table_capacity: usize) -> Self {
+        Self {
+            metrics,
+            table: FolioTable::new(table_capacity),
+            refcount_max: HashMap::new(),
+            sources: Vec::new(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn table(&self) -> &FolioTable {
+        &self.table
     }
 
     pub fn apply(&mut self, event: &Decoded) {
-        let m = self.metrics;
+        let metrics = Arc::clone(&self.metrics);
+        let m = &*metrics;
         match *event {
             Decoded::Rmap { op, level, kind, raw } => {
                 m.events.with_label_values(&["rmap"]).inc();
                 let labels = [op_label(op), level_label(level), kind_label(kind), order_label(raw.order)];
                 m.rmap_calls.with_label_values(&labels).inc();
                 m.rmap_pages.with_label_values(&labels).inc_by(u64::from(raw.nr_pages));
+                if raw.flags & event_flags::OWN_MM != 0 {
+                    self.table.note_owner(raw.mm, raw.tgid);
+                }
+                if raw.refcount != FIELD_ABSENT {
+                    let max = self.refcount_max.entry((kind, raw.order)).or_insert(0);
+                    *max = (*max).max(raw.refcount);
+                }
+                let applied = self.table.apply(&RmapCall {
+                    folio: raw.folio,
+                    mm: raw.mm,
+                    vma: raw.vma,
+                    op,
+                    level,
+                    nr_pages: raw.nr_pages,
+                    kind,
+                    order: raw.order,
+                    kernel_mapcount: kernel_mapcount(&raw),
+                    refcount: raw.refcount,
+                    pincount: (raw.pincount != FIELD_ABSENT).then_some(raw.pincount),
+                    shared_hint: raw.shared_hint,
+                });
+                if applied.disagreement {
+                    m.disagreements.with_label_values(&[kind_label(kind)]).inc();
+                }
+                if applied.evicted {
+                    m.table_evictions.inc();
+                }
+                if let Some(retired) = applied.retired {
+                    let kind = kind_label(retired.kind);
+                    m.sharers.with_label_values(&[kind]).observe(f64::from(retired.peak_sharers));
+                    m.peak_mapcount
+                        .with_label_values(&[kind, order_label(retired.order)])
+                        .observe(retired.peak_mapcount as f64);
+                    if retired.ever_partially_mapped {
+                        m.partial_lifetimes.with_label_values(&[kind, order_label(retired.order)]).inc();
+                    }
+                }
             }
-            Decoded::WriteFault { outcome, raw, .. } => {
+            Decoded::WriteFault { outcome, kind, raw } => {
                 m.events.with_label_values(&["write_fault"]).inc();
-                m.write_faults.with_label_values(&[outcome_label(outcome)]).inc();
+                let kind_name = kind.map_or("none", kind_label);
+                let order = if kind.is_some() { order_label(raw.order) } else { "0" };
+                m.write_faults.with_label_values(&[outcome_label(outcome), kind_name, order]).inc();
                 m.write_fault_duration.observe(f64::from(raw.duration_ns) * 1e-9);
+                if outcome == WriteFaultOutcome::Copy {
+                    m.copy_reasons.with_label_values(&[copy_reason(kind, &raw)]).inc();
+                }
+                if let Some(state) = self.table.get_mut(raw.folio) {
+                    match outcome {
+                        WriteFaultOutcome::Copy => state.cow_copies += 1,
+                        WriteFaultOutcome::Reuse => state.cow_reuses += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Decoded::Fork(fork) => {
+                m.events.with_label_values(&["fork"]).inc();
+                m.forks.inc();
+                let copies = fork.copies != 0;
+                m.fork_vmas.with_label_values(&[if copies { "copied" } else { "lazy" }]).inc();
+                if copies {
+                    self.table.fork(fork.src_mm, fork.src_vma, fork.dst_mm, fork.dst_vma);
+                }
+            }
+            Decoded::Source { op, raw } => {
+                m.events.with_label_values(&["source"]).inc();
+                if op != RmapOp::Remove {
+                    let vma = match raw.vma_class {
+                        vma_class::MIXEDMAP => "mixedmap",
+                        vma_class::PFNMAP => "pfnmap",
+                        _ => "other",
+                    };
+                    let source = self.source_label(&raw.fs_type, &raw.name);
+                    m.nomapping_pages.with_label_values(&[vma, &source]).inc_by(u64::from(raw.nr_pages));
+                }
             }
         }
+    }
+
+    /// A short, bounded name for what was mapped: the dentry name with
+    /// digits dropped ("socket:[123]" and "renderD128" do not multiply),
+    /// else the file system type; at most [`MAX_SOURCES`] distinct values.
+    fn source_label(&mut self, fs_type: &[u8], name: &[u8]) -> String {
+        let text = |bytes: &[u8]| -> String {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            String::from_utf8_lossy(&bytes[..end])
+                .chars()
+                .filter(|c| !c.is_ascii_digit() && (c.is_ascii_graphic() || *c == ' '))
+                .collect()
+        };
+        let name = text(name);
+        let fs_type = text(fs_type);
+        let label = match (name.is_empty(), fs_type.is_empty()) {
+            (false, _) => name,
+            (true, false) => fs_type,
+            (true, true) => "other".to_owned(),
+        };
+        if self.sources.contains(&label) {
+            return label;
+        }
+        if self.sources.len() < MAX_SOURCES {
+            self.sources.push(label.clone());
+            return label;
+        }
+        "other".to_owned()
+    }
+
+    /// Sets the gauges that summarise the folio table; called before each
+    /// scrape, so they describe the table as it is now.
+    pub fn refresh_gauges(&self) {
+        let m = &*self.metrics;
+        for g in [&m.folios, &m.partially_mapped, &m.shared, &m.maybe_shared_bit, &m.refcount_max] {
+            g.reset();
+        }
+        let mut worst: Option<(i32, usize)> = None;
+        for f in self.table.iter() {
+            let labels = [kind_label(f.kind), order_label(f.order)];
+            m.folios.with_label_values(&labels).inc();
+            if f.partially_mapped() {
+                m.partially_mapped.with_label_values(&labels).inc();
+            }
+            if f.sharers() >= 2 {
+                m.shared.with_label_values(&labels).inc();
+            }
+            if f.shared_hint == shared_hint::MAYBE_SHARED {
+                m.maybe_shared_bit.with_label_values(&labels).inc();
+            }
+            if worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
+                worst = Some((f.peak_refcount, f.vmas()));
+            }
+        }
+        let mut highest = 0;
+        for (&(kind, order), &max) in &self.refcount_max {
+            m.refcount_max.with_label_values(&[kind_label(kind), order_label(order)]).set(i64::from(max));
+            highest = highest.max(max);
+        }
+        m.headroom_ratio.set(f64::from(highest) / REFCOUNT_LIMIT);
+        let vmas_left = match worst {
+            Some((refcount, vmas)) if refcount > 0 && vmas > 0 => {
+                let per_vma = f64::from(refcount) / vmas as f64;
+                ((REFCOUNT_LIMIT - f64::from(refcount)) / per_vma).max(0.0)
+            }
+            _ => f64::INFINITY,
+        };
+        m.headroom_vmas.set(vmas_left);
+        m.table_entries.set(self.table.len() as i64);
+    }
+
+    /// Text for the debug view: the folios one process maps, by serial.
+    pub fn describe_tgid(&self, tgid: u32) -> String {
+        let mut out = String::from(
+            "# serial kind order sharers mapcount ptes pmds partial ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses\n",
+        );
+        for f in self.table.mapped_by_tgid(tgid) {
+            let ptes: u64 = f.mappings.iter().map(|m| u64::from(m.ptes)).sum();
+            let pmds: u64 = f.mappings.iter().map(|m| u64::from(m.pmds)).sum();
+            out.push_str(&format!(
+                "{} {} {} {} {} {} {} {} {} {} {} {} {} {}\n",
+                f.serial,
+                kind_label(f.kind),
+                f.order,
+                f.sharers(),
+                f.mapcount(),
+                ptes,
+                pmds,
+                u8::from(f.partially_mapped()),
+                u8::from(f.ever_partially_mapped),
+                f.peak_sharers,
+                f.peak_mapcount,
+                f.peak_refcount,
+                f.cow_copies,
+                f.cow_reuses
+            ));
+        }
+        out
+    }
+}
+
+/// Why a write fault copied, from the old folio's state at the fault's return.
+fn copy_reason(kind: Option<FolioKind>, raw: &Event) -> &'static str {
+    if kind == Some(FolioKind::Ksm) {
+        return "ksm";
+    }
+    if raw.flags & event_flags::SWAPCACHE != 0 {
+        return "swapcache";
+    }
+    if raw.order > 0 {
+        return match raw.shared_hint {
+            shared_hint::MAYBE_SHARED => "shared",
+            shared_hint::EXCLUSIVE => "extra_references",
+            _ => "large_folio",
+        };
+    }
+    // The faulting task's mapping is gone by now: any left belong to others.
+    match kernel_mapcount(raw) {
+        Some(n) if n >= 1 => "mapped_elsewhere",
+        _ => "extra_references",
     }
 }
 
@@ -75,8 +306,8 @@ mod tests {
 
     #[test]
     fn counts_calls_and_pages_per_label_set() {
-        let metrics = Metrics::new();
-        let mut agg = Aggregator::new(&metrics);
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(Arc::clone(&metrics), 1024);
         for _ in 0..3 {
             agg.apply(&rmap(RmapOp::Add, Level::Pte, FolioKind::File, 0, 16));
         }
@@ -94,21 +325,21 @@ mod tests {
 
     #[test]
     fn counts_write_faults_by_outcome_with_durations() {
-        let metrics = Metrics::new();
-        let mut agg = Aggregator::new(&metrics);
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(Arc::clone(&metrics), 1024);
         agg.apply(&write_fault(WriteFaultOutcome::Copy, 2_000));
         agg.apply(&write_fault(WriteFaultOutcome::Copy, 3_000));
         agg.apply(&write_fault(WriteFaultOutcome::Reuse, 1_000));
-        assert_eq!(metrics.write_faults.with_label_values(&["copy"]).get(), 2);
-        assert_eq!(metrics.write_faults.with_label_values(&["reuse"]).get(), 1);
+        assert_eq!(metrics.write_faults.with_label_values(&["copy", "none", "0"]).get(), 2);
+        assert_eq!(metrics.write_faults.with_label_values(&["reuse", "none", "0"]).get(), 1);
         assert_eq!(metrics.write_fault_duration.get_sample_count(), 3);
         assert!((metrics.write_fault_duration.get_sample_sum() - 6e-6).abs() < 1e-12);
     }
 
     #[test]
     fn rendered_text_has_help_and_no_addresses() {
-        let metrics = Metrics::new();
-        let mut agg = Aggregator::new(&metrics);
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(Arc::clone(&metrics), 1024);
         let mut event = Event {
             event_type: EventType::Rmap as u8,
             op: RmapOp::Add as u8,
@@ -120,9 +351,44 @@ mod tests {
         event.folio = 0xffff_8880_1234_5678;
         event.mm = 0xffff_8880_8765_4321;
         agg.apply(&decode(&encode(&event)).unwrap());
+        agg.refresh_gauges();
         let text = metrics.render();
         assert!(text.contains("# HELP mapcount_rmap_calls_total"));
         assert!(text.contains(r#"mapcount_rmap_calls_total{kind="anon",level="pte",op="add",order="0"} 1"#));
         assert!(!text.contains("ffff8880") && !text.contains("18446612"), "kernel address leaked");
+    }
+
+    /// Driver-page sources: digits dropped, capped, never unbounded.
+    #[test]
+    fn source_labels_are_bounded() {
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(Arc::clone(&metrics), 16);
+        let name = |s: &str| {
+            let mut out = [0u8; mapcount_common::SOURCE_NAME_LEN];
+            out[..s.len()].copy_from_slice(s.as_bytes());
+            out
+        };
+        assert_eq!(agg.source_label(&name("sockfs"), &name("")), "sockfs");
+        assert_eq!(agg.source_label(&name("devtmpfs"), &name("renderD128")), "renderD");
+        for i in 0..100u8 {
+            let distinct = format!("dev{}{}", (b'a' + i % 26) as char, (b'a' + i / 26) as char);
+            agg.source_label(&name("x"), &name(&distinct));
+        }
+        assert!(agg.sources.len() <= MAX_SOURCES);
+        assert_eq!(agg.source_label(&name("x"), &name("never-seen-before")), "other");
+    }
+
+    /// The copy reason comes from the old folio's state at return.
+    #[test]
+    fn copy_reasons() {
+        let small = |mapcount: i32, flags: u8| Event { mapcount, flags, ..Event::ZERO };
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &small(0, 0)), "mapped_elsewhere");
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &small(-1, 0)), "extra_references");
+        assert_eq!(copy_reason(Some(FolioKind::Ksm), &small(5, 0)), "ksm");
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &small(-1, event_flags::SWAPCACHE)), "swapcache");
+        let large = |hint: u8| Event { order: 4, shared_hint: hint, ..Event::ZERO };
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &large(shared_hint::UNKNOWN)), "large_folio");
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &large(shared_hint::MAYBE_SHARED)), "shared");
+        assert_eq!(copy_reason(Some(FolioKind::Anon), &large(shared_hint::EXCLUSIVE)), "extra_references");
     }
 }

@@ -1,43 +1,72 @@
 //! Ring-buffer records to typed events.
 
-use mapcount_common::{Event, EventType, FolioKind, Level, RmapOp, WriteFaultOutcome};
+use mapcount_common::{
+    Event, EventType, FolioKind, ForkEvent, Level, RmapOp, SourceEvent, WriteFaultOutcome, vma_class,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("record of {0} bytes, expected {size}", size = size_of::<Event>())]
-    WrongSize(usize),
+    #[error("empty record")]
+    Empty,
+    #[error("record of type {event_type} has {len} bytes, expected {expected}")]
+    WrongSize { event_type: u8, len: usize, expected: usize },
     #[error("unknown event type {0}")]
     UnknownType(u8),
     #[error("unknown {field} value {value}")]
     BadField { field: &'static str, value: u8 },
 }
 
-/// A checked view of one [`Event`].
+/// A checked view of one ring-buffer record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decoded {
     Rmap { op: RmapOp, level: Level, kind: FolioKind, raw: Event },
     WriteFault { outcome: WriteFaultOutcome, kind: Option<FolioKind>, raw: Event },
+    Fork(ForkEvent),
+    Source { op: RmapOp, raw: SourceEvent },
+}
+
+/// Reads a plain-integer record of exactly `size_of::<T>()` bytes.
+fn read_record<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() != size_of::<T>() {
+        return Err(DecodeError::WrongSize {
+            event_type: bytes[0],
+            len: bytes.len(),
+            expected: size_of::<T>(),
+        });
+    }
+    // SAFETY: the length is checked and T is plain integers (aya::Pod), so
+    // any bytes form a valid value; the record may be unaligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
-    if bytes.len() != size_of::<Event>() {
-        return Err(DecodeError::WrongSize(bytes.len()));
-    }
-    // SAFETY: the length is checked and Event is plain integers (aya::Pod),
-    // so any bytes form a valid value; the record may be unaligned.
-    let raw: Event = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    match raw.event_type {
-        t if t == EventType::Rmap as u8 => Ok(Decoded::Rmap {
-            op: rmap_op(raw.op)?,
-            level: level(raw.level)?,
-            kind: folio_kind(raw.kind)?,
-            raw,
-        }),
-        t if t == EventType::WriteFault as u8 => Ok(Decoded::WriteFault {
-            outcome: outcome(raw.outcome)?,
-            kind: if raw.kind == 0 { None } else { Some(folio_kind(raw.kind)?) },
-            raw,
-        }),
+    let &event_type = bytes.first().ok_or(DecodeError::Empty)?;
+    match event_type {
+        t if t == EventType::Rmap as u8 => {
+            let raw: Event = read_record(bytes)?;
+            Ok(Decoded::Rmap {
+                op: rmap_op(raw.op)?,
+                level: level(raw.level)?,
+                kind: folio_kind(raw.kind)?,
+                raw,
+            })
+        }
+        t if t == EventType::WriteFault as u8 => {
+            let raw: Event = read_record(bytes)?;
+            Ok(Decoded::WriteFault {
+                outcome: outcome(raw.outcome)?,
+                kind: if raw.kind == 0 { None } else { Some(folio_kind(raw.kind)?) },
+                raw,
+            })
+        }
+        t if t == EventType::Fork as u8 => Ok(Decoded::Fork(read_record(bytes)?)),
+        t if t == EventType::Source as u8 => {
+            let raw: SourceEvent = read_record(bytes)?;
+            if !(vma_class::MIXEDMAP..=vma_class::OTHER).contains(&raw.vma_class) {
+                return Err(DecodeError::BadField { field: "vma_class", value: raw.vma_class });
+            }
+            Ok(Decoded::Source { op: rmap_op(raw.op)?, raw })
+        }
         other => Err(DecodeError::UnknownType(other)),
     }
 }
@@ -122,10 +151,10 @@ pub fn outcome_label(outcome: WriteFaultOutcome) -> &'static str {
     }
 }
 
-/// The bytes of an event as the kernel writes them (for tests and record files).
-pub fn encode(event: &Event) -> [u8; size_of::<Event>()] {
-    // SAFETY: Event is repr(C) plain integers without padding.
-    unsafe { std::mem::transmute_copy(event) }
+/// The bytes of a record as the kernel writes it (for tests and synthetic streams).
+pub fn encode<T: aya::Pod>(record: &T) -> Vec<u8> {
+    // SAFETY: T is repr(C) plain integers without padding (aya::Pod).
+    unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
 #[cfg(test)]
@@ -157,13 +186,35 @@ mod tests {
     #[test]
     fn rejects_short_records_and_unknown_values() {
         let bytes = encode(&rmap_event());
-        assert_eq!(decode(&bytes[..63]), Err(DecodeError::WrongSize(63)));
+        assert_eq!(
+            decode(&bytes[..63]),
+            Err(DecodeError::WrongSize { event_type: 1, len: 63, expected: 72 })
+        );
+        assert_eq!(decode(&[]), Err(DecodeError::Empty));
         let mut bad = rmap_event();
         bad.kind = 9;
         assert_eq!(decode(&encode(&bad)), Err(DecodeError::BadField { field: "kind", value: 9 }));
         bad = rmap_event();
         bad.event_type = 0;
         assert_eq!(decode(&encode(&bad)), Err(DecodeError::UnknownType(0)));
+        // A fork record cut short, and an rmap record with the fork type byte.
+        let fork = ForkEvent {
+            event_type: EventType::Fork as u8,
+            copies: 1,
+            _pad: [0; 6],
+            src_mm: 1,
+            src_vma: 2,
+            dst_mm: 3,
+            dst_vma: 4,
+            timestamp_ns: 5,
+            tgid: 6,
+            _pad2: 0,
+        };
+        assert_eq!(decode(&encode(&fork)), Ok(Decoded::Fork(fork)));
+        assert!(matches!(decode(&encode(&fork)[..40]), Err(DecodeError::WrongSize { .. })));
+        let mut mislabelled = encode(&rmap_event());
+        mislabelled[0] = EventType::Fork as u8;
+        assert!(matches!(decode(&mislabelled), Err(DecodeError::WrongSize { expected: 56, .. })));
     }
 
     #[test]

@@ -1,16 +1,20 @@
 //! The HTTP endpoint: `/metrics`, health and readiness, a landing page.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::aggregate::Aggregator;
 
 pub struct HttpState {
-    pub metrics: Arc<Metrics>,
+    pub aggregator: Arc<Mutex<Aggregator>>,
     pub telemetry_path: String,
 }
 
@@ -56,7 +60,23 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
 fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == state.telemetry_path {
-        return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", state.metrics.render());
+        let body = {
+            let aggregator = state.aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            aggregator.refresh_gauges();
+            aggregator.metrics().render()
+        };
+        return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body);
+    }
+    if path == "/debug/folios" {
+        // The folios one process maps, for tests and for looking closer.
+        // Folios are named by the daemon's serial number, never an address.
+        let tgid =
+            request.uri().query().and_then(|q| q.strip_prefix("tgid=")).and_then(|t| t.parse::<u32>().ok());
+        let Some(tgid) = tgid else {
+            return text(StatusCode::BAD_REQUEST, "text/plain", "usage: /debug/folios?tgid=N\n".to_owned());
+        };
+        let aggregator = state.aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        return text(StatusCode::OK, "text/plain", aggregator.describe_tgid(tgid));
     }
     match path {
         "/-/healthy" | "/-/ready" => text(StatusCode::OK, "text/plain", "OK\n".to_owned()),

@@ -1,6 +1,8 @@
 //! Loading the object and draining its ring buffers.
 
 use std::{
+    fs::File,
+    io::BufWriter,
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex},
 };
@@ -12,7 +14,7 @@ use aya::{
 use mapcount_common::{KernelLayout, drop_slot};
 use tokio::io::unix::AsyncFd;
 
-use crate::{aggregate::Aggregator, decode::decode, metrics::Metrics};
+use crate::{aggregate::Aggregator, decode::decode, record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -33,6 +35,8 @@ pub enum IngestError {
     Log(#[from] aya_log::Error),
     #[error("polling the ring buffer: {0}")]
     Poll(#[from] std::io::Error),
+    #[error("writing the record file: {0}")]
+    Record(#[source] std::io::Error),
 }
 
 fn permission_hint(error: &aya::EbpfError) -> &'static str {
@@ -87,22 +91,49 @@ fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, IngestError
         .map_err(|e| IngestError::Poll(e.into_parts().1))
 }
 
+/// What the ingest loop feeds.
+pub struct Sink {
+    pub aggregator: Arc<Mutex<Aggregator>>,
+    /// Raw records for `mapcountd replay`, when recording.
+    pub record: Option<record::Writer<BufWriter<File>>>,
+}
+
+impl Sink {
+    /// Decodes and aggregates one record (and records it).
+    pub fn take(&mut self, aggregator: &mut Aggregator, bytes: &[u8]) -> Result<(), IngestError> {
+        if let Some(writer) = &mut self.record {
+            writer.write(bytes).map_err(IngestError::Record)?;
+        }
+        match decode(bytes) {
+            Ok(event) => aggregator.apply(&event),
+            Err(e) => {
+                aggregator.metrics().events_undecodable.inc();
+                tracing::warn!(error = %e, "undecodable ring-buffer record");
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything that is in the ring buffer now.
+    pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), IngestError> {
+        let aggregator = Arc::clone(&self.aggregator);
+        let mut aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while let Some(record) = ring.next() {
+            self.take(&mut aggregator, &record)?;
+        }
+        if let Some(writer) = &mut self.record {
+            writer.flush().map_err(IngestError::Record)?;
+        }
+        Ok(())
+    }
+}
+
 /// Drains the ring buffer for as long as the daemon runs.
-pub async fn run(mut events: AsyncFd<RingBuf<MapData>>, metrics: Arc<Metrics>) -> Result<(), IngestError> {
-    let mut aggregator = Aggregator::new(&metrics);
+pub async fn run(events: &mut AsyncFd<RingBuf<MapData>>, sink: &mut Sink) -> Result<(), IngestError> {
     tracing::debug!(fd = events.get_ref().as_raw_fd(), "draining the event ring buffer");
     loop {
         let mut guard = events.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
-            match decode(&record) {
-                Ok(event) => aggregator.apply(&event),
-                Err(e) => {
-                    metrics.events_undecodable.inc();
-                    tracing::warn!(error = %e, "undecodable ring-buffer record");
-                }
-            }
-        }
+        sink.drain(guard.get_inner_mut())?;
         guard.clear_ready();
     }
 }

@@ -40,6 +40,9 @@ struct FieldSpec {
     candidates: &'static [&'static str],
     need: Need,
     set: fn(&mut KernelLayout, u32),
+    /// A second hop inside an embedded struct (`file.f_path` then
+    /// `path.dentry`): its offset is added.
+    then: Option<(&'static str, &'static str)>,
 }
 
 const FIELDS: &[FieldSpec] = &[
@@ -49,6 +52,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["flags"],
         need: Need::Required,
         set: |l, v| l.folio_flags = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio.mapping",
@@ -56,6 +60,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["mapping"],
         need: Need::Required,
         set: |l, v| l.folio_mapping = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._mapcount",
@@ -63,6 +68,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_mapcount"],
         need: Need::Required,
         set: |l, v| l.folio_mapcount = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._refcount",
@@ -70,6 +76,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_refcount"],
         need: Need::Required,
         set: |l, v| l.folio_refcount = v,
+        then: None,
     },
     // 6.1-6.7: a u8 of its own (6.1 also has a _flags_1 that is not the
     // order, so _folio_order is tried first); 6.8+: the low byte of _flags_1.
@@ -79,6 +86,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_folio_order", "_flags_1"],
         need: Need::Required,
         set: |l, v| l.folio_order = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._large_mapcount",
@@ -86,6 +94,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_large_mapcount"],
         need: Need::Optional,
         set: |l, v| l.folio_large_mapcount = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._entire_mapcount",
@@ -94,6 +103,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_entire_mapcount", "_total_mapcount"],
         need: Need::Optional,
         set: |l, v| l.folio_entire_mapcount = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._nr_pages_mapped",
@@ -101,6 +111,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_nr_pages_mapped"],
         need: Need::Optional,
         set: |l, v| l.folio_nr_pages_mapped = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._pincount",
@@ -108,6 +119,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_pincount"],
         need: Need::Optional,
         set: |l, v| l.folio_pincount = v,
+        then: None,
     },
     FieldSpec {
         slot: "vm_area_struct.vm_mm",
@@ -115,6 +127,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["vm_mm"],
         need: Need::Required,
         set: |l, v| l.vma_mm = v,
+        then: None,
     },
     FieldSpec {
         slot: "vm_area_struct.vm_flags",
@@ -122,6 +135,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["vm_flags", "__vm_flags"],
         need: Need::Required,
         set: |l, v| l.vma_flags = v,
+        then: None,
     },
     FieldSpec {
         slot: "vm_fault.vma",
@@ -129,6 +143,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["vma"],
         need: Need::Required,
         set: |l, v| l.vmf_vma = v,
+        then: None,
     },
     FieldSpec {
         slot: "vm_fault.page",
@@ -136,6 +151,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["page"],
         need: Need::Required,
         set: |l, v| l.vmf_page = v,
+        then: None,
     },
     FieldSpec {
         slot: "page.compound_head",
@@ -144,6 +160,7 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["compound_head", "compound_info"],
         need: Need::Required,
         set: |l, v| l.page_compound_head = v,
+        then: None,
     },
     FieldSpec {
         slot: "folio._mm_ids",
@@ -151,6 +168,79 @@ const FIELDS: &[FieldSpec] = &[
         candidates: &["_mm_ids"],
         need: Need::Optional,
         set: |l, v| l.folio_mm_ids = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.anon_vma",
+        strukt: "vm_area_struct",
+        candidates: &["anon_vma"],
+        need: Need::Required,
+        set: |l, v| l.vma_anon_vma = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_file",
+        strukt: "vm_area_struct",
+        candidates: &["vm_file"],
+        need: Need::Required,
+        set: |l, v| l.vma_file = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "task_struct.mm",
+        strukt: "task_struct",
+        candidates: &["mm"],
+        need: Need::Required,
+        set: |l, v| l.task_mm = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "file.f_path.dentry",
+        strukt: "file",
+        candidates: &["f_path"],
+        need: Need::Optional,
+        set: |l, v| l.file_dentry = v,
+        then: Some(("path", "dentry")),
+    },
+    FieldSpec {
+        slot: "dentry.d_name.name",
+        strukt: "dentry",
+        candidates: &["d_name"],
+        need: Need::Optional,
+        set: |l, v| l.dentry_name = v,
+        then: Some(("qstr", "name")),
+    },
+    FieldSpec {
+        slot: "file.f_inode",
+        strukt: "file",
+        candidates: &["f_inode"],
+        need: Need::Optional,
+        set: |l, v| l.file_inode = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "inode.i_sb",
+        strukt: "inode",
+        candidates: &["i_sb"],
+        need: Need::Optional,
+        set: |l, v| l.inode_sb = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "super_block.s_type",
+        strukt: "super_block",
+        candidates: &["s_type"],
+        need: Need::Optional,
+        set: |l, v| l.sb_type = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "file_system_type.name",
+        strukt: "file_system_type",
+        candidates: &["name"],
+        need: Need::Optional,
+        set: |l, v| l.fs_type_name = v,
+        then: None,
     },
 ];
 
@@ -164,6 +254,12 @@ pub fn consequence(slot: &str) -> &'static str {
         "folio._nr_pages_mapped" => "pages mapped by PTE of large folios (gone with CONFIG_NO_PAGE_MAPCOUNT)",
         "folio._pincount" => "pins of large folios",
         "folio._mm_ids" => "the kernel's own maybe-shared bit (6.15+)",
+        "file.f_path.dentry"
+        | "dentry.d_name.name"
+        | "file.f_inode"
+        | "inode.i_sb"
+        | "super_block.s_type"
+        | "file_system_type.name" => "source names of driver-mapped pages (source=\"other\")",
         _ => "",
     }
 }
@@ -202,6 +298,11 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
                 break;
             }
         }
+        if let (Some((member, offset)), Some((inner, inner_member))) = (found, spec.then) {
+            let inner_struct = find_struct(btf, inner)?.ok_or(LayoutError::MissingStruct(inner))?;
+            found =
+                member_bit_offset(btf, &inner_struct, inner_member)?.map(|bits| (member, offset + bits / 8));
+        }
         match found {
             Some((member, offset)) => {
                 (spec.set)(&mut layout, offset);
@@ -220,6 +321,12 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     }
     layout.pg_head_bit = enum_value(btf, "pageflags", "PG_head")?;
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
+    layout.pg_swapcache_bit = enum_value(btf, "pageflags", "PG_swapcache")?;
+    fields.push(ResolvedField {
+        slot: "pageflags.PG_swapcache (bit)",
+        member: Some("PG_swapcache"),
+        offset: Some(layout.pg_swapcache_bit),
+    });
     fields.push(ResolvedField {
         slot: "pageflags.PG_head (bit)",
         member: Some("PG_head"),
@@ -343,32 +450,21 @@ mod tests {
         for file in files {
             let resolved = resolve(&load_btf(&file).unwrap()).unwrap();
             let dump = bpftool::Dump::read(&file);
-            for field in &resolved.fields {
-                let expected = match field.slot.split_once(" (bit)") {
-                    Some((name, _)) => {
-                        let (enumeration, value) = name.split_once('.').unwrap();
-                        dump.enum_value(enumeration, value)
+            let row = |slot: &str| resolved.fields.iter().find(|f| f.slot == slot).unwrap().offset;
+            for spec in FIELDS {
+                let first = spec.candidates.iter().find_map(|m| dump.member_offset(spec.strukt, m));
+                let expected = match (first, spec.then) {
+                    (Some(offset), Some((inner, member))) => {
+                        dump.member_offset(inner, member).map(|o| offset + o)
                     }
-                    None => {
-                        let (strukt, _) = field.slot.split_once('.').unwrap();
-                        field.member.and_then(|m| dump.member_offset(strukt, m))
-                    }
+                    (first, _) => first,
                 };
-                assert_eq!(field.offset, expected, "{}: {}", file.display(), field.slot);
+                assert_eq!(row(spec.slot), expected, "{}: {}", file.display(), spec.slot);
             }
-            // An absent optional field must really be absent, not missed.
-            for spec in FIELDS.iter().filter(|s| s.need == Need::Optional) {
-                let resolved_row = resolved.fields.iter().find(|f| f.slot == spec.slot).unwrap();
-                if resolved_row.offset.is_none() {
-                    for candidate in spec.candidates {
-                        assert_eq!(
-                            dump.member_offset(spec.strukt, candidate),
-                            None,
-                            "{}: {candidate}",
-                            file.display()
-                        );
-                    }
-                }
+            for value in ["PG_head", "PG_swapbacked", "PG_swapcache"] {
+                let expected = dump.enum_value("pageflags", value);
+                assert!(expected.is_some(), "bpftool finds {value}");
+                assert_eq!(row(&format!("pageflags.{value} (bit)")), expected, "{}: {value}", file.display());
             }
             eprintln!("{}: {} fields agree with bpftool", file.display(), resolved.fields.len());
         }

@@ -2,16 +2,18 @@
 //!
 //! The modules follow the data: [`layout`] and [`probes`] prepare the
 //! kernel side, [`ingest`] drains the ring buffer, [`decode`] checks each
-//! record, [`aggregate`] turns events into [`metrics`], and [`http`] serves
-//! them.
+//! record, [`aggregate`] keeps the [`folios`] table and turns events into
+//! [`metrics`], and [`http`] serves them; [`record`] keeps the raw stream.
 
 pub mod aggregate;
 pub mod decode;
+pub mod folios;
 pub mod http;
 pub mod ingest;
 pub mod layout;
 pub mod metrics;
 pub mod probes;
+pub mod record;
 
 /// The eBPF object built by `build.rs` from `mapcount-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mapcount"));

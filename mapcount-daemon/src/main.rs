@@ -1,21 +1,25 @@
 //! `mapcountd`: the daemon and its command line.
 
 use std::{
-    io::IsTerminal as _,
+    fs::File,
+    io::{BufReader, BufWriter, IsTerminal as _},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mapcount_common::drop_slot;
 use mapcount_daemon::{
-    DEFAULT_LISTEN_ADDRESS, http, ingest,
+    DEFAULT_LISTEN_ADDRESS,
+    aggregate::Aggregator,
+    http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape},
     probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus},
+    record,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -44,6 +48,12 @@ enum Command {
         #[arg(long, conflicts_with = "btf")]
         load: bool,
     },
+    /// Aggregate a record file (written with --record) and print the metrics.
+    Replay {
+        file: PathBuf,
+        #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20)]
+        folio_table_size: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -60,6 +70,15 @@ struct RunArgs {
     /// How to attach: fentry/fexit where the kernel allows, else kprobes (auto), or only one kind.
     #[arg(long = "attach.mode", value_name = "MODE", value_enum, default_value_t = AttachMode::Auto)]
     attach_mode: AttachMode,
+    /// Most folios the table tracks; beyond it, entries are evicted (and counted).
+    #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20)]
+    folio_table_size: usize,
+    /// Also write the raw event stream to this file (for `mapcountd replay`).
+    #[arg(long = "record", value_name = "PATH")]
+    record: Option<PathBuf>,
+    /// At exit, after the last event, write the metrics to this file.
+    #[arg(long = "metrics.dump-on-exit", value_name = "PATH")]
+    dump_on_exit: Option<PathBuf>,
     /// Log filter, as in RUST_LOG (error, warn, info, debug, trace).
     #[arg(long = "log.level", value_name = "LEVEL", default_value = "info")]
     log_level: String,
@@ -88,6 +107,7 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Some(Command::Check { btf, load }) => check(btf, load),
+        Some(Command::Replay { file, folio_table_size }) => replay(&file, folio_table_size),
         None => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -170,30 +190,73 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &["ring_buffer_full", "task_state_full"],
         move || drops_for_scrape.read(),
     )))?;
-    let events = ingest::take_events(&mut ebpf)?;
+    let mut events = ingest::take_events(&mut ebpf)?;
 
-    let state =
-        Arc::new(http::HttpState { metrics: Arc::clone(&metrics), telemetry_path: args.telemetry_path });
+    let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), args.folio_table_size)));
+    let record = match &args.record {
+        Some(path) => {
+            let file = File::create(path)
+                .with_context(|| format!("cannot create record file {}", path.display()))?;
+            Some(record::Writer::new(BufWriter::new(file))?)
+        }
+        None => None,
+    };
+    let mut sink = ingest::Sink { aggregator: Arc::clone(&aggregator), record };
+
+    let state = Arc::new(http::HttpState {
+        aggregator: Arc::clone(&aggregator),
+        telemetry_path: args.telemetry_path,
+    });
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
-        result = ingest::run(events, Arc::clone(&metrics)) => result.map_err(anyhow::Error::from),
+        result = ingest::run(&mut events, &mut sink) => result.map_err(anyhow::Error::from),
         result = ingest::run_log(logger) => result.map_err(anyhow::Error::from),
         _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); Ok(()) }
     };
     server.abort();
+    // Detach first, then take what is still in the ring buffer: nothing
+    // that reached it is lost at shutdown.
+    let mut events = events.into_inner();
+    drop(ebpf);
+    sink.drain(&mut events)?;
+    if let Some(path) = &args.dump_on_exit {
+        let aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        aggregator.refresh_gauges();
+        std::fs::write(path, aggregator.metrics().render())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let lost = drops.read();
     tracing::info!(
         ring_buffer_full = lost[drop_slot::RING_BUFFER_FULL as usize],
         task_state_full = lost[drop_slot::TASK_STATE_FULL as usize],
         "events lost over the daemon's life"
     );
-    // Dropping the object detaches every link and unloads the programs.
-    drop(ebpf);
     outcome.map(|()| ExitCode::SUCCESS)
+}
+
+fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader =
+        record::Reader::new(BufReader::new(file)).with_context(|| format!("{}", path.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), folio_table_size);
+    let mut sink = ingest::Sink {
+        aggregator: Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))),
+        record: None,
+    };
+    let mut records = 0u64;
+    while let Some(bytes) = reader.next_record().with_context(|| format!("{}", path.display()))? {
+        sink.take(&mut aggregator, bytes)?;
+        records += 1;
+    }
+    aggregator.refresh_gauges();
+    print!("{}", metrics.render());
+    eprintln!("replayed {records} records from {}", path.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {

@@ -1,21 +1,42 @@
 //! The Prometheus registry and every metric the daemon exports.
 //!
-//! Labels are bounded: op, level, kind, order and outcome take a handful of
-//! values each; nothing carries a pid or an address.
+//! Labels are bounded: op, level, kind, order, outcome and reason take a
+//! handful of values each; `source` is capped (see `aggregate`). Nothing
+//! carries a pid or an address.
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
     core::{Collector, Desc},
     proto::MetricFamily,
 };
 
 pub struct Metrics {
     pub registry: Registry,
+    // Event counters.
     pub rmap_calls: IntCounterVec,
     pub rmap_pages: IntCounterVec,
     pub write_faults: IntCounterVec,
+    pub copy_reasons: IntCounterVec,
     pub write_fault_duration: Histogram,
+    pub forks: IntCounter,
+    pub fork_vmas: IntCounterVec,
+    pub nomapping_pages: IntCounterVec,
+    // Folio table.
+    pub folios: IntGaugeVec,
+    pub partially_mapped: IntGaugeVec,
+    pub shared: IntGaugeVec,
+    pub maybe_shared_bit: IntGaugeVec,
+    pub refcount_max: IntGaugeVec,
+    pub headroom_ratio: Gauge,
+    pub headroom_vmas: Gauge,
+    pub sharers: HistogramVec,
+    pub peak_mapcount: HistogramVec,
+    pub partial_lifetimes: IntCounterVec,
+    pub disagreements: IntCounterVec,
+    pub table_entries: IntGauge,
+    pub table_evictions: IntCounter,
+    // Daemon health.
     pub events: IntCounterVec,
     pub events_undecodable: IntCounter,
     pub probe_attached: IntGaugeVec,
@@ -28,82 +49,165 @@ fn must<T>(r: prometheus::Result<T>) -> T {
     r.expect("metric definitions are static and valid")
 }
 
+const KIND_ORDER: &[&str] = &["kind", "order"];
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = must(IntCounterVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = must(IntGaugeVec::new(Opts::new(name, help), labels));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
+            let h = must(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels));
+            must(registry.register(Box::new(h.clone())));
+            h
+        };
         let rmap_labels = &["op", "level", "kind", "order"];
-        let rmap_calls = must(IntCounterVec::new(
-            Opts::new(
-                "mapcount_rmap_calls_total",
-                "Calls of the rmap add/remove functions, by operation, page-table level, folio kind and folio order.",
-            ),
-            rmap_labels,
-        ));
-        let rmap_pages = must(IntCounterVec::new(
-            Opts::new(
-                "mapcount_rmap_pages_total",
-                "Pages mapped (add, add_new) or unmapped (remove) by rmap calls; a PMD mapping counts 512 pages.",
-            ),
-            rmap_labels,
-        ));
-        let write_faults = must(IntCounterVec::new(
-            Opts::new(
-                "mapcount_cow_faults_total",
-                "Write faults on present, write-protected PTEs (do_wp_page) by outcome: reuse, copy, copy_zero_page, shared, other.",
-            ),
-            &["outcome"],
-        ));
+        let counts = vec![1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 16.0, 64.0, 512.0, 4096.0];
+
         let write_fault_duration = must(Histogram::with_opts(
             HistogramOpts::new(
                 "mapcount_cow_fault_duration_seconds",
                 "Time from do_wp_page entry to return.",
             )
-            .buckets(prometheus::exponential_buckets(1e-6, 4.0, 10).expect("valid buckets")),
+            .buckets(must(prometheus::exponential_buckets(1e-6, 4.0, 10))),
         ));
-        let events = must(IntCounterVec::new(
-            Opts::new("mapcount_events_total", "Events received from the kernel, by type."),
-            &["type"],
+        must(registry.register(Box::new(write_fault_duration.clone())));
+        let single = |c: IntCounter| {
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let headroom_ratio = must(Gauge::new(
+            "mapcount_refcount_headroom_ratio",
+            "Highest folio refcount seen, divided by 2^31 (where the refcount overflows).",
         ));
-        let events_undecodable = must(IntCounter::new(
-            "mapcount_events_undecodable_total",
-            "Ring-buffer records that did not decode (wrong size or unknown values); should stay 0.",
+        let headroom_vmas = must(Gauge::new(
+            "mapcount_refcount_headroom_vmas",
+            "How many more VMAs mapping the live folio with the highest refcount, at its references per VMA, would reach 2^31.",
         ));
-        let probe_attached = must(IntGaugeVec::new(
-            Opts::new(
+        must(registry.register(Box::new(headroom_ratio.clone())));
+        must(registry.register(Box::new(headroom_vmas.clone())));
+        let table_entries =
+            must(IntGauge::new("mapcount_folio_table_entries", "Live folios in the daemon's table."));
+        must(registry.register(Box::new(table_entries.clone())));
+
+        let metrics = Self {
+            rmap_calls: counter(
+                "mapcount_rmap_calls_total",
+                "Calls of the rmap add/remove functions, by operation, page-table level, folio kind and folio order.",
+                rmap_labels,
+            ),
+            rmap_pages: counter(
+                "mapcount_rmap_pages_total",
+                "Pages mapped (add, add_new) or unmapped (remove) by rmap calls; a PMD mapping counts 512 pages.",
+                rmap_labels,
+            ),
+            write_faults: counter(
+                "mapcount_cow_faults_total",
+                "Write faults on present, write-protected PTEs (do_wp_page) by outcome (reuse, copy, copy_zero_page, shared, other) and the faulting folio's kind and order.",
+                &["outcome", "kind", "order"],
+            ),
+            copy_reasons: counter(
+                "mapcount_cow_copy_reasons_total",
+                "Why a write fault copied: mapped_elsewhere, ksm, swapcache, shared (the kernel's shared bit), large_folio (never reused before 6.15), extra_references.",
+                &["reason"],
+            ),
+            write_fault_duration,
+            forks: single(must(IntCounter::new(
+                "mapcount_forks_total",
+                "Fork VMA copies seen (copy_page_range calls); one fork copies every VMA.",
+            ))),
+            fork_vmas: counter(
+                "mapcount_fork_vmas_total",
+                "VMAs seen at fork, by whether the kernel copied their page-table entries (copied) or left them to be faulted in (lazy).",
+                &["copy"],
+            ),
+            nomapping_pages: counter(
+                "mapcount_nomapping_pages_mapped_total",
+                "Pages that are neither anonymous nor file-backed (driver pages) mapped to userspace, by VMA type and a bounded source name.",
+                &["vma", "source"],
+            ),
+            folios: gauge("mapcount_folios", "Live mapped folios in the table.", KIND_ORDER),
+            partially_mapped: gauge(
+                "mapcount_folios_partially_mapped",
+                "Live large folios with only some pages mapped and no PMD/PUD mapping.",
+                KIND_ORDER,
+            ),
+            shared: gauge(
+                "mapcount_folios_shared",
+                "Live folios mapped by two or more address spaces.",
+                KIND_ORDER,
+            ),
+            maybe_shared_bit: gauge(
+                "mapcount_folios_maybe_shared_bit",
+                "Live large folios whose kernel maybe-shared bit (6.15+) was set at their last event.",
+                KIND_ORDER,
+            ),
+            refcount_max: gauge(
+                "mapcount_folio_refcount_max",
+                "Highest folio refcount seen since the daemon started.",
+                KIND_ORDER,
+            ),
+            headroom_ratio,
+            headroom_vmas,
+            sharers: histogram(
+                "mapcount_folio_sharers",
+                "Most address spaces that mapped a folio at once, observed when its last mapping went.",
+                &["kind"],
+                counts.clone(),
+            ),
+            peak_mapcount: histogram(
+                "mapcount_folio_peak_mapcount",
+                "Highest folio mapcount over a folio's mapped life, observed when its last mapping went.",
+                KIND_ORDER,
+                counts,
+            ),
+            partial_lifetimes: counter(
+                "mapcount_folios_ever_partially_mapped_total",
+                "Large folios that were partially mapped at some point of their mapped life (counted when it ends).",
+                KIND_ORDER,
+            ),
+            disagreements: counter(
+                "mapcount_mapcount_disagreements_total",
+                "Events where the daemon's count of a folio's mappings differed from the kernel's own counter (should stay 0).",
+                &["kind"],
+            ),
+            table_entries,
+            table_evictions: single(must(IntCounter::new(
+                "mapcount_folio_table_evictions_total",
+                "Folios dropped from the full table (raise --folio-table.size).",
+            ))),
+            events: counter("mapcount_events_total", "Events received from the kernel, by type.", &["type"]),
+            events_undecodable: single(must(IntCounter::new(
+                "mapcount_events_undecodable_total",
+                "Ring-buffer records that did not decode (wrong size or unknown values); should stay 0.",
+            ))),
+            probe_attached: gauge(
                 "mapcount_probe_attached",
                 "1 if the probe is attached, 0 if its function is missing or attaching failed.",
+                &["probe", "function", "mode"],
             ),
-            &["probe", "function", "mode"],
-        ));
-        let build_info = must(IntGaugeVec::new(
-            Opts::new("mapcount_build_info", "Always 1; labels describe the mapcountd build."),
-            &["version"],
-        ));
-        let kernel_info = must(IntGaugeVec::new(
-            Opts::new("mapcount_kernel_info", "Always 1; labels describe the running kernel."),
-            &["release"],
-        ));
-        for c in [&rmap_calls, &rmap_pages, &write_faults, &events] {
-            must(registry.register(Box::new(c.clone())));
-        }
-        must(registry.register(Box::new(write_fault_duration.clone())));
-        must(registry.register(Box::new(events_undecodable.clone())));
-        for g in [&probe_attached, &build_info, &kernel_info] {
-            must(registry.register(Box::new(g.clone())));
-        }
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Self {
+            build_info: gauge(
+                "mapcount_build_info",
+                "Always 1; labels describe the mapcountd build.",
+                &["version"],
+            ),
+            kernel_info: gauge(
+                "mapcount_kernel_info",
+                "Always 1; labels describe the running kernel.",
+                &["release"],
+            ),
             registry,
-            rmap_calls,
-            rmap_pages,
-            write_faults,
-            write_fault_duration,
-            events,
-            events_undecodable,
-            probe_attached,
-            build_info,
-            kernel_info,
-        }
+        };
+        metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        metrics
     }
 
     pub fn render(&self) -> String {

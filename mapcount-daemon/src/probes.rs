@@ -184,6 +184,12 @@ pub const PROBES: &[ProbeSpec] = &[
         feeds: "outcome=\"reuse\" of exclusive pages (else counted as \"other\")",
     },
     ProbeSpec {
+        name: "fork",
+        candidates: &[entry!("copy_page_range", "fork_copy_kprobe", "fork_copy_fentry")],
+        need: Need::Optional,
+        feeds: "sharing across fork (mapcount_folios_shared, sharers), mapcount_forks_total",
+    },
+    ProbeSpec {
         name: "write_fault_move_anon",
         candidates: &[
             entry!("folio_move_anon_rmap", "reuse_marker", "move_anon_marker_fentry"),

@@ -13,15 +13,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+    },
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
-    Event, EventType, FIELD_ABSENT, FolioKind, KernelLayout, Level, OFFSET_ABSENT, RmapOp,
-    VM_SHARED_OR_MAYSHARE, WriteFaultOutcome, drop_slot, shared_hint,
+    Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, OFFSET_ABSENT, RmapOp,
+    SOURCE_NAME_LEN, SourceEvent, WriteFaultOutcome, drop_slot, event_flags, shared_hint, vm_flags,
+    vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -156,6 +160,10 @@ fn fill_folio(event: &mut Event, folio: u64) {
     let mapping: u64 = read_at(folio, layout!(folio_mapping)).unwrap_or(0);
     let head_bit = layout!(pg_head_bit);
     let large = head_bit < 64 && flags & (1u64 << head_bit) != 0;
+    let swapcache_bit = layout!(pg_swapcache_bit);
+    if swapcache_bit < 64 && flags & (1u64 << swapcache_bit) != 0 {
+        event.flags |= event_flags::SWAPCACHE;
+    }
 
     event.kind = if mapping & 3 == 3 {
         FolioKind::Ksm as u8
@@ -197,6 +205,54 @@ fn vma_mm(vma: u64) -> u64 {
     read_at(vma, layout!(vma_mm)).unwrap_or(0)
 }
 
+#[inline(always)]
+fn current_mm() -> u64 {
+    read_at(unsafe { bpf_get_current_task() }, layout!(task_mm)).unwrap_or(0)
+}
+
+/// Reads a kernel string through a chain of pointers into `out`.
+#[inline(always)]
+fn read_name(string: u64, out: &mut [u8; SOURCE_NAME_LEN]) {
+    if string != 0 {
+        let _ = unsafe { bpf_probe_read_kernel_str_bytes(string as *const u8, out) };
+    }
+}
+
+/// Where a page without a mapping was mapped: the VMA class and the file
+/// (a socket, a BPF map, io_uring, a device) behind the VMA.
+#[inline(always)]
+fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
+    let Some(mut entry) = EVENTS.reserve::<SourceEvent>(0) else {
+        count_drop(drop_slot::RING_BUFFER_FULL);
+        return;
+    };
+    let flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
+    let mut event = SourceEvent {
+        event_type: EventType::Source as u8,
+        vma_class: if flags & vm_flags::MIXEDMAP != 0 {
+            vma_class::MIXEDMAP
+        } else if flags & vm_flags::PFNMAP != 0 {
+            vma_class::PFNMAP
+        } else {
+            vma_class::OTHER
+        },
+        op: op as u8,
+        _pad: [0],
+        nr_pages,
+        fs_type: [0; SOURCE_NAME_LEN],
+        name: [0; SOURCE_NAME_LEN],
+    };
+    let file: u64 = read_at(vma, layout!(vma_file)).unwrap_or(0);
+    let dentry: u64 = read_at(file, layout!(file_dentry)).unwrap_or(0);
+    read_name(read_at(dentry, layout!(dentry_name)).unwrap_or(0), &mut event.name);
+    let inode: u64 = read_at(file, layout!(file_inode)).unwrap_or(0);
+    let sb: u64 = read_at(inode, layout!(inode_sb)).unwrap_or(0);
+    let fs_type: u64 = read_at(sb, layout!(sb_type)).unwrap_or(0);
+    read_name(read_at(fs_type, layout!(fs_type_name)).unwrap_or(0), &mut event.fs_type);
+    entry.write(event);
+    entry.submit(0);
+}
+
 // ---- rmap events ----------------------------------------------------------
 
 #[inline(always)]
@@ -212,10 +268,18 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     event.level = level as u8;
     event.nr_pages = nr_pages;
     event.mm = vma_mm(vma);
+    event.vma = vma;
+    if event.mm != 0 && event.mm == current_mm() {
+        event.flags |= event_flags::OWN_MM;
+    }
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    let kind = event.kind;
     entry.write(event);
     entry.submit(0);
+    if kind == FolioKind::NoMapping as u8 && op != RmapOp::Remove {
+        emit_source(vma, op, nr_pages);
+    }
 }
 
 /// A page-based (6.1-6.7) rmap call: a compound call maps the whole PMD.
@@ -418,12 +482,12 @@ pub fn page_add_new_anon_fexit(ctx: FExitContext) -> u32 {
 #[inline(always)]
 fn write_fault_entry(vmf: u64) {
     let vma: u64 = read_at(vmf, layout!(vmf_vma)).unwrap_or(0);
-    let vm_flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
+    let flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
     let window = WriteFaultWindow {
         start_ns: unsafe { bpf_ktime_get_ns() },
         vmf,
         mm: vma_mm(vma),
-        vma_shared: (vm_flags & VM_SHARED_OR_MAYSHARE != 0) as u8,
+        vma_shared: (flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
         saw_new_anon: 0,
         saw_reuse: 0,
         _pad: [0; 5],
@@ -467,6 +531,7 @@ fn write_fault_return() {
     event.event_type = EventType::WriteFault as u8;
     event.outcome = outcome as u8;
     event.mm = window.mm;
+    event.vma = read_at(window.vmf, layout!(vmf_vma)).unwrap_or(0);
     event.timestamp_ns = now;
     event.duration_ns = now.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -508,6 +573,36 @@ pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
     write_fault_return();
     0
 }
+
+// ---- fork -------------------------------------------------------------------
+
+/// copy_page_range(dst_vma, src_vma): one VMA of a fork. The entries are
+/// copied when the kernel's vma_needs_copy() says so.
+#[inline(always)]
+fn fork_copy(dst_vma: u64, src_vma: u64) {
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        count_drop(drop_slot::RING_BUFFER_FULL);
+        return;
+    };
+    let flags: u64 = read_at(src_vma, layout!(vma_flags)).unwrap_or(0);
+    let anon_vma: u64 = read_at(src_vma, layout!(vma_anon_vma)).unwrap_or(0);
+    let copies = anon_vma != 0 || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0;
+    entry.write(ForkEvent {
+        event_type: EventType::Fork as u8,
+        copies: copies as u8,
+        _pad: [0; 6],
+        src_mm: vma_mm(src_vma),
+        src_vma,
+        dst_mm: vma_mm(dst_vma),
+        dst_vma,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad2: 0,
+    });
+    entry.submit(0);
+}
+
+entry_probe!(fork_copy_kprobe, fork_copy_fentry, |a| fork_copy(a.raw(0), a.raw(1)));
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,0 +1,508 @@
+//! The folio table: what the daemon knows about each live folio.
+//!
+//! Mappings are counted the way the kernel counts them since 6.10 (one per
+//! PTE, one per PMD or PUD), per address space, so that "mapped by somebody
+//! else" has an exact answer. The kernel's own counters arrive with every
+//! event; the table checks itself against them.
+
+use std::collections::HashMap;
+
+use mapcount_common::{FolioKind, Level, RmapOp};
+
+/// Address spaces tracked per folio; beyond this a folio's further
+/// mappings are counted in `unknown` (bounded memory per folio).
+pub const MAX_MAPPINGS_PER_FOLIO: usize = 64;
+
+/// The mappings one address space (through one VMA) holds on a folio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub mm: u64,
+    pub vma: u64,
+    pub ptes: u32,
+    pub pmds: u16,
+    pub puds: u16,
+}
+
+impl Mapping {
+    fn total(&self) -> u64 {
+        u64::from(self.ptes) + u64::from(self.pmds) + u64::from(self.puds)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct FolioState {
+    /// Daemon-assigned identity, safe to show (unlike the folio's address).
+    pub serial: u64,
+    pub kind: FolioKind,
+    pub order: u8,
+    pub mappings: Vec<Mapping>,
+    /// Mappings by address spaces the daemon did not see being made
+    /// (mapped before it started, or by paths no probe sees).
+    pub unknown: u64,
+    pub peak_mapcount: u64,
+    pub peak_sharers: u32,
+    pub peak_refcount: i32,
+    pub pincount: i32,
+    pub ever_partially_mapped: bool,
+    /// The kernel's maybe-shared bit at the last event (a `shared_hint` value).
+    pub shared_hint: u8,
+    pub cow_copies: u32,
+    pub cow_reuses: u32,
+}
+
+impl FolioState {
+    fn new(serial: u64, kind: FolioKind, order: u8) -> Self {
+        Self {
+            serial,
+            kind,
+            order,
+            mappings: Vec::new(),
+            unknown: 0,
+            peak_mapcount: 0,
+            peak_sharers: 0,
+            peak_refcount: 0,
+            pincount: 0,
+            ever_partially_mapped: false,
+            shared_hint: 0,
+            cow_copies: 0,
+            cow_reuses: 0,
+        }
+    }
+
+    /// Mappings as the kernel counts them (`folio_mapcount`).
+    pub fn mapcount(&self) -> u64 {
+        self.mappings.iter().map(Mapping::total).sum::<u64>() + self.unknown
+    }
+
+    /// Distinct address spaces mapping the folio (those the daemon knows).
+    pub fn sharers(&self) -> u32 {
+        let mut mms: Vec<u64> = self.mappings.iter().filter(|m| m.total() > 0).map(|m| m.mm).collect();
+        mms.sort_unstable();
+        mms.dedup();
+        mms.len() as u32
+    }
+
+    pub fn pages(&self) -> u64 {
+        1u64 << self.order
+    }
+
+    /// A large folio of which only some pages are mapped, and none by a
+    /// PMD or PUD: the kernel's deferred-split candidates, where PSS and
+    /// "mapped" statistics get imprecise.
+    pub fn partially_mapped(&self) -> bool {
+        if self.order == 0 || self.mappings.iter().any(|m| m.pmds > 0 || m.puds > 0) {
+            return false;
+        }
+        let mut per_mm: HashMap<u64, u64> = HashMap::new();
+        for m in &self.mappings {
+            *per_mm.entry(m.mm).or_default() += u64::from(m.ptes);
+        }
+        let most = per_mm.values().copied().max().unwrap_or(0);
+        most > 0 && most < self.pages()
+    }
+
+    /// VMAs mapping the folio: refcount grows per mapping, so per VMA.
+    pub fn vmas(&self) -> usize {
+        self.mappings.iter().filter(|m| m.total() > 0).count()
+    }
+}
+
+/// What applying one rmap event found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The daemon's own count disagreed with the kernel's before this event.
+    pub disagreement: bool,
+    /// The last mapping went: the folio left the table with these facts.
+    pub retired: Option<Retired>,
+    /// A new folio pushed another out of the full table.
+    pub evicted: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Retired {
+    pub kind: FolioKind,
+    pub order: u8,
+    pub peak_sharers: u32,
+    pub peak_mapcount: u64,
+    pub ever_partially_mapped: bool,
+}
+
+/// One rmap call, as the table needs it.
+pub struct RmapCall {
+    pub folio: u64,
+    pub mm: u64,
+    pub vma: u64,
+    pub op: RmapOp,
+    pub level: Level,
+    pub nr_pages: u32,
+    pub kind: FolioKind,
+    pub order: u8,
+    /// `folio_mapcount()` before the call, when the kernel keeps it (small
+    /// folios always, large ones since 6.10); after it for `AddNew`.
+    pub kernel_mapcount: Option<u64>,
+    pub refcount: i32,
+    pub pincount: Option<i32>,
+    pub shared_hint: u8,
+}
+
+pub struct FolioTable {
+    folios: HashMap<u64, FolioState>,
+    /// VMA → folios mapped through it, for carrying mappings across fork.
+    /// Entries go stale (the folio left, the VMA was split); they are
+    /// checked on use and the index is rebuilt when it doubles in size.
+    by_vma: HashMap<u64, Vec<u64>>,
+    by_vma_len: usize,
+    capacity: usize,
+    next_serial: u64,
+    /// Address space → the tgid seen using it, for the debug view.
+    mm_tgid: HashMap<u64, u32>,
+}
+
+impl FolioTable {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            folios: HashMap::new(),
+            by_vma: HashMap::new(),
+            by_vma_len: 0,
+            capacity: capacity.max(1),
+            next_serial: 1,
+            mm_tgid: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.folios.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.folios.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &FolioState> {
+        self.folios.values()
+    }
+
+    pub fn get_mut(&mut self, folio: u64) -> Option<&mut FolioState> {
+        self.folios.get_mut(&folio)
+    }
+
+    pub fn note_owner(&mut self, mm: u64, tgid: u32) {
+        if mm != 0 {
+            self.mm_tgid.insert(mm, tgid);
+        }
+    }
+
+    /// Folios mapped by the address space(s) a tgid was seen using.
+    pub fn mapped_by_tgid(&self, tgid: u32) -> Vec<&FolioState> {
+        let mms: Vec<u64> = self.mm_tgid.iter().filter(|(_, t)| **t == tgid).map(|(mm, _)| *mm).collect();
+        let mut found: Vec<&FolioState> = self
+            .folios
+            .values()
+            .filter(|f| f.mappings.iter().any(|m| m.total() > 0 && mms.contains(&m.mm)))
+            .collect();
+        found.sort_by_key(|f| f.serial);
+        found
+    }
+
+    fn insert(&mut self, folio: u64, state: FolioState) -> bool {
+        let mut evicted = false;
+        if !self.folios.contains_key(&folio) && self.folios.len() >= self.capacity {
+            // Any entry will do: the table is a cache of live folios, and
+            // the count of evictions tells how much it missed.
+            if let Some(&victim) = self.folios.keys().next() {
+                self.folios.remove(&victim);
+                evicted = true;
+            }
+        }
+        self.folios.insert(folio, state);
+        evicted
+    }
+
+    fn index(&mut self, vma: u64, folio: u64) {
+        self.by_vma.entry(vma).or_default().push(folio);
+        self.by_vma_len += 1;
+        if self.by_vma_len > 4 * self.folios.len().max(1024) {
+            self.rebuild_index();
+        }
+    }
+
+    fn rebuild_index(&mut self) {
+        self.by_vma.clear();
+        for (&folio, state) in &self.folios {
+            for m in state.mappings.iter().filter(|m| m.total() > 0) {
+                self.by_vma.entry(m.vma).or_default().push(folio);
+            }
+        }
+        for list in self.by_vma.values_mut() {
+            list.sort_unstable();
+            list.dedup();
+        }
+        self.by_vma_len = self.by_vma.values().map(Vec::len).sum();
+    }
+
+    pub fn apply(&mut self, call: &RmapCall) -> Applied {
+        let mut applied = Applied::default();
+        let known = match call.op {
+            RmapOp::AddNew => false,
+            _ => self.folios.contains_key(&call.folio),
+        };
+        if !known {
+            // A new folio, or one the daemon first sees now: whatever the
+            // kernel already counts belongs to address spaces not yet seen.
+            let serial = self.next_serial;
+            self.next_serial += 1;
+            let mut state = FolioState::new(serial, call.kind, call.order);
+            if call.op != RmapOp::AddNew {
+                state.unknown = call.kernel_mapcount.unwrap_or(match call.op {
+                    RmapOp::Remove => mappings_of(call),
+                    _ => 0,
+                });
+            }
+            applied.evicted = self.insert(call.folio, state);
+        }
+        let state = self.folios.get_mut(&call.folio).expect("inserted above");
+        if known && let Some(kernel) = call.kernel_mapcount {
+            let own = state.mapcount();
+            if own != kernel {
+                applied.disagreement = true;
+                // Adopt the kernel's count for mappings the daemon cannot place.
+                let placed = own - state.unknown;
+                state.unknown = kernel.saturating_sub(placed);
+            }
+        }
+        // Kind and order change (an anon folio becomes KSM, a split): the
+        // latest event is right.
+        state.kind = call.kind;
+        state.order = call.order;
+        state.peak_refcount = state.peak_refcount.max(call.refcount);
+        if let Some(pins) = call.pincount {
+            state.pincount = pins;
+        }
+        state.shared_hint = call.shared_hint;
+
+        let mut new_vma = false;
+        match call.op {
+            RmapOp::Add | RmapOp::AddNew => {
+                let slot = state.mappings.iter().position(|m| m.mm == call.mm && m.vma == call.vma);
+                let slot = match slot {
+                    Some(i) => Some(i),
+                    None if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO => {
+                        state.mappings.push(Mapping {
+                            mm: call.mm,
+                            vma: call.vma,
+                            ptes: 0,
+                            pmds: 0,
+                            puds: 0,
+                        });
+                        new_vma = true;
+                        Some(state.mappings.len() - 1)
+                    }
+                    None => None,
+                };
+                match slot {
+                    Some(i) => add_to(&mut state.mappings[i], call, 1),
+                    None => state.unknown += mappings_of(call),
+                }
+            }
+            RmapOp::Remove => {
+                // The VMA may have been split or moved since the mapping
+                // was made: fall back to any mapping of the same mm.
+                let slot = state
+                    .mappings
+                    .iter()
+                    .position(|m| m.mm == call.mm && m.vma == call.vma && holds(m, call))
+                    .or_else(|| state.mappings.iter().position(|m| m.mm == call.mm && holds(m, call)));
+                match slot {
+                    Some(i) => add_to(&mut state.mappings[i], call, -1),
+                    None => state.unknown = state.unknown.saturating_sub(mappings_of(call)),
+                }
+                state.mappings.retain(|m| m.total() > 0);
+            }
+        }
+
+        let mapcount = state.mapcount();
+        state.peak_mapcount = state.peak_mapcount.max(mapcount);
+        state.peak_sharers = state.peak_sharers.max(state.sharers());
+        if state.partially_mapped() {
+            state.ever_partially_mapped = true;
+        }
+        if mapcount == 0 {
+            let state = self.folios.remove(&call.folio).expect("present");
+            applied.retired = Some(Retired {
+                kind: state.kind,
+                order: state.order,
+                peak_sharers: state.peak_sharers,
+                peak_mapcount: state.peak_mapcount,
+                ever_partially_mapped: state.ever_partially_mapped,
+            });
+        } else if new_vma {
+            self.index(call.vma, call.folio);
+        }
+        applied
+    }
+
+    /// Fork copied `src_vma` of `src_mm` into `dst_vma` of `dst_mm`: every
+    /// mapping through the source VMA now exists in the child too. Returns
+    /// how many folios gained a sharer.
+    pub fn fork(&mut self, src_mm: u64, src_vma: u64, dst_mm: u64, dst_vma: u64) -> usize {
+        let Some(candidates) = self.by_vma.get(&src_vma).cloned() else { return 0 };
+        let mut copied = Vec::new();
+        for folio in candidates {
+            let Some(state) = self.folios.get_mut(&folio) else { continue };
+            let Some(source) = state.mappings.iter().find(|m| m.mm == src_mm && m.vma == src_vma).copied()
+            else {
+                continue;
+            };
+            if state.mappings.iter().any(|m| m.mm == dst_mm && m.vma == dst_vma) {
+                continue; // the same folio twice in the index
+            }
+            let child = Mapping { mm: dst_mm, vma: dst_vma, ..source };
+            if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
+                state.mappings.push(child);
+            } else {
+                state.unknown += child.total();
+            }
+            state.peak_mapcount = state.peak_mapcount.max(state.mapcount());
+            state.peak_sharers = state.peak_sharers.max(state.sharers());
+            copied.push(folio);
+        }
+        for &folio in &copied {
+            self.index(dst_vma, folio);
+        }
+        copied.len()
+    }
+}
+
+/// Mappings one call makes or removes, in `folio_mapcount` units.
+fn mappings_of(call: &RmapCall) -> u64 {
+    match call.level {
+        Level::Pte => u64::from(call.nr_pages),
+        Level::Pmd | Level::Pud => 1,
+    }
+}
+
+fn holds(m: &Mapping, call: &RmapCall) -> bool {
+    match call.level {
+        Level::Pte => m.ptes > 0,
+        Level::Pmd => m.pmds > 0,
+        Level::Pud => m.puds > 0,
+    }
+}
+
+fn add_to(m: &mut Mapping, call: &RmapCall, sign: i64) {
+    match call.level {
+        Level::Pte => m.ptes = (i64::from(m.ptes) + sign * i64::from(call.nr_pages)).max(0) as u32,
+        Level::Pmd => m.pmds = (i64::from(m.pmds) + sign).max(0) as u16,
+        Level::Pud => m.puds = (i64::from(m.puds) + sign).max(0) as u16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(
+        folio: u64,
+        mm: u64,
+        vma: u64,
+        op: RmapOp,
+        level: Level,
+        nr: u32,
+        kernel: Option<u64>,
+    ) -> RmapCall {
+        RmapCall {
+            folio,
+            mm,
+            vma,
+            op,
+            level,
+            nr_pages: nr,
+            kind: FolioKind::Anon,
+            order: 9,
+            kernel_mapcount: kernel,
+            refcount: 1,
+            pincount: Some(0),
+            shared_hint: 0,
+        }
+    }
+
+    /// A THP mapped by one PMD, forked three times: four sharers, and the
+    /// kernel's count at the next event agrees.
+    #[test]
+    fn fork_carries_mappings_to_children() {
+        let mut table = FolioTable::new(16);
+        for folio in 1..=4 {
+            table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        }
+        for child in 1..=3 {
+            assert_eq!(table.fork(100, 1000, 100 + child, 1000 + child), 4);
+        }
+        for state in table.iter() {
+            assert_eq!((state.sharers(), state.mapcount()), (4, 4));
+        }
+        // A child exits: the kernel said 4 before, and the daemon agrees.
+        let applied = table.apply(&call(1, 102, 1002, RmapOp::Remove, Level::Pmd, 512, Some(4)));
+        assert!(!applied.disagreement);
+        assert_eq!(table.folios[&1].sharers(), 3);
+    }
+
+    #[test]
+    fn a_vma_without_mappings_copies_nothing() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        assert_eq!(table.fork(100, 2000, 101, 2001), 0);
+        assert_eq!(table.folios[&1].sharers(), 1);
+    }
+
+    /// Unmapping half of a PTE-mapped THP leaves it partially mapped.
+    #[test]
+    fn partial_unmap_is_detected() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        // Split the PMD into 512 PTEs, then unmap the second half.
+        table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 512, Some(1)));
+        table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(513)));
+        assert!(!table.folios[&1].partially_mapped(), "all 512 pages still mapped");
+        let applied = table.apply(&call(1, 100, 1001, RmapOp::Remove, Level::Pte, 256, Some(512)));
+        assert!(!applied.disagreement, "the split VMA falls back to the same mm");
+        assert!(table.folios[&1].partially_mapped());
+        assert_eq!(table.folios[&1].mapcount(), 256);
+    }
+
+    /// Mapped before the daemon started: the kernel's count seeds it.
+    #[test]
+    fn unknown_mappings_come_from_the_kernel() {
+        let mut table = FolioTable::new(16);
+        let applied = table.apply(&call(7, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
+        assert!(!applied.disagreement);
+        assert_eq!(table.folios[&7].mapcount(), 3);
+        // The two unknown mappings go; then ours.
+        table.apply(&call(7, 200, 2000, RmapOp::Remove, Level::Pte, 1, Some(3)));
+        table.apply(&call(7, 300, 3000, RmapOp::Remove, Level::Pte, 1, Some(2)));
+        let applied = table.apply(&call(7, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(1)));
+        let retired = applied.retired.expect("last mapping gone");
+        assert_eq!(retired.peak_mapcount, 3);
+        assert!(table.is_empty());
+    }
+
+    /// An inline path the daemon missed shows up as a disagreement, once.
+    #[test]
+    fn disagreement_is_counted_and_adopted() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
+        assert!(applied.disagreement);
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(3)));
+        assert!(!applied.disagreement);
+    }
+
+    #[test]
+    fn full_table_evicts() {
+        let mut table = FolioTable::new(2);
+        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.apply(&call(2, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        let applied = table.apply(&call(3, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        assert!(applied.evicted);
+        assert_eq!(table.len(), 2);
+    }
+}

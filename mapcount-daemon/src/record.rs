@@ -1,0 +1,149 @@
+//! Record files: the raw event stream, to aggregate later (`mapcountd
+//! replay`), in tests and in benchmarks.
+//!
+//! Format: the 8-byte magic `MAPCOUNT`, a little-endian u32 version and a
+//! u32 reserved word, then records, each a little-endian u16 length and
+//! that many bytes exactly as the ring buffer delivered them.
+
+use std::io::{self, BufRead, Write};
+
+pub const MAGIC: &[u8; 8] = b"MAPCOUNT";
+/// Bumped whenever a record layout in `mapcount-common` changes.
+pub const VERSION: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("not a mapcount record file (no MAPCOUNT magic at byte 0)")]
+    BadMagic,
+    #[error("record file version {found}, this mapcountd reads version {VERSION}")]
+    Version { found: u32 },
+    #[error("file ends inside {what} at byte {offset}: truncated")]
+    Truncated { what: &'static str, offset: u64 },
+    #[error("zero-length record at byte {offset}: corrupt file")]
+    Empty { offset: u64 },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub struct Writer<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Writer<W> {
+    pub fn new(mut out: W) -> io::Result<Self> {
+        out.write_all(MAGIC)?;
+        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&0u32.to_le_bytes())?;
+        Ok(Self { out })
+    }
+
+    pub fn write(&mut self, record: &[u8]) -> io::Result<()> {
+        let len = u16::try_from(record.len()).map_err(|_| io::Error::other("record longer than 64 KiB"))?;
+        self.out.write_all(&len.to_le_bytes())?;
+        self.out.write_all(record)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+pub struct Reader<R: BufRead> {
+    input: R,
+    offset: u64,
+    buf: Vec<u8>,
+}
+
+impl<R: BufRead> Reader<R> {
+    pub fn new(mut input: R) -> Result<Self, RecordError> {
+        let mut header = [0u8; 16];
+        let got = read_full(&mut input, &mut header)?;
+        if got < 8 || &header[..8] != MAGIC {
+            return Err(RecordError::BadMagic);
+        }
+        if got < 16 {
+            return Err(RecordError::Truncated { what: "the header", offset: got as u64 });
+        }
+        let found = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        if found != VERSION {
+            return Err(RecordError::Version { found });
+        }
+        Ok(Self { input, offset: 16, buf: Vec::with_capacity(128) })
+    }
+
+    /// The next record, `None` at a clean end of file.
+    pub fn next_record(&mut self) -> Result<Option<&[u8]>, RecordError> {
+        let mut len = [0u8; 2];
+        match read_full(&mut self.input, &mut len)? {
+            0 => return Ok(None),
+            2 => {}
+            _ => return Err(RecordError::Truncated { what: "a record length", offset: self.offset }),
+        }
+        let len = usize::from(u16::from_le_bytes(len));
+        if len == 0 {
+            return Err(RecordError::Empty { offset: self.offset });
+        }
+        self.buf.resize(len, 0);
+        if read_full(&mut self.input, &mut self.buf)? != len {
+            return Err(RecordError::Truncated { what: "a record", offset: self.offset + 2 });
+        }
+        self.offset += 2 + len as u64;
+        Ok(Some(&self.buf))
+    }
+
+    /// Byte offset of the next record.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+fn read_full<R: BufRead>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(records: &[&[u8]]) -> Vec<u8> {
+        let mut w = Writer::new(Vec::new()).unwrap();
+        for r in records {
+            w.write(r).unwrap();
+        }
+        w.out
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = file(&[b"abc", &[1; 72]]);
+        let mut r = Reader::new(&bytes[..]).unwrap();
+        assert_eq!(r.next_record().unwrap(), Some(&b"abc"[..]));
+        assert_eq!(r.next_record().unwrap().map(<[u8]>::len), Some(72));
+        assert_eq!(r.next_record().unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_files_name_the_byte() {
+        let bytes = file(&[b"abc", b"defg"]);
+        let cut = &bytes[..bytes.len() - 1];
+        let mut r = Reader::new(cut).unwrap();
+        r.next_record().unwrap();
+        let err = r.next_record().unwrap_err();
+        assert_eq!(err.to_string(), "file ends inside a record at byte 23: truncated");
+        assert!(matches!(Reader::new(&b"NOTMAPCT"[..]), Err(RecordError::BadMagic)));
+        assert!(matches!(Reader::new(&bytes[..12]), Err(RecordError::Truncated { offset: 12, .. })));
+        let mut zero = file(&[]);
+        zero.extend_from_slice(&[0, 0]);
+        assert!(matches!(
+            Reader::new(&zero[..]).unwrap().next_record(),
+            Err(RecordError::Empty { offset: 16 })
+        ));
+    }
+}
