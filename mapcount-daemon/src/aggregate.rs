@@ -95,8 +95,19 @@ impl Aggregator {
                     pincount: (raw.pincount != FIELD_ABSENT).then_some(raw.pincount),
                     shared_hint: raw.shared_hint,
                 });
-                if applied.disagreement {
+                if let Some((own, kernel)) = applied.disagreement {
                     m.disagreements.with_label_values(&[kind_label(kind)]).inc();
+                    tracing::debug!(
+                        kind = kind_label(kind),
+                        order = raw.order,
+                        op = op_label(op),
+                        level = level_label(level),
+                        nr = raw.nr_pages,
+                        own,
+                        kernel,
+                        tgid = raw.tgid,
+                        "daemon and kernel disagree on a folio's mapcount"
+                    );
                 }
                 if applied.evicted {
                     m.table_evictions.inc();

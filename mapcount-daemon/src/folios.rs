@@ -48,6 +48,8 @@ pub struct FolioState {
     pub shared_hint: u8,
     pub cow_copies: u32,
     pub cow_reuses: u32,
+    /// A difference to the kernel's count not yet confirmed (see `apply`).
+    pending_diff: i64,
 }
 
 impl FolioState {
@@ -66,6 +68,7 @@ impl FolioState {
             shared_hint: 0,
             cow_copies: 0,
             cow_reuses: 0,
+            pending_diff: 0,
         }
     }
 
@@ -110,8 +113,9 @@ impl FolioState {
 /// What applying one rmap event found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// The daemon's own count disagreed with the kernel's before this event.
-    pub disagreement: bool,
+    /// The daemon's own count disagreed with the kernel's before this
+    /// event: (own, kernel).
+    pub disagreement: Option<(u64, u64)>,
     /// The last mapping went: the folio left the table with these facts.
     pub retired: Option<Retired>,
     /// A new folio pushed another out of the full table.
@@ -262,9 +266,19 @@ impl FolioTable {
         }
         let state = self.folios.get_mut(&call.folio).expect("inserted above");
         if known && let Some(kernel) = call.kernel_mapcount {
+            // Two CPUs changing one folio at once can deliver their events
+            // in the opposite order to their counter reads: the first shows
+            // a difference of d, the next one of -d. Only a difference that
+            // does not cancel out at the folio's next event is real.
             let own = state.mapcount();
-            if own != kernel {
-                applied.disagreement = true;
+            let diff = kernel as i64 - own as i64;
+            if diff == 0 || state.pending_diff + diff == 0 {
+                state.pending_diff = 0;
+            } else if state.pending_diff == 0 {
+                state.pending_diff = diff;
+            } else {
+                applied.disagreement = Some((own, kernel));
+                state.pending_diff = 0;
                 // Adopt the kernel's count for mappings the daemon cannot place.
                 let placed = own - state.unknown;
                 state.unknown = kernel.saturating_sub(placed);
@@ -442,7 +456,7 @@ mod tests {
         }
         // A child exits: the kernel said 4 before, and the daemon agrees.
         let applied = table.apply(&call(1, 102, 1002, RmapOp::Remove, Level::Pmd, 512, Some(4)));
-        assert!(!applied.disagreement);
+        assert_eq!(applied.disagreement, None);
         assert_eq!(table.folios[&1].sharers(), 3);
     }
 
@@ -464,7 +478,7 @@ mod tests {
         table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(513)));
         assert!(!table.folios[&1].partially_mapped(), "all 512 pages still mapped");
         let applied = table.apply(&call(1, 100, 1001, RmapOp::Remove, Level::Pte, 256, Some(512)));
-        assert!(!applied.disagreement, "the split VMA falls back to the same mm");
+        assert_eq!(applied.disagreement, None, "the split VMA falls back to the same mm");
         assert!(table.folios[&1].partially_mapped());
         assert_eq!(table.folios[&1].mapcount(), 256);
     }
@@ -474,7 +488,7 @@ mod tests {
     fn unknown_mappings_come_from_the_kernel() {
         let mut table = FolioTable::new(16);
         let applied = table.apply(&call(7, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
-        assert!(!applied.disagreement);
+        assert_eq!(applied.disagreement, None);
         assert_eq!(table.folios[&7].mapcount(), 3);
         // The two unknown mappings go; then ours.
         table.apply(&call(7, 200, 2000, RmapOp::Remove, Level::Pte, 1, Some(3)));
@@ -485,15 +499,36 @@ mod tests {
         assert!(table.is_empty());
     }
 
-    /// An inline path the daemon missed shows up as a disagreement, once.
+    /// An inline path the daemon missed shows up as a disagreement that
+    /// persists to the next event; then the kernel's count is adopted.
     #[test]
     fn disagreement_is_counted_and_adopted() {
         let mut table = FolioTable::new(16);
         table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
         let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
-        assert!(applied.disagreement);
-        let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(3)));
-        assert!(!applied.disagreement);
+        assert_eq!(applied.disagreement, None, "one difference may be a reordering");
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(3)));
+        assert_eq!(applied.disagreement, Some((2, 3)));
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(4)));
+        assert_eq!(applied.disagreement, None);
+    }
+
+    /// Two CPUs unmapping one folio: the events arrive in the opposite
+    /// order to the counter reads. No disagreement.
+    #[test]
+    fn reordered_events_cancel_out() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        table.fork(100, 1000, 200, 2000);
+        table.fork(100, 1000, 300, 3000);
+        // True order: 300 unmaps (3 -> 2), then 200 (2 -> 1); delivered 200 first.
+        let first = table.apply(&call(1, 200, 2000, RmapOp::Remove, Level::Pmd, 512, Some(2)));
+        let second = table.apply(&call(1, 300, 3000, RmapOp::Remove, Level::Pmd, 512, Some(3)));
+        assert_eq!((first.disagreement, second.disagreement), (None, None));
+        assert_eq!(table.folios[&1].mapcount(), 1);
+        let last = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(1)));
+        assert_eq!(last.disagreement, None);
+        assert!(last.retired.is_some());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use mapcount_common::{KernelLayout, drop_slot};
+use mapcount_common::{Event, EventType, ForkEvent, KernelLayout, drop_slot};
 use tokio::io::unix::AsyncFd;
 
 use crate::{aggregate::Aggregator, decode::decode, record};
@@ -96,9 +96,16 @@ pub struct Sink {
     pub aggregator: Arc<Mutex<Aggregator>>,
     /// Raw records for `mapcountd replay`, when recording.
     pub record: Option<record::Writer<BufWriter<File>>>,
+    /// One drained batch, and (timestamp, offset, length) per record.
+    batch: Vec<u8>,
+    index: Vec<(u64, usize, usize)>,
 }
 
 impl Sink {
+    pub fn new(aggregator: Arc<Mutex<Aggregator>>, record: Option<record::Writer<BufWriter<File>>>) -> Self {
+        Self { aggregator, record, batch: Vec::with_capacity(1 << 20), index: Vec::with_capacity(1 << 14) }
+    }
+
     /// Decodes and aggregates one record (and records it).
     pub fn take(&mut self, aggregator: &mut Aggregator, bytes: &[u8]) -> Result<(), IngestError> {
         if let Some(writer) = &mut self.record {
@@ -114,17 +121,51 @@ impl Sink {
         Ok(())
     }
 
-    /// Everything that is in the ring buffer now.
+    /// Everything that is in the ring buffer now, in the order the kernel
+    /// read the folios' counters.
+    ///
+    /// The ring buffer orders records by reservation, and a probe reserves
+    /// before it reads; two CPUs working on one folio can therefore deliver
+    /// their records in the opposite order to their reads. Sorting a batch
+    /// by the read's timestamp undoes that (records without a timestamp
+    /// keep their place relative to each other).
     pub fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), IngestError> {
+        self.batch.clear();
+        self.index.clear();
+        while let Some(record) = ring.next() {
+            self.index.push((timestamp(&record), self.batch.len(), record.len()));
+            self.batch.extend_from_slice(&record);
+        }
+        self.index.sort_by_key(|&(ts, offset, _)| (ts, offset));
         let aggregator = Arc::clone(&self.aggregator);
         let mut aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        while let Some(record) = ring.next() {
-            self.take(&mut aggregator, &record)?;
-        }
+        let batch = std::mem::take(&mut self.batch);
+        let index = std::mem::take(&mut self.index);
+        let result = index
+            .iter()
+            .try_for_each(|&(_, offset, len)| self.take(&mut aggregator, &batch[offset..offset + len]));
+        self.batch = batch;
+        self.index = index;
+        result?;
         if let Some(writer) = &mut self.record {
             writer.flush().map_err(IngestError::Record)?;
         }
         Ok(())
+    }
+}
+
+/// When the kernel read the counters the record carries; 0 for records
+/// that carry none.
+fn timestamp(record: &[u8]) -> u64 {
+    let at = |offset: usize| {
+        record.get(offset..offset + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    match record.first() {
+        Some(&t) if t == EventType::Rmap as u8 || t == EventType::WriteFault as u8 => {
+            at(std::mem::offset_of!(Event, timestamp_ns))
+        }
+        Some(&t) if t == EventType::Fork as u8 => at(std::mem::offset_of!(ForkEvent, timestamp_ns)),
+        _ => 0,
     }
 }
 

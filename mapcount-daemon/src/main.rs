@@ -201,7 +201,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let mut sink = ingest::Sink { aggregator: Arc::clone(&aggregator), record };
+    let mut sink = ingest::Sink::new(Arc::clone(&aggregator), record);
 
     let state = Arc::new(http::HttpState {
         aggregator: Arc::clone(&aggregator),
@@ -244,10 +244,10 @@ fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
         record::Reader::new(BufReader::new(file)).with_context(|| format!("{}", path.display()))?;
     let metrics = Arc::new(Metrics::new());
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), folio_table_size);
-    let mut sink = ingest::Sink {
-        aggregator: Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))),
-        record: None,
-    };
+    // Records are replayed in the order they were recorded: the live daemon
+    // records each batch after sorting it.
+    let mut sink =
+        ingest::Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
     let mut records = 0u64;
     while let Some(bytes) = reader.next_record().with_context(|| format!("{}", path.display()))? {
         sink.take(&mut aggregator, bytes)?;

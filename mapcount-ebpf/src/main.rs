@@ -262,6 +262,8 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
         return;
     };
     let mut event = Event::ZERO;
+    // Taken just before the counters are read: the daemon orders by it.
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     fill_folio(&mut event, folio);
     event.event_type = EventType::Rmap as u8;
     event.op = op as u8;
@@ -273,7 +275,6 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
         event.flags |= event_flags::OWN_MM;
     }
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let kind = event.kind;
     entry.write(event);
     entry.submit(0);

@@ -48,7 +48,9 @@ fi
 echo "MAPCOUNT-KERNEL $(uname -r)"
 attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
 [ -n "$attach" ] || attach=auto
-mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach >/tmp/mapcountd.log 2>&1 &
+extra=""
+[ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom"
+mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug $extra >/tmp/mapcountd.log 2>&1 &
 daemon=$!
 ready=0
 for i in $(seq 1 300); do
@@ -62,6 +64,9 @@ if [ "$MODE" = test ]; then
     kill -TERM $daemon
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"
+    mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
+    cat /tmp/replay.log
+    mapcount-workload compare /tmp/final.prom /tmp/replay.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
 else
     tail -f /tmp/mapcountd.log &
@@ -84,7 +89,7 @@ impl Image {
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
-        fs::write(root.join("init"), INIT.replace("\"$MODE\"", &format!("\"{name}\"")))?;
+        fs::write(root.join("init"), INIT.replace("$MODE", name))?;
         set_executable(&root.join("init"))?;
 
         let mut libraries = BTreeSet::new();
@@ -216,7 +221,7 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
         "-accel",
         "tcg",
         "-m",
-        "1024",
+        "2048",
         "-smp",
         "2",
         "-display",
