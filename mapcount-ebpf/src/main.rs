@@ -13,9 +13,10 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_arg, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -96,17 +97,27 @@ impl Args for ProbeContext {
     }
 }
 
+/// fentry/fexit arguments arrive typed (a `struct page *` is a BTF
+/// pointer to the verifier, which then forbids the bit arithmetic of
+/// `page_folio`); `bpf_get_func_arg` hands them over as plain numbers.
+#[inline(always)]
+fn traced_arg(ctx: *mut core::ffi::c_void, n: usize) -> u64 {
+    let mut value = 0u64;
+    unsafe { bpf_get_func_arg(ctx, n as u32, &mut value) };
+    value
+}
+
 impl Args for FEntryContext {
     #[inline(always)]
     fn raw(&self, n: usize) -> u64 {
-        FEntryContext::arg::<u64>(self, n)
+        traced_arg(self.as_ptr(), n)
     }
 }
 
 impl Args for FExitContext {
     #[inline(always)]
     fn raw(&self, n: usize) -> u64 {
-        FExitContext::arg::<u64>(self, n)
+        traced_arg(self.as_ptr(), n)
     }
 }
 

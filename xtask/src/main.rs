@@ -80,15 +80,18 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds mapcountd and the workload; returns the directory holding them.
+/// Builds mapcountd and the workload for the VM; returns the directory
+/// holding them. Release builds: under TCG a debug daemon falls behind
+/// the kernel's event rate.
 fn build_binaries() -> anyhow::Result<PathBuf> {
     run_cmd(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
         "build",
+        "--release",
         "-p",
         "mapcount-daemon",
         "--bins",
     ]))?;
-    Ok(workspace_root().join("target/debug"))
+    Ok(workspace_root().join("target/release"))
 }
 
 fn host_can_trace() -> bool {
