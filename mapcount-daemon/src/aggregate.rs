@@ -402,4 +402,70 @@ mod tests {
         assert_eq!(copy_reason(Some(FolioKind::Anon), &large(shared_hint::MAYBE_SHARED)), "shared");
         assert_eq!(copy_reason(Some(FolioKind::Anon), &large(shared_hint::EXCLUSIVE)), "extra_references");
     }
+
+    /// A recorded stream, replayed: one THP, a parent and three forked
+    /// children, then everyone unmaps. Four sharers at the peak, shared
+    /// while they live, nothing left afterwards.
+    #[test]
+    fn replays_a_recorded_fork_stream() {
+        use mapcount_common::ForkEvent;
+
+        use crate::{ingest::Sink, record};
+
+        let thp = |op: RmapOp, mm: u64, vma: u64, mapcount: i32| Event {
+            event_type: EventType::Rmap as u8,
+            op: op as u8,
+            level: Level::Pmd as u8,
+            kind: FolioKind::Anon as u8,
+            order: 9,
+            nr_pages: 512,
+            folio: 0xffff_ea00_0040_0000,
+            mm,
+            vma,
+            mapcount,
+            refcount: mapcount + 1,
+            ..Event::ZERO
+        };
+        let fork = |child: u64| ForkEvent {
+            event_type: EventType::Fork as u8,
+            copies: 1,
+            _pad: [0; 6],
+            src_mm: 1,
+            src_vma: 10,
+            dst_mm: child,
+            dst_vma: child * 10,
+            timestamp_ns: 0,
+            tgid: 1,
+            _pad2: 0,
+        };
+        let mut writer = record::Writer::new(Vec::new()).unwrap();
+        writer.write(&encode(&thp(RmapOp::AddNew, 1, 10, 0))).unwrap();
+        for child in 2..=4 {
+            writer.write(&encode(&fork(child))).unwrap();
+        }
+        let stream = writer.into_inner();
+
+        let metrics = Arc::new(Metrics::new());
+        let mut aggregator = Aggregator::new(Arc::clone(&metrics), 64);
+        let mut sink =
+            Sink::new(Arc::new(std::sync::Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+        let mut reader = record::Reader::new(&stream[..]).unwrap();
+        while let Some(bytes) = reader.next_record().unwrap() {
+            sink.take(&mut aggregator, bytes).unwrap();
+        }
+        aggregator.refresh_gauges();
+        assert_eq!(metrics.shared.with_label_values(&["anon", "9"]).get(), 1);
+        assert_eq!(metrics.forks.get(), 3);
+
+        // Children exit, then the parent unmaps: the kernel's counts agree.
+        for (mm, before) in [(2, 3), (3, 2), (4, 1), (1, 0)] {
+            let vma = if mm == 1 { 10 } else { mm * 10 };
+            aggregator.apply(&decode(&encode(&thp(RmapOp::Remove, mm, vma, before))).unwrap());
+        }
+        aggregator.refresh_gauges();
+        assert_eq!(metrics.disagreements.with_label_values(&["anon"]).get(), 0);
+        assert_eq!(metrics.folios.with_label_values(&["anon", "9"]).get(), 0);
+        assert_eq!(metrics.sharers.with_label_values(&["anon"]).get_sample_count(), 1);
+        assert_eq!(metrics.sharers.with_label_values(&["anon"]).get_sample_sum(), 4.0);
+    }
 }

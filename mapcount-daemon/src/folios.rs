@@ -531,6 +531,13 @@ mod tests {
         assert!(last.retired.is_some());
     }
 
+    /// docs/metrics.md quotes these sizes.
+    #[test]
+    fn entry_sizes_are_as_documented() {
+        assert_eq!(size_of::<FolioState>(), 80);
+        assert_eq!(size_of::<Mapping>(), 24);
+    }
+
     #[test]
     fn full_table_evicts() {
         let mut table = FolioTable::new(2);
