@@ -9,6 +9,10 @@ use std::collections::HashMap;
 
 use mapcount_common::{FolioKind, Level, RmapOp};
 
+/// Consecutive events of a folio whose counts must differ from the
+/// kernel's before that is a disagreement (see `FolioTable::apply`).
+const CONFIRM_AFTER: u8 = 3;
+
 /// Address spaces tracked per folio; beyond this a folio's further
 /// mappings are counted in `unknown` (bounded memory per folio).
 pub const MAX_MAPPINGS_PER_FOLIO: usize = 64;
@@ -48,8 +52,8 @@ pub struct FolioState {
     pub shared_hint: u8,
     pub cow_copies: u32,
     pub cow_reuses: u32,
-    /// A difference to the kernel's count not yet confirmed (see `apply`).
-    pending_diff: i64,
+    /// Consecutive events at which the kernel's count differed (see `apply`).
+    differing_events: u8,
 }
 
 impl FolioState {
@@ -68,7 +72,7 @@ impl FolioState {
             shared_hint: 0,
             cow_copies: 0,
             cow_reuses: 0,
-            pending_diff: 0,
+            differing_events: 0,
         }
     }
 
@@ -266,22 +270,23 @@ impl FolioTable {
         }
         let state = self.folios.get_mut(&call.folio).expect("inserted above");
         if known && let Some(kernel) = call.kernel_mapcount {
-            // Two CPUs changing one folio at once can deliver their events
-            // in the opposite order to their counter reads: the first shows
-            // a difference of d, the next one of -d. Only a difference that
-            // does not cancel out at the folio's next event is real.
+            // The kernel reads its counter in the probe and changes it after
+            // the probe returns; a task preempted in between, on another CPU,
+            // lets other tasks' changes overtake it. Such differences come
+            // and go within an event or two. A missed mapping stays: only a
+            // difference seen at CONFIRM_AFTER consecutive events counts.
             let own = state.mapcount();
-            let diff = kernel as i64 - own as i64;
-            if diff == 0 || state.pending_diff + diff == 0 {
-                state.pending_diff = 0;
-            } else if state.pending_diff == 0 {
-                state.pending_diff = diff;
+            if own == kernel {
+                state.differing_events = 0;
             } else {
-                applied.disagreement = Some((own, kernel));
-                state.pending_diff = 0;
-                // Adopt the kernel's count for mappings the daemon cannot place.
-                let placed = own - state.unknown;
-                state.unknown = kernel.saturating_sub(placed);
+                state.differing_events += 1;
+                if state.differing_events >= CONFIRM_AFTER {
+                    applied.disagreement = Some((own, kernel));
+                    state.differing_events = 0;
+                    // Adopt the kernel's count for mappings the daemon cannot place.
+                    let placed = own - state.unknown;
+                    state.unknown = kernel.saturating_sub(placed);
+                }
             }
         }
         // Kind and order change (an anon folio becomes KSM, a split): the
@@ -506,10 +511,12 @@ mod tests {
         let mut table = FolioTable::new(16);
         table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
         let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
-        assert_eq!(applied.disagreement, None, "one difference may be a reordering");
+        assert_eq!(applied.disagreement, None, "one difference may be a race");
         let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(3)));
-        assert_eq!(applied.disagreement, Some((2, 3)));
-        let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(4)));
+        assert_eq!(applied.disagreement, None, "two may be too");
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(4)));
+        assert_eq!(applied.disagreement, Some((3, 4)));
+        let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(5)));
         assert_eq!(applied.disagreement, None);
     }
 
@@ -535,6 +542,7 @@ mod tests {
     #[test]
     fn entry_sizes_are_as_documented() {
         assert_eq!(size_of::<FolioState>(), 80);
+
         assert_eq!(size_of::<Mapping>(), 24);
     }
 

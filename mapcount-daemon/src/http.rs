@@ -20,17 +20,15 @@ pub struct HttpState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on {addr}: {source}{hint}", hint = if source.kind() == std::io::ErrorKind::AddrInUse { "; another process holds the port: stop it or pass --web.listen-address" } else { "" })]
-    Bind {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a separate source, so that
+    // it is printed once.
+    #[error("cannot listen on {addr}: {error}{hint}", hint = if error.kind() == std::io::ErrorKind::AddrInUse { "; another process holds the port: stop it or pass --web.listen-address" } else { "" })]
+    Bind { addr: SocketAddr, error: std::io::Error },
 }
 
 /// Binds before anything is loaded into the kernel, so a port in use fails fast.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|error| HttpError::Bind { addr, error })
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {

@@ -22,15 +22,11 @@ pub enum IngestError {
         "loading the eBPF object failed: {0}{hint}",
         hint = permission_hint(.0)
     )]
-    Load(#[source] aya::EbpfError),
+    Load(aya::EbpfError),
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error("map {name}: {error}")]
+    Map { name: &'static str, error: aya::maps::MapError },
     #[error("aya-log: {0}")]
     Log(#[from] aya_log::Error),
     #[error("polling the ring buffer: {0}")]
@@ -65,7 +61,7 @@ pub struct DropCounters {
 impl DropCounters {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, IngestError> {
         let map = ebpf.take_map("DROPS").ok_or(IngestError::MissingMap("DROPS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|source| IngestError::Map { name: "DROPS", source })?;
+        let map = PerCpuArray::try_from(map).map_err(|error| IngestError::Map { name: "DROPS", error })?;
         Ok(Self { map: Mutex::new(map) })
     }
 
@@ -80,7 +76,7 @@ impl DropCounters {
 
 pub fn take_events(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, IngestError> {
     let map = ebpf.take_map("EVENTS").ok_or(IngestError::MissingMap("EVENTS"))?;
-    let ring = RingBuf::try_from(map).map_err(|source| IngestError::Map { name: "EVENTS", source })?;
+    let ring = RingBuf::try_from(map).map_err(|error| IngestError::Map { name: "EVENTS", error })?;
     register(ring)
 }
 

@@ -6,12 +6,14 @@
 //! [`metrics`], and [`http`] serves them; [`record`] keeps the raw stream.
 
 pub mod aggregate;
+pub mod config;
 pub mod decode;
 pub mod folios;
 pub mod http;
 pub mod ingest;
 pub mod layout;
 pub mod metrics;
+pub mod privileges;
 pub mod probes;
 pub mod record;
 

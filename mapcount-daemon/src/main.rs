@@ -15,9 +15,11 @@ use mapcount_common::drop_slot;
 use mapcount_daemon::{
     DEFAULT_LISTEN_ADDRESS,
     aggregate::Aggregator,
+    config::{self, Config},
     http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape},
+    privileges,
     probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus},
     record,
 };
@@ -56,32 +58,82 @@ enum Command {
     },
 }
 
+/// Flags of the daemon. Each has a key in the configuration file; a flag
+/// given here wins over the file, the file over the default.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Address to serve metrics on.
-    #[arg(long = "web.listen-address", value_name = "ADDR", default_value = DEFAULT_LISTEN_ADDRESS)]
-    listen_address: SocketAddr,
-    /// Path under which metrics are served.
-    #[arg(long = "web.telemetry-path", value_name = "PATH", default_value = "/metrics")]
-    telemetry_path: String,
-    /// Size of the event ring buffer in bytes: a power of two, a multiple of the page size.
-    #[arg(long = "ringbuf.size", value_name = "BYTES", default_value_t = 8 << 20, value_parser = parse_ring_size)]
-    ring_buffer_bytes: u32,
-    /// How to attach: fentry/fexit where the kernel allows, else kprobes (auto), or only one kind.
-    #[arg(long = "attach.mode", value_name = "MODE", value_enum, default_value_t = AttachMode::Auto)]
-    attach_mode: AttachMode,
-    /// Most folios the table tracks; beyond it, entries are evicted (and counted).
-    #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20)]
-    folio_table_size: usize,
+    /// TOML configuration file (see docs/configuration in the README).
+    #[arg(long = "config.file", value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// Address to serve metrics on [default: 0.0.0.0:9730].
+    #[arg(long = "web.listen-address", value_name = "ADDR")]
+    listen_address: Option<SocketAddr>,
+    /// Path under which metrics are served [default: /metrics].
+    #[arg(long = "web.telemetry-path", value_name = "PATH")]
+    telemetry_path: Option<String>,
+    /// Size of the event ring buffer in bytes, a power of two [default: 8 MiB].
+    #[arg(long = "ringbuf.size", value_name = "BYTES", value_parser = parse_ring_size)]
+    ring_buffer_bytes: Option<u32>,
+    /// fentry/fexit where the kernel allows, else kprobes (auto), or only one kind [default: auto].
+    #[arg(long = "attach.mode", value_name = "MODE", value_enum)]
+    attach_mode: Option<AttachMode>,
+    /// Most folios the table tracks; beyond it, entries are evicted and counted [default: 1048576].
+    #[arg(long = "folio-table.size", value_name = "N")]
+    folio_table_size: Option<usize>,
+    /// The kernel's BTF [default: /sys/kernel/btf/vmlinux].
+    #[arg(long = "kernel.btf", value_name = "PATH")]
+    btf: Option<PathBuf>,
     /// Also write the raw event stream to this file (for `mapcountd replay`).
     #[arg(long = "record", value_name = "PATH")]
     record: Option<PathBuf>,
     /// At exit, after the last event, write the metrics to this file.
     #[arg(long = "metrics.dump-on-exit", value_name = "PATH")]
     dump_on_exit: Option<PathBuf>,
-    /// Log filter, as in RUST_LOG (error, warn, info, debug, trace).
-    #[arg(long = "log.level", value_name = "LEVEL", default_value = "info")]
+    /// Log filter, as in RUST_LOG: error, warn, info, debug, trace [default: info].
+    #[arg(long = "log.level", value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+/// Flags and configuration file merged.
+struct Settings {
+    listen_address: SocketAddr,
+    telemetry_path: String,
+    ring_buffer_bytes: u32,
+    attach_mode: AttachMode,
+    folio_table_size: usize,
+    btf: PathBuf,
+    record: Option<PathBuf>,
+    dump_on_exit: Option<PathBuf>,
     log_level: String,
+}
+
+impl Settings {
+    fn resolve(args: RunArgs) -> Result<Settings, config::ConfigError> {
+        let file = match &args.config_file {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        Ok(Settings {
+            listen_address: args
+                .listen_address
+                .or(file.web.listen_address)
+                .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.parse().expect("valid default")),
+            telemetry_path: args
+                .telemetry_path
+                .or(file.web.telemetry_path)
+                .unwrap_or_else(|| "/metrics".to_owned()),
+            ring_buffer_bytes: args
+                .ring_buffer_bytes
+                .or(file.ringbuf.size.map(|s| s.into_inner()))
+                .unwrap_or(8 << 20),
+            attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
+            folio_table_size: args.folio_table_size.or(file.folio_table.size).unwrap_or(1 << 20),
+            btf: args.btf.unwrap_or_else(|| DEFAULT_BTF_PATH.into()),
+            record: args.record,
+            dump_on_exit: args.dump_on_exit,
+            log_level: args.log_level.or(file.log.level).unwrap_or_else(|| "info".to_owned()),
+        })
+    }
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
@@ -92,9 +144,29 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// Exit status for bad flags or configuration, as clap uses for bad flags.
+const EXIT_USAGE: u8 = 2;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_new(&cli.run.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (command, settings) = match cli.command {
+        Some(command) => (Some(command), None),
+        None => match Settings::resolve(cli.run) {
+            Ok(settings) => (None, Some(settings)),
+            Err(e) => {
+                eprintln!("mapcountd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let log_level = settings.as_ref().map_or("info", |s| s.log_level.as_str());
+    let filter = match EnvFilter::try_new(log_level) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("mapcountd: bad log level {log_level:?}: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -105,14 +177,15 @@ fn main() -> ExitCode {
         eprintln!("mapcountd: cannot route eBPF log records: {e}");
     }
 
-    let result = match cli.command {
-        Some(Command::Check { btf, load }) => check(btf, load),
-        Some(Command::Replay { file, folio_table_size }) => replay(&file, folio_table_size),
-        None => tokio::runtime::Builder::new_current_thread()
+    let result = match (command, settings) {
+        (Some(Command::Check { btf, load }), _) => check(btf, load),
+        (Some(Command::Replay { file, folio_table_size }), _) => replay(&file, folio_table_size),
+        (None, Some(settings)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(cli.run))),
+            .and_then(|rt| rt.block_on(run(settings))),
+        (None, None) => unreachable!("settings are resolved when there is no subcommand"),
     };
     match result {
         Ok(code) => code,
@@ -127,10 +200,11 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+async fn run(args: Settings) -> anyhow::Result<ExitCode> {
     let listener = http::bind(args.listen_address).await?;
+    privileges::check()?;
 
-    let btf = layout::load_btf(DEFAULT_BTF_PATH.as_ref())?;
+    let btf = layout::load_btf(&args.btf)?;
     let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
     for field in resolved.fields.iter().filter(|f| f.offset.is_none()) {
         tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
@@ -220,9 +294,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     server.abort();
     // Detach first, then take what is still in the ring buffer: nothing
     // that reached it is lost at shutdown.
+    let stopping = std::time::Instant::now();
     let mut events = events.into_inner();
+    probes::detach_all(&mut ebpf);
     drop(ebpf);
+    let detached = stopping.elapsed();
     sink.drain(&mut events)?;
+    tracing::info!(
+        detach_ms = detached.as_millis() as u64,
+        total_ms = stopping.elapsed().as_millis() as u64,
+        "every program detached, ring buffer drained"
+    );
     if let Some(path) = &args.dump_on_exit {
         let aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         aggregator.refresh_gauges();

@@ -9,7 +9,7 @@ use std::{collections::HashSet, fs, io};
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, KProbe, ProgramError},
+    programs::{FEntry, FExit, KProbe, Program, ProgramError},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +46,8 @@ pub enum At {
 }
 
 /// How a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// fentry/fexit where the kernel allows it, else kprobe/kretprobe.
     Auto,
@@ -273,12 +274,8 @@ pub struct ProbeReport {
 pub enum ProbesError {
     #[error("the eBPF object has no program {0}; the daemon and the object are out of step")]
     MissingProgram(&'static str),
-    #[error("program {program} failed to load: {source}")]
-    Load {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
-    },
+    #[error("program {program} failed to load: {}", error_chain(error))]
+    Load { program: &'static str, error: ProgramError },
 }
 
 fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
@@ -301,7 +298,7 @@ pub fn load_kprobes(ebpf: &mut Ebpf) -> Result<usize, ProbesError> {
     for &name in &names {
         let program = kprobe(ebpf, name)?;
         if program.fd().is_err() {
-            program.load().map_err(|source| ProbesError::Load { program: name, source })?;
+            program.load().map_err(|error| ProbesError::Load { program: name, error })?;
         }
     }
     Ok(names.len())
@@ -380,6 +377,24 @@ fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> R
         }
     };
     result.map_err(|e| error_chain(&e))
+}
+
+/// Detaches and unloads every program. Each detach waits for an RCU grace
+/// period in the kernel; done one after another, that is a second or more
+/// for all probes, so they are detached in parallel, sharing grace periods.
+pub fn detach_all(ebpf: &mut Ebpf) {
+    std::thread::scope(|scope| {
+        for (_, program) in ebpf.programs_mut() {
+            scope.spawn(move || {
+                let _ = match program {
+                    Program::KProbe(p) => p.unload(),
+                    Program::FEntry(p) => p.unload(),
+                    Program::FExit(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            });
+        }
+    });
 }
 
 pub fn error_chain(error: &dyn std::error::Error) -> String {

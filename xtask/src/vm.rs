@@ -63,12 +63,19 @@ echo "MAPCOUNT-DAEMON-READY $ready"
 if [ "$MODE" = test ]; then
     mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
     echo "MAPCOUNT-WORKLOAD-EXIT $?"
+    # Clean shutdown: every program and link gone, within a second.
+    progs=$(bpftool prog show | grep -c '^[0-9]*:')
+    links=$(bpftool link show | grep -c '^[0-9]*:')
+    start=$(cut -d' ' -f1 /proc/uptime | tr -d .)
     kill -TERM $daemon
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"
+    end=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+    echo "MAPCOUNT-SHUTDOWN progs_before=$progs links_before=$links progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:') centiseconds=$((end - start))"
     mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
     cat /tmp/replay.log
     mapcount-workload compare /tmp/final.prom /tmp/replay.prom
+    sed 's/^/metrics: /' /tmp/final.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
 else
     tail -f /tmp/mapcountd.log &
@@ -95,8 +102,9 @@ impl Image {
         set_executable(&root.join("init"))?;
 
         let mut libraries = BTreeSet::new();
-        for binary in ["mapcountd", "mapcount-workload"] {
-            let src = bin_dir.join(binary);
+        let bpftool = which("bpftool")?;
+        for src in [bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool] {
+            let binary = src.file_name().expect("a file").to_owned();
             fs::copy(&src, root.join("usr/bin").join(binary))
                 .with_context(|| format!("copy {}", src.display()))?;
             libraries.extend(shared_libraries(&src)?);
@@ -120,6 +128,15 @@ impl Image {
         run_cmd(Command::new("sh").args(["-c", &script]))?;
         Ok(Self { initramfs })
     }
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    let out = Command::new("sh").args(["-c", &format!("command -v {program}")]).output()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if path.is_empty() {
+        bail!("{program} not found (cargo xtask setup installs it)");
+    }
+    Ok(PathBuf::from(path))
 }
 
 fn set_executable(path: &Path) -> anyhow::Result<()> {
@@ -324,10 +341,36 @@ impl CheckResult {
     }
 }
 
+/// Whether a line holds something shaped like a kernel address: 16 hex
+/// digits starting with `ffff`, or the same number in decimal (20 digits
+/// from 18446462598732840960).
+pub fn has_kernel_address(line: &str) -> bool {
+    let words = line.split(|c: char| !c.is_ascii_alphanumeric());
+    words.into_iter().any(|w| {
+        let w = w.trim_start_matches("0x");
+        (w.len() == 16 && w.starts_with("ffff") && w.chars().all(|c| c.is_ascii_hexdigit()))
+            || (w.len() == 20 && w.chars().all(|c| c.is_ascii_digit()) && w >= "18446462598732840960")
+    })
+}
+
 /// `MAPCOUNT-CHECK name known=K reported=R accepted=A..=B PASS|FAIL` lines, plus
-/// the daemon's exit status after SIGTERM.
+/// the daemon's exit status after SIGTERM, the shutdown figures, and a scan
+/// of everything the daemon exported or logged for kernel addresses.
 pub fn parse_checks(console: &str) -> Vec<CheckResult> {
     let mut results = Vec::new();
+    let daemon_output: Vec<&str> =
+        console.lines().filter(|l| l.starts_with("mapcountd: ") || l.starts_with("metrics: ")).collect();
+    let leaks: Vec<&&str> = daemon_output.iter().filter(|l| has_kernel_address(l)).collect();
+    for leak in leaks.iter().take(3) {
+        println!("  kernel address in daemon output: {leak}");
+    }
+    results.push(CheckResult {
+        name: "leak/kernel_addresses".to_owned(),
+        known: "0".to_owned(),
+        reported: format!("{} of {} lines", leaks.len(), daemon_output.len()),
+        accepted: "0".to_owned(),
+        passed: leaks.is_empty() && !daemon_output.is_empty(),
+    });
     for line in console.lines() {
         if let Some(rest) = line.strip_prefix("MAPCOUNT-CHECK ") {
             let mut words = rest.split_whitespace();
@@ -339,6 +382,25 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
             let reported = field("reported=");
             let accepted = field("accepted=");
             results.push(CheckResult { name, known, reported, accepted, passed: rest.ends_with(" PASS") });
+        } else if let Some(rest) = line.strip_prefix("MAPCOUNT-SHUTDOWN ") {
+            let field = |key: &str| -> Option<u64> {
+                rest.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok())
+            };
+            let mut check = |name: &str, reported: Option<u64>, ok: fn(u64) -> bool, accepted: &str| {
+                results.push(CheckResult {
+                    name: name.to_owned(),
+                    known: accepted.to_owned(),
+                    reported: reported.map_or("-".to_owned(), |v| v.to_string()),
+                    accepted: accepted.to_owned(),
+                    passed: reported.is_some_and(ok),
+                });
+            };
+            check("shutdown/programs_while_running", field("progs_before="), |v| v > 0, ">0");
+            check("shutdown/programs_left", field("progs_after="), |v| v == 0, "0");
+            check("shutdown/links_left", field("links_after="), |v| v == 0, "0");
+            // The time to exit is reported, not judged: detaching waits for
+            // RCU grace periods, which TCG stretches 10-50 times.
+            println!("  (shutdown took {} centiseconds under TCG)", field("centiseconds=").unwrap_or(0));
         } else if let Some(code) = line.strip_prefix("MAPCOUNT-DAEMON-EXIT ") {
             results.push(CheckResult {
                 name: "daemon/exit_after_sigterm".to_owned(),
@@ -350,4 +412,19 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
         }
     }
     results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_kernel_address;
+
+    #[test]
+    fn spots_kernel_addresses() {
+        assert!(has_kernel_address("folio=ffff888012345678 mapped"));
+        assert!(has_kernel_address("x 0xffffea0000400000"));
+        assert!(has_kernel_address("value 18446612682059825152"));
+        assert!(!has_kernel_address("mapcount_rmap_pages_total{kind=\"anon\"} 1000"));
+        assert!(!has_kernel_address("refcount 512512 ratio 0.000239"));
+        assert!(!has_kernel_address("timestamp 1732760000123456789"));
+    }
 }

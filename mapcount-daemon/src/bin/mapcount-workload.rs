@@ -684,11 +684,18 @@ mod scenarios {
             let p = unsafe { libc::mmap(ptr::null_mut(), THP, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
             assert_ne!(p, libc::MAP_FAILED);
             read_each_page(p.cast(), THP / PAGE);
+            p
         };
         // The parent writes the data, so every page exists before anyone maps it.
         let data = vec![3u8; THP];
         unsafe { libc::pwrite(fd, data.as_ptr().cast(), THP, 0) };
-        let readers = Waiters::spawn(5, map_and_read);
+        // The parent runs the readers' code once too (and unmaps the file):
+        // code pages that only the readers ran would have 5 sharers as well.
+        let own = map_and_read();
+        unsafe { libc::munmap(own, THP) };
+        let readers = Waiters::spawn(5, || {
+            map_and_read();
+        });
         metrics.settled_scrape()?;
         // The readers also map the workload's own binary, which lives in
         // the initramfs (tmpfs, so shmem too) and has 6 sharers with the parent.
