@@ -11,11 +11,12 @@ use hyper::{Request, Response, StatusCode, body::Bytes, header, server::conn::ht
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::aggregate::Aggregator;
+use crate::{aggregate::Aggregator, web_config::WebSecurity};
 
 pub struct HttpState {
     pub aggregator: Arc<Mutex<Aggregator>>,
     pub telemetry_path: String,
+    pub security: WebSecurity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,18 +45,40 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>) {
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&state, &request)) }
-            });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            match state.security.tls.clone() {
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => serve_connection(TokioIo::new(tls), state).await,
+                    // Plain HTTP to a TLS port, or a bad handshake: nothing to answer.
+                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                },
+                None => serve_connection(TokioIo::new(stream), state).await,
             }
         });
     }
 }
 
+async fn serve_connection<I>(io: I, state: Arc<HttpState>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let state = Arc::clone(&state);
+        async move { Ok::<_, Infallible>(respond(&state, &request)) }
+    });
+    if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
 fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> {
+    let authorization = request.headers().get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+    if !state.security.authorized(authorization) {
+        let mut response = text(StatusCode::UNAUTHORIZED, "text/plain", "Unauthorized\n".to_owned());
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Basic realm=\"mapcountd\""));
+        return response;
+    }
     let path = request.uri().path();
     if path == state.telemetry_path {
         let body = {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod probes;
 pub mod record;
+pub mod web_config;
 
 /// The eBPF object built by `build.rs` from `mapcount-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mapcount"));

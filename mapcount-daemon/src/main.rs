@@ -15,13 +15,14 @@ use mapcount_common::drop_slot;
 use mapcount_daemon::{
     DEFAULT_LISTEN_ADDRESS,
     aggregate::Aggregator,
-    config::{self, Config},
+    config::Config,
     http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape},
     privileges,
     probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus},
     record,
+    web_config::WebSecurity,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -80,6 +81,9 @@ struct RunArgs {
     /// Most folios the table tracks; beyond it, entries are evicted and counted [default: 1048576].
     #[arg(long = "folio-table.size", value_name = "N")]
     folio_table_size: Option<usize>,
+    /// TLS and basic authentication, in the Prometheus exporter-toolkit format.
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    web_config_file: Option<PathBuf>,
     /// The kernel's BTF [default: /sys/kernel/btf/vmlinux].
     #[arg(long = "kernel.btf", value_name = "PATH")]
     btf: Option<PathBuf>,
@@ -96,6 +100,7 @@ struct RunArgs {
 
 /// Flags and configuration file merged.
 struct Settings {
+    web_security: WebSecurity,
     listen_address: SocketAddr,
     telemetry_path: String,
     ring_buffer_bytes: u32,
@@ -108,12 +113,17 @@ struct Settings {
 }
 
 impl Settings {
-    fn resolve(args: RunArgs) -> Result<Settings, config::ConfigError> {
+    fn resolve(args: RunArgs) -> Result<Settings, String> {
         let file = match &args.config_file {
-            Some(path) => Config::load(path)?,
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
             None => Config::default(),
         };
+        let web_security = match &args.web_config_file {
+            Some(path) => WebSecurity::load(path).map_err(|e| e.to_string())?,
+            None => WebSecurity::default(),
+        };
         Ok(Settings {
+            web_security,
             listen_address: args
                 .listen_address
                 .or(file.web.listen_address)
@@ -280,6 +290,7 @@ async fn run(args: Settings) -> anyhow::Result<ExitCode> {
     let state = Arc::new(http::HttpState {
         aggregator: Arc::clone(&aggregator),
         telemetry_path: args.telemetry_path,
+        security: args.web_security,
     });
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));

@@ -165,7 +165,8 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
                 // early boot under TCG). That is the emulator, not mapcount:
                 // boot once more, and say so.
                 println!("kernel {} ({mode}): the VM did not reach /init; booting again", kernel.name);
-                let boot = vm::Boot { forward_port: None, timeout: Some(600), echo: false, attach_mode: mode };
+                let boot =
+                    vm::Boot { forward_port: None, timeout: Some(600), echo: false, attach_mode: mode };
                 output = vm::boot(kernel, &image, boot)?;
             }
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
