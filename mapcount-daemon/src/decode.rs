@@ -44,6 +44,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     match event_type {
         t if t == EventType::Rmap as u8 => {
             let raw: Event = read_record(bytes)?;
+            check_order(raw.order)?;
             Ok(Decoded::Rmap {
                 op: rmap_op(raw.op)?,
                 level: level(raw.level)?,
@@ -53,6 +54,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }
         t if t == EventType::WriteFault as u8 => {
             let raw: Event = read_record(bytes)?;
+            check_order(raw.order)?;
             Ok(Decoded::WriteFault {
                 outcome: outcome(raw.outcome)?,
                 kind: if raw.kind == 0 { None } else { Some(folio_kind(raw.kind)?) },
@@ -69,6 +71,17 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         }
         other => Err(DecodeError::UnknownType(other)),
     }
+}
+
+/// Largest folio order that exists (PUD-sized folios are order 18); the
+/// daemon computes `1 << order`.
+pub const MAX_ORDER: u8 = 31;
+
+fn check_order(order: u8) -> Result<(), DecodeError> {
+    if order > MAX_ORDER {
+        return Err(DecodeError::BadField { field: "order", value: order });
+    }
+    Ok(())
 }
 
 fn rmap_op(v: u8) -> Result<RmapOp, DecodeError> {
@@ -194,6 +207,9 @@ mod tests {
         let mut bad = rmap_event();
         bad.kind = 9;
         assert_eq!(decode(&encode(&bad)), Err(DecodeError::BadField { field: "kind", value: 9 }));
+        bad = rmap_event();
+        bad.order = 200;
+        assert_eq!(decode(&encode(&bad)), Err(DecodeError::BadField { field: "order", value: 200 }));
         bad = rmap_event();
         bad.event_type = 0;
         assert_eq!(decode(&encode(&bad)), Err(DecodeError::UnknownType(0)));

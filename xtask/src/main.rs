@@ -32,6 +32,15 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
     },
+    /// Fuzz the event decoder, the record-file reader and the configuration parser.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        #[arg(long, value_delimiter = ',')]
+        target: Vec<String>,
+    },
     /// Unit tests, the host verifier test, then the VM matrix (kernel x attach mode).
     Test {
         /// Kernels to boot (by short name).
@@ -53,6 +62,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { port, vm } => {
             setup::run()?;
             run(port, vm)
+        }
+        Cmd::Fuzz { seconds, target } => {
+            setup::run()?;
+            let (_, failed) = fuzz(seconds, &target)?;
+            if failed > 0 {
+                bail!("{failed} fuzz target(s) failed");
+            }
+            Ok(())
         }
         Cmd::Test { kernel, mode, vm_only } => {
             setup::run()?;
@@ -145,6 +162,9 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
     let bin = build_binaries()?;
     if !vm_only {
         let (passed, failed) = unit_tests(&btf_dir)?;
+        tally.passed += passed;
+        tally.failed += failed;
+        let (passed, failed) = fuzz(FUZZ_SECONDS_IN_TEST, &[])?;
         tally.passed += passed;
         tally.failed += failed;
         tally.add(host_verifier_test(&bin));
@@ -240,6 +260,55 @@ impl Tally {
             self.failed += 1;
         }
     }
+}
+
+/// Each fuzz target's share of `cargo xtask test`; `cargo xtask fuzz
+/// --seconds N` runs longer.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
+const FUZZ_TARGETS: &[&str] = &["decode", "record_reader", "config"];
+
+/// Runs libFuzzer on each target; a crash fails it and leaves the input in
+/// mapcount-daemon/fuzz/artifacts/<target>/ (turn it into a regression test).
+fn fuzz(seconds: u64, only: &[String]) -> anyhow::Result<(u32, u32)> {
+    let (mut passed, mut failed) = (0, 0);
+    for &target in FUZZ_TARGETS.iter().filter(|t| only.is_empty() || only.iter().any(|o| o == *t)) {
+        let output = Command::new("cargo")
+            .current_dir(workspace_root().join("mapcount-daemon"))
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+            ])
+            .stdout(std::process::Stdio::inherit())
+            .output()
+            .context("cannot run cargo fuzz (cargo xtask setup installs it)")?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stat = |key: &str| {
+            stderr
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_else(|| "?".to_owned())
+        };
+        let executions = stat("stat::number_of_executed_units:");
+        if output.status.success() {
+            passed += 1;
+            println!("fuzz {target}: passed, {executions} executions in {seconds} s, no crash");
+        } else {
+            failed += 1;
+            let tail: Vec<&str> = stderr.lines().rev().take(30).collect();
+            println!("fuzz {target}: FAILED after {executions} executions");
+            for line in tail.into_iter().rev() {
+                println!("  | {line}");
+            }
+        }
+    }
+    Ok((passed, failed))
 }
 
 /// Every kprobe program passes this machine's verifier (loaded, not attached).

@@ -29,7 +29,16 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     debian_packages()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     Ok(())
+}
+
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (libFuzzer driver for the fuzz targets)");
+    run_cmd(Command::new(env!("CARGO")).args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn rust_src() -> anyhow::Result<()> {
