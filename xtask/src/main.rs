@@ -32,6 +32,13 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
     },
+    /// Overload in the VM: a fork/mmap storm against a small ring buffer, sampling the daemon's RSS.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+    },
     /// Fuzz the event decoder, the record-file reader and the configuration parser.
     Fuzz {
         /// Seconds per target.
@@ -62,6 +69,17 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { port, vm } => {
             setup::run()?;
             run(port, vm)
+        }
+        Cmd::Soak { minutes, kernel } => {
+            setup::run()?;
+            let bin = build_binaries()?;
+            let kernel = kernels::fetch(kernels::find(&kernel)?)?;
+            let mut tally = Tally::default();
+            soak(&bin, &kernel, minutes * 60, &mut tally)?;
+            if tally.failed > 0 {
+                bail!("{} soak check(s) failed", tally.failed);
+            }
+            Ok(())
         }
         Cmd::Fuzz { seconds, target } => {
             setup::run()?;
@@ -131,7 +149,13 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
     vm::boot(
         &kernel,
         &image,
-        vm::Boot { forward_port: Some(port), timeout: None, echo: true, attach_mode: "auto" },
+        vm::Boot {
+            forward_port: Some(port),
+            timeout: None,
+            echo: true,
+            attach_mode: "auto",
+            soak_seconds: 0,
+        },
     )?;
     Ok(())
 }
@@ -178,15 +202,26 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test)?;
         for mode in modes {
             let started = std::time::Instant::now();
-            let boot = vm::Boot { forward_port: None, timeout: Some(600), echo: false, attach_mode: mode };
+            let boot = vm::Boot {
+                forward_port: None,
+                timeout: Some(600),
+                echo: false,
+                attach_mode: mode,
+                soak_seconds: 0,
+            };
             let mut output = vm::boot(kernel, &image, boot)?;
             if !output.contains("MAPCOUNT-KERNEL") {
                 // The kernel died before running /init (seen: an int3 oops in
                 // early boot under TCG). That is the emulator, not mapcount:
                 // boot once more, and say so.
                 println!("kernel {} ({mode}): the VM did not reach /init; booting again", kernel.name);
-                let boot =
-                    vm::Boot { forward_port: None, timeout: Some(600), echo: false, attach_mode: mode };
+                let boot = vm::Boot {
+                    forward_port: None,
+                    timeout: Some(600),
+                    echo: false,
+                    attach_mode: mode,
+                    soak_seconds: 0,
+                };
                 output = vm::boot(kernel, &image, boot)?;
             }
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
@@ -222,6 +257,9 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
             let verdict = if r.passed { "passed" } else { "FAILED" };
             println!("  {:<34} {:>8} {:>10} {:>14}  {verdict}", r.name, r.known, r.reported, r.accepted);
         }
+    }
+    if !vm_only && let Some(kernel) = kernels.iter().find(|k| k.name == "6.12") {
+        soak(&bin, kernel, OVERLOAD_SECONDS_IN_TEST, &mut tally)?;
     }
     if !cells.is_empty() {
         println!("\nVM matrix:");
@@ -260,6 +298,70 @@ impl Tally {
             self.failed += 1;
         }
     }
+}
+
+/// The overload run inside `cargo xtask test`; `cargo xtask soak` runs longer.
+const OVERLOAD_SECONDS_IN_TEST: u64 = 60;
+
+/// Overload: the daemon keeps serving, counts every lost event, stays
+/// within its folio-table bound, and its RSS stops growing.
+fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -> anyhow::Result<()> {
+    let image = vm::Image::build(bin, kernel, vm::Mode::Soak)?;
+    let boot = vm::Boot {
+        forward_port: None,
+        timeout: Some(seconds + 300),
+        echo: false,
+        attach_mode: "auto",
+        soak_seconds: seconds,
+    };
+    let output = vm::boot(kernel, &image, boot)?;
+    let log = cache_dir().join(format!("vm-soak-{}.log", kernel.name));
+    std::fs::write(&log, &output)?;
+    let samples = vm::parse_soak(&output);
+    println!("\noverload on {} for {seconds} s (console log {}):", kernel.name, log.display());
+    println!("  {:>5} {:>8} {:>7} {:>12} {:>12} {:>8}", "t", "rss_kb", "scrape", "events", "lost", "entries");
+    for s in &samples {
+        println!(
+            "  {:>5} {:>8} {:>7} {:>12} {:>12} {:>8}",
+            s.seconds, s.rss_kb, s.scrape_ok, s.events, s.lost, s.entries
+        );
+    }
+    let check = |tally: &mut Tally, name: &str, ok: bool, detail: String| {
+        println!("  {name}: {} ({detail})", if ok { "passed" } else { "FAILED" });
+        tally.add(ok);
+    };
+    check(tally, "overload/samples", samples.len() >= 3, format!("{} samples", samples.len()));
+    check(
+        tally,
+        "overload/serving_throughout",
+        !samples.is_empty() && samples.iter().all(|s| s.scrape_ok),
+        "every scrape answered".into(),
+    );
+    let last = samples.last();
+    check(
+        tally,
+        "overload/losses_counted",
+        last.is_some_and(|s| s.lost > 0),
+        format!("{} lost events counted", last.map_or(0, |s| s.lost)),
+    );
+    check(
+        tally,
+        "overload/table_bounded",
+        samples.iter().all(|s| s.entries <= 20000),
+        "entries <= 20000".into(),
+    );
+    // RSS flat: after the first third of the run, it grows by at most 10%.
+    let settled = samples.get(samples.len() / 3).map_or(0, |s| s.rss_kb);
+    let peak = samples.iter().skip(samples.len() / 3).map(|s| s.rss_kb).max().unwrap_or(0);
+    check(
+        tally,
+        "overload/rss_flat",
+        settled > 0 && peak * 10 <= settled * 11,
+        format!("{settled} kB after warm-up, {peak} kB at most"),
+    );
+    let exit_ok = output.contains("MAPCOUNT-DAEMON-EXIT 0");
+    check(tally, "overload/clean_exit", exit_ok, "SIGTERM -> exit 0".into());
+    Ok(())
 }
 
 /// Each fuzz target's share of `cargo xtask test`; `cargo xtask fuzz

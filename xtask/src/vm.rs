@@ -20,6 +20,9 @@ pub enum Mode {
     Test,
     /// Serve metrics to the host while the workload repeats, until killed.
     Demo,
+    /// Overload: a small ring buffer and folio table under a fork/mmap
+    /// storm for `mapcount.soak=` seconds, sampling the daemon every 10 s.
+    Soak,
 }
 
 pub struct Image {
@@ -52,6 +55,8 @@ extra=""
 # 64 MiB of ring buffer: the refcount scenario makes a million rmap calls
 # in seconds on 6.1, which has no batched rmap functions.
 [ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom --ringbuf.size=67108864"
+# Overload: a ring buffer the storm overflows, a folio table it fills.
+[ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
 mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug $extra >/tmp/mapcountd.log 2>&1 &
 daemon=$!
 ready=0
@@ -77,6 +82,25 @@ if [ "$MODE" = test ]; then
     mapcount-workload compare /tmp/final.prom /tmp/replay.prom
     sed 's/^/metrics: /' /tmp/final.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
+elif [ "$MODE" = soak ]; then
+    seconds=$(sed -n 's/.*mapcount\.soak=\([0-9]*\).*/\1/p' /proc/cmdline)
+    mapcount-workload storm --seconds $seconds &
+    storm=$!
+    start=$(cut -d. -f1 /proc/uptime)
+    while kill -0 $storm 2>/dev/null; do
+        sleep 10
+        now=$(cut -d. -f1 /proc/uptime)
+        rss=$(awk '/^VmRSS/ {print $2}' /proc/$daemon/status)
+        wget -q -O /tmp/scrape http://127.0.0.1:9730/metrics
+        ok=$?
+        lost=$(grep '^mapcount_events_lost_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
+        events=$(grep '^mapcount_events_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
+        entries=$(grep '^mapcount_folio_table_entries' /tmp/scrape | awk '{print $2}')
+        echo "MAPCOUNT-SOAK t=$((now - start)) rss_kb=$rss scrape_ok=$((ok == 0)) events=$events lost=$lost entries=$entries"
+    done
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
 else
     tail -f /tmp/mapcountd.log &
     mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &
@@ -90,6 +114,7 @@ impl Image {
         let name = match mode {
             Mode::Test => "test",
             Mode::Demo => "demo",
+            Mode::Soak => "soak",
         };
         let root = cache_dir().join(format!("initramfs-{}-{name}", kernel.name));
         let _ = fs::remove_dir_all(&root);
@@ -227,6 +252,8 @@ pub struct Boot<'a> {
     pub forward_port: Option<u16>,
     /// `--attach.mode` for mapcountd in the guest.
     pub attach_mode: &'a str,
+    /// Soak mode: seconds of storm.
+    pub soak_seconds: u64,
     /// Seconds before the VM is killed.
     pub timeout: Option<u64>,
     /// Copy the console to our stdout as it arrives.
@@ -427,4 +454,38 @@ mod tests {
         assert!(!has_kernel_address("refcount 512512 ratio 0.000239"));
         assert!(!has_kernel_address("timestamp 1732760000123456789"));
     }
+}
+
+/// One `MAPCOUNT-SOAK` sample.
+#[derive(Debug)]
+pub struct SoakSample {
+    pub seconds: u64,
+    pub rss_kb: u64,
+    pub scrape_ok: bool,
+    pub events: u64,
+    pub lost: u64,
+    pub entries: u64,
+}
+
+pub fn parse_soak(console: &str) -> Vec<SoakSample> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("MAPCOUNT-SOAK "))
+        .map(|rest| {
+            let field = |key: &str| -> u64 {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(key))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            SoakSample {
+                seconds: field("t="),
+                rss_kb: field("rss_kb="),
+                scrape_ok: field("scrape_ok=") == 1,
+                events: field("events="),
+                lost: field("lost="),
+                entries: field("entries="),
+            }
+        })
+        .collect()
 }

@@ -41,6 +41,11 @@ fn main() -> ExitCode {
     let expect_mode = expect_mode.map_or("auto", |s| s.as_str());
     match args.get(1).map(String::as_str) {
         Some("check") => check(&metrics, scratch, expect_mode),
+        Some("storm") => {
+            let seconds = args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1));
+            storm(seconds.and_then(|s| s.parse().ok()).unwrap_or(60));
+            ExitCode::SUCCESS
+        }
         Some("compare") => match (args.get(2), args.get(3)) {
             (Some(live), Some(replayed)) => compare(live, replayed),
             _ => ExitCode::from(2),
@@ -168,6 +173,40 @@ fn run_shared(pages: usize) {
                 "clear_refs failed in the child"
             );
         }
+    }
+}
+
+/// A fork / mmap / munmap storm on every CPU for `seconds`: many more rmap
+/// events than a small ring buffer holds.
+fn storm(seconds: u64) {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..cpus {
+        // SAFETY: the worker only maps, touches, forks and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                while Instant::now() < deadline {
+                    let p = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+                    write_each_page(p, 64, 1);
+                    match unsafe { libc::fork() } {
+                        0 => {
+                            write_each_page(p, 64, 2);
+                            unsafe { libc::_exit(0) };
+                        }
+                        child => unsafe {
+                            libc::waitpid(child, ptr::null_mut(), 0);
+                        },
+                    }
+                    unmap(p, 64);
+                }
+                unsafe { libc::_exit(0) };
+            }
+            pid => workers.push(pid),
+        }
+    }
+    for pid in workers {
+        unsafe { libc::waitpid(pid, ptr::null_mut(), 0) };
     }
 }
 
