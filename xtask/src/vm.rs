@@ -285,8 +285,8 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     .args([
         "-append",
         &format!(
-            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={}",
-            boot.attach_mode
+            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={} mapcount.soak={}",
+            boot.attach_mode, boot.soak_seconds
         ),
     ]);
     match boot.forward_port {
