@@ -9,7 +9,8 @@ use crate::run_cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (matching the nightly's LLVM),
 /// qemu and the initramfs tools for the VM tests, decompressors for kernel
-/// images and modules, bpftool and objcopy for the BTF cross-checks.
+/// images and modules, bpftool and objcopy for the BTF cross-checks,
+/// openssl, curl and setpriv for the TLS and privilege tests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "lz4",
     "bpftool",
     "binutils",
+    "openssl",
+    "curl",
+    "util-linux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
