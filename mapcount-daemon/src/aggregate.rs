@@ -4,8 +4,9 @@
 use std::{collections::HashMap, sync::Arc};
 
 use mapcount_common::{
-    Event, FIELD_ABSENT, FolioKind, RmapOp, WriteFaultOutcome, event_flags, shared_hint, vma_class,
+    Event, FIELD_ABSENT, FolioKind, Level, RmapOp, WriteFaultOutcome, event_flags, shared_hint, vma_class,
 };
+use prometheus::IntCounter;
 
 use crate::{
     decode::{Decoded, kind_label, level_label, op_label, outcome_label},
@@ -29,8 +30,69 @@ pub const MAX_SOURCES: usize = 32;
 /// 2^31: the refcount (an `atomic_t`) overflows past it.
 const REFCOUNT_LIMIT: f64 = 2147483648.0;
 
+/// Counter handles by label index, resolved once: looking labels up per
+/// event (hashing four strings) was most of the ingest cost.
+struct Handles {
+    /// (calls, pages) by [op][level][kind][order].
+    rmap: Vec<Option<(IntCounter, IntCounter)>>,
+    /// by [outcome][kind or none][order].
+    write_faults: Vec<Option<IntCounter>>,
+    events: [IntCounter; 4],
+}
+
+const OPS: usize = 4;
+const LEVELS: usize = 4;
+const KINDS: usize = 6;
+const ORDERS: usize = 32;
+const OUTCOMES: usize = 6;
+
+impl Handles {
+    fn new(m: &Metrics) -> Self {
+        Self {
+            rmap: vec![None; OPS * LEVELS * KINDS * ORDERS],
+            write_faults: vec![None; OUTCOMES * KINDS * ORDERS],
+            events: ["rmap", "write_fault", "fork", "source"].map(|t| m.events.with_label_values(&[t])),
+        }
+    }
+
+    fn rmap(
+        &mut self,
+        m: &Metrics,
+        op: RmapOp,
+        level: Level,
+        kind: FolioKind,
+        order: u8,
+    ) -> &(IntCounter, IntCounter) {
+        let index =
+            (((op as usize * LEVELS + level as usize) * KINDS + kind as usize) * ORDERS) + order as usize;
+        self.rmap[index].get_or_insert_with(|| {
+            let labels = [op_label(op), level_label(level), kind_label(kind), order_label(order)];
+            (m.rmap_calls.with_label_values(&labels), m.rmap_pages.with_label_values(&labels))
+        })
+    }
+
+    fn write_fault(
+        &mut self,
+        m: &Metrics,
+        outcome: WriteFaultOutcome,
+        kind: Option<FolioKind>,
+        order: u8,
+    ) -> &IntCounter {
+        let order = if kind.is_some() { order } else { 0 };
+        let index = ((outcome as usize * KINDS + kind.map_or(0, |k| k as usize)) * ORDERS) + order as usize;
+        self.write_faults[index].get_or_insert_with(|| {
+            m.write_faults.with_label_values(&[
+                outcome_label(outcome),
+                kind.map_or("none", kind_label),
+                order_label(order),
+            ])
+        })
+    }
+}
+
 pub struct Aggregator {
     metrics: Arc<Metrics>,
+    handles: Handles,
     table: FolioTable,
     /// Highest refcount seen per (kind, order) over the daemon's life.
     refcount_max: HashMap<(FolioKind, u8), i32>,
@@ -50,6 +112,7 @@ fn kernel_mapcount(raw: &Event) -> Option<u64> {
 impl Aggregator {
     pub fn new(metrics: Arc<Metrics>, table_capacity: usize) -> Self {
         Self {
+            handles: Handles::new(&metrics),
             metrics,
             table: FolioTable::new(table_capacity),
             refcount_max: HashMap::new(),
@@ -70,10 +133,10 @@ impl Aggregator {
         let m = &*metrics;
         match *event {
             Decoded::Rmap { op, level, kind, raw } => {
-                m.events.with_label_values(&["rmap"]).inc();
-                let labels = [op_label(op), level_label(level), kind_label(kind), order_label(raw.order)];
-                m.rmap_calls.with_label_values(&labels).inc();
-                m.rmap_pages.with_label_values(&labels).inc_by(u64::from(raw.nr_pages));
+                self.handles.events[0].inc();
+                let (calls, pages) = self.handles.rmap(m, op, level, kind, raw.order);
+                calls.inc();
+                pages.inc_by(u64::from(raw.nr_pages));
                 if raw.flags & event_flags::OWN_MM != 0 {
                     self.table.note_owner(raw.mm, raw.tgid);
                 }
@@ -124,10 +187,8 @@ impl Aggregator {
                 }
             }
             Decoded::WriteFault { outcome, kind, raw } => {
-                m.events.with_label_values(&["write_fault"]).inc();
-                let kind_name = kind.map_or("none", kind_label);
-                let order = if kind.is_some() { order_label(raw.order) } else { "0" };
-                m.write_faults.with_label_values(&[outcome_label(outcome), kind_name, order]).inc();
+                self.handles.events[1].inc();
+                self.handles.write_fault(m, outcome, kind, raw.order).inc();
                 m.write_fault_duration.observe(f64::from(raw.duration_ns) * 1e-9);
                 if outcome == WriteFaultOutcome::Copy {
                     m.copy_reasons.with_label_values(&[copy_reason(kind, &raw)]).inc();
@@ -141,7 +202,7 @@ impl Aggregator {
                 }
             }
             Decoded::Fork(fork) => {
-                m.events.with_label_values(&["fork"]).inc();
+                self.handles.events[2].inc();
                 m.forks.inc();
                 let copies = fork.copies != 0;
                 m.fork_vmas.with_label_values(&[if copies { "copied" } else { "lazy" }]).inc();
@@ -150,7 +211,7 @@ impl Aggregator {
                 }
             }
             Decoded::Source { op, raw } => {
-                m.events.with_label_values(&["source"]).inc();
+                self.handles.events[3].inc();
                 if op != RmapOp::Remove {
                     let vma = match raw.vma_class {
                         vma_class::MIXEDMAP => "mixedmap",
@@ -199,21 +260,36 @@ impl Aggregator {
         for g in [&m.folios, &m.partially_mapped, &m.shared, &m.maybe_shared_bit, &m.refcount_max] {
             g.reset();
         }
+        // Count per (kind, order) first: one gauge update per label set, not per folio.
+        #[derive(Clone, Copy, Default)]
+        struct Counts {
+            folios: i64,
+            partial: i64,
+            shared: i64,
+            maybe_shared: i64,
+        }
+        let mut counts = [[Counts::default(); ORDERS]; KINDS];
         let mut worst: Option<(i32, usize)> = None;
         for f in self.table.iter() {
-            let labels = [kind_label(f.kind), order_label(f.order)];
-            m.folios.with_label_values(&labels).inc();
-            if f.partially_mapped() {
-                m.partially_mapped.with_label_values(&labels).inc();
-            }
-            if f.sharers() >= 2 {
-                m.shared.with_label_values(&labels).inc();
-            }
-            if f.shared_hint == shared_hint::MAYBE_SHARED {
-                m.maybe_shared_bit.with_label_values(&labels).inc();
-            }
+            let c = &mut counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
+            c.folios += 1;
+            c.partial += i64::from(f.partially_mapped());
+            c.shared += i64::from(f.sharers() >= 2);
+            c.maybe_shared += i64::from(f.shared_hint == shared_hint::MAYBE_SHARED);
             if worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
                 worst = Some((f.peak_refcount, f.vmas()));
+            }
+        }
+        for kind in [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping]
+        {
+            for (order, c) in counts[kind as usize].iter().enumerate().filter(|(_, c)| c.folios > 0) {
+                let labels = [kind_label(kind), order_label(order as u8)];
+                m.folios.with_label_values(&labels).set(c.folios);
+                m.partially_mapped.with_label_values(&labels).set(c.partial);
+                m.shared.with_label_values(&labels).set(c.shared);
+                if c.maybe_shared > 0 {
+                    m.maybe_shared_bit.with_label_values(&labels).set(c.maybe_shared);
+                }
             }
         }
         let mut highest = 0;

@@ -5,9 +5,8 @@
 //! else" has an exact answer. The kernel's own counters arrive with every
 //! event; the table checks itself against them.
 
-use std::collections::HashMap;
-
 use mapcount_common::{FolioKind, Level, RmapOp};
+use rustc_hash::FxHashMap as HashMap;
 
 /// Consecutive events of a folio whose counts must differ from the
 /// kernel's before that is a disagreement (see `FolioTable::apply`).
@@ -83,10 +82,16 @@ impl FolioState {
 
     /// Distinct address spaces mapping the folio (those the daemon knows).
     pub fn sharers(&self) -> u32 {
-        let mut mms: Vec<u64> = self.mappings.iter().filter(|m| m.total() > 0).map(|m| m.mm).collect();
-        mms.sort_unstable();
-        mms.dedup();
-        mms.len() as u32
+        // Called per event: no allocation. Mappings are few; count each mm
+        // at its first live mapping.
+        let live = |m: &&Mapping| m.total() > 0;
+        let mut count = 0;
+        for (i, m) in self.mappings.iter().enumerate().filter(|(_, m)| live(m)) {
+            if !self.mappings[..i].iter().filter(live).any(|earlier| earlier.mm == m.mm) {
+                count += 1;
+            }
+        }
+        count
     }
 
     pub fn pages(&self) -> u64 {
@@ -100,11 +105,13 @@ impl FolioState {
         if self.order == 0 || self.mappings.iter().any(|m| m.pmds > 0 || m.puds > 0) {
             return false;
         }
-        let mut per_mm: HashMap<u64, u64> = HashMap::new();
-        for m in &self.mappings {
-            *per_mm.entry(m.mm).or_default() += u64::from(m.ptes);
-        }
-        let most = per_mm.values().copied().max().unwrap_or(0);
+        // The address space that maps most of it, without allocating.
+        let most = self
+            .mappings
+            .iter()
+            .map(|m| self.mappings.iter().filter(|o| o.mm == m.mm).map(|o| u64::from(o.ptes)).sum::<u64>())
+            .max()
+            .unwrap_or(0);
         most > 0 && most < self.pages()
     }
 
@@ -169,12 +176,12 @@ pub struct FolioTable {
 impl FolioTable {
     pub fn new(capacity: usize) -> Self {
         Self {
-            folios: HashMap::new(),
-            by_vma: HashMap::new(),
+            folios: HashMap::default(),
+            by_vma: HashMap::default(),
             by_vma_len: 0,
             capacity: capacity.max(1),
             next_serial: 1,
-            mm_tgid: HashMap::new(),
+            mm_tgid: HashMap::default(),
         }
     }
 
@@ -306,6 +313,9 @@ impl FolioTable {
                 let slot = match slot {
                     Some(i) => Some(i),
                     None if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO => {
+                        // Most folios are mapped once: grow one mapping at a
+                        // time (a Vec would start at four).
+                        state.mappings.reserve_exact(1);
                         state.mappings.push(Mapping {
                             mm: call.mm,
                             vma: call.vma,

@@ -39,6 +39,8 @@ enum Cmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Measure the user-space budget (ingest, table memory, scrape, start-up) and write BENCHMARKS.md.
+    Bench,
     /// Fuzz the event decoder, the record-file reader and the configuration parser.
     Fuzz {
         /// Seconds per target.
@@ -69,6 +71,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { port, vm } => {
             setup::run()?;
             run(port, vm)
+        }
+        Cmd::Bench => {
+            setup::run()?;
+            bench()
         }
         Cmd::Soak { minutes, kernel } => {
             setup::run()?;
@@ -298,6 +304,96 @@ impl Tally {
             self.failed += 1;
         }
     }
+}
+
+/// Runs mapcount-bench and times mapcountd's start-up on this host, then
+/// writes BENCHMARKS.md with the figures, the machine and the commit.
+fn bench() -> anyhow::Result<()> {
+    let root = workspace_root();
+    run_cmd(Command::new(env!("CARGO")).current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "mapcount-daemon",
+        "--bins",
+    ]))?;
+    let release = root.join("target/release");
+    let output = Command::new(release.join("mapcount-bench")).output().context("mapcount-bench")?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let figure = |key: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    };
+
+    // Start-up: exec to /-/ready, loading every program (attach fails on a
+    // host without kprobes, which is what this measures here).
+    let mut startups = Vec::new();
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let started = std::time::Instant::now();
+        let mut child = Command::new(release.join("mapcountd"))
+            .args(["--web.listen-address", &format!("127.0.0.1:{port}"), "--log.level", "error"])
+            .spawn()?;
+        let ready = loop {
+            let probe = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/-/ready")])
+                .status()?;
+            if probe.success() {
+                break Some(started.elapsed());
+            }
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(t) = ready {
+            startups.push(t.as_secs_f64() * 1000.0);
+        }
+    }
+    startups.sort_by(f64::total_cmp);
+    let startup_ms = startups.get(startups.len() / 2).copied().unwrap_or(f64::NAN);
+
+    let commit = Command::new("git").current_dir(&root).args(["rev-parse", "--short", "HEAD"]).output()?;
+    let commit = String::from_utf8_lossy(&commit.stdout).trim().to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let rate = figure("ingest_events_per_second");
+    let bytes = figure("table_bytes_per_folio");
+    let scrape_ms = figure("scrape_seconds_best_of_5") * 1000.0;
+    let report = format!(
+        "# mapcount benchmarks\n\n\
+         Measured at commit `{commit}` by `cargo xtask bench` on {cores} cores ({cpu}), kernel {kernel}\n\
+         Rerun: `cargo xtask bench` (rewrites this file).\n\n\
+         | goal | target | measured | |\n|---|---|---|---|\n\
+         | 1. ingest: decode and aggregate, one core | >= 20,000,000 events/s | {rate:.0} events/s ({events} synthetic events: fault, fork, reuse, map, unmap of small folios) | {} |\n\
+         | 1. folio table memory | <= 96 bytes per live folio | {bytes:.0} bytes (heap bytes / live folios, 1,000,000 folios mapped once, counted by the allocator) | {} |\n\
+         | 2. kernel-side cost vs bpftrace | slowdown <= bpftrace's | not measured yet | |\n\
+         | 3. no silent loss | produced = received + lost per CPU | not measured yet (losses are counted per CPU: `mapcount_events_lost_total`) | |\n\
+         | 4. scrape with 1,000,000 live folios | <= 50 ms | {scrape_ms:.1} ms (best of 5) | {} |\n\
+         | 5. start-up, host (exec to /-/ready, programs loaded, attach refused) | reported | {startup_ms:.0} ms (median of 5) | |\n\n\
+         ## What was tried and what each change bought\n\n\
+         - Counter handles resolved once per label set instead of a label lookup per event, folio table on FxHash,\n  \
+           no allocation when counting sharers or checking partial mappings: ingest 0.56 M -> 2.2 M events/s,\n  \
+           scrape with 1 M folios 274 ms -> 41 ms (gauges summed per (kind, order) before one update each).\n\
+         - Mappings grow one at a time (a Vec starts at four): 291 -> 219 bytes per folio.\n\
+         - Left: the table's hash map (2^21 slots of 89 bytes for 1 M folios) dominates memory; an inline first\n  \
+           mapping and a smaller entry are the next steps, and ingest needs pre-aggregation in the kernel or a\n  \
+           cheaper per-event path to approach 20 M events/s.\n",
+        verdict(rate >= 20e6),
+        verdict(bytes <= 96.0),
+        verdict(scrape_ms <= 50.0),
+        events = figure("ingest_events"),
+    );
+    std::fs::write(root.join("BENCHMARKS.md"), &report)?;
+    print!("{report}");
+    Ok(())
 }
 
 /// The overload run inside `cargo xtask test`; `cargo xtask soak` runs longer.

@@ -1,0 +1,150 @@
+//! `mapcount-bench`: the user-space side of the performance budget, on
+//! this host, without root. `cargo xtask bench` runs it and writes
+//! BENCHMARKS.md.
+//!
+//! - ingest: decode and aggregate a synthetic stream on one core;
+//! - folio table: bytes per live folio (heap growth / folios);
+//! - scrape: rendering /metrics with a million live folios.
+
+use std::{
+    hint::black_box,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use mapcount_common::{Event, EventType, FolioKind, ForkEvent, Level, RmapOp, WriteFaultOutcome};
+use mapcount_daemon::{aggregate::Aggregator, decode::encode, ingest::Sink, metrics::Metrics};
+
+/// A reproducible stream: small-folio churn (fault in, fork, COW, unmap)
+/// over `folios` distinct folios, the shape of the VM scenarios' streams.
+fn synthetic_stream(folios: u64) -> Vec<Vec<u8>> {
+    let mut records = Vec::with_capacity(folios as usize * 5);
+    let rmap = |op: RmapOp, folio: u64, mm: u64, vma: u64, mapcount: i32| Event {
+        event_type: EventType::Rmap as u8,
+        op: op as u8,
+        level: Level::Pte as u8,
+        kind: FolioKind::Anon as u8,
+        folio,
+        mm,
+        vma,
+        nr_pages: 1,
+        mapcount,
+        refcount: mapcount + 1,
+        ..Event::ZERO
+    };
+    for i in 0..folios {
+        let folio = 0xffff_ea00_0000_0000 + i * 64;
+        let (parent, child) = (1 + i % 64, 1000 + i % 64);
+        records.push(encode(&rmap(RmapOp::AddNew, folio, parent, parent * 16, 0)));
+        if i % 8 == 0 {
+            records.push(encode(&ForkEvent {
+                event_type: EventType::Fork as u8,
+                copies: 1,
+                _pad: [0; 6],
+                src_mm: parent,
+                src_vma: parent * 16,
+                dst_mm: child,
+                dst_vma: child * 16,
+                timestamp_ns: 0,
+                tgid: 1,
+                _pad2: 0,
+            }));
+        }
+        records.push(encode(&Event {
+            event_type: EventType::WriteFault as u8,
+            outcome: WriteFaultOutcome::Reuse as u8,
+            kind: FolioKind::Anon as u8,
+            folio,
+            mm: parent,
+            duration_ns: 1500,
+            mapcount: 0,
+            ..Event::ZERO
+        }));
+        records.push(encode(&rmap(RmapOp::Add, folio, parent, parent * 16, 0)));
+        records.push(encode(&rmap(RmapOp::Remove, folio, parent, parent * 16, 1)));
+        records.push(encode(&rmap(RmapOp::Remove, folio, parent, parent * 16, 0)));
+    }
+    records
+}
+
+/// Counts live heap bytes, so the table's cost per folio is measured, not
+/// estimated.
+struct CountingAllocator;
+
+static LIVE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator; only adds bookkeeping.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size() as u64, std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as u64, std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+fn heap_bytes() -> u64 {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let live_folios: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+
+    // Ingest.
+    let stream = synthetic_stream(1_000_000);
+    let metrics = Arc::new(Metrics::new());
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
+    let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+    let started = Instant::now();
+    for record in &stream {
+        sink.take(&mut aggregator, record).unwrap();
+    }
+    let elapsed = started.elapsed();
+    let rate = stream.len() as f64 / elapsed.as_secs_f64();
+    println!("ingest_events {}", stream.len());
+    println!("ingest_seconds {:.3}", elapsed.as_secs_f64());
+    println!("ingest_events_per_second {rate:.0}");
+    drop(stream);
+
+    // Folio table: a million live folios, each mapped once.
+    let metrics = Arc::new(Metrics::new());
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), live_folios as usize);
+    let before = heap_bytes();
+    for i in 0..live_folios {
+        let event = Event {
+            event_type: EventType::Rmap as u8,
+            op: RmapOp::AddNew as u8,
+            level: Level::Pte as u8,
+            kind: FolioKind::Anon as u8,
+            folio: 0xffff_ea00_0000_0000 + i * 64,
+            mm: 1 + i % 64,
+            vma: (1 + i % 64) * 16 + (i % 1024),
+            nr_pages: 1,
+            mapcount: 0,
+            refcount: 1,
+            ..Event::ZERO
+        };
+        sink.take(&mut aggregator, &encode(&event)).unwrap();
+    }
+    let grown = heap_bytes().saturating_sub(before);
+    println!("table_live_folios {}", aggregator.table().len());
+    println!("table_bytes_per_folio {:.1}", grown as f64 / live_folios as f64);
+
+    // Scrape with the table full.
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let started = Instant::now();
+        aggregator.refresh_gauges();
+        let text = black_box(metrics.render());
+        best = best.min(started.elapsed().as_secs_f64());
+        black_box(text.len());
+    }
+    println!("scrape_seconds_best_of_5 {best:.4}");
+}
