@@ -381,7 +381,8 @@ fn bench() -> anyhow::Result<()> {
          ## What was tried and what each change bought\n\n\
          - Counter handles resolved once per label set instead of a label lookup per event, folio table on FxHash,\n  \
            no allocation when counting sharers or checking partial mappings: ingest 0.56 M -> 2.2 M events/s,\n  \
-           scrape with 1 M folios 274 ms -> 41 ms (gauges summed per (kind, order) before one update each).\n\
+           scrape with 1 M folios 274 ms -> 41 ms (gauges summed per (kind, order) before one update each);\n  \
+           before and after were measured under the same load (a VM soak on the other core), the table above idle.\n\
          - Mappings grow one at a time (a Vec starts at four): 291 -> 219 bytes per folio.\n\
          - Left: the table's hash map (2^21 slots of 89 bytes for 1 M folios) dominates memory; an inline first\n  \
            mapping and a smaller entry are the next steps, and ingest needs pre-aggregation in the kernel or a\n  \

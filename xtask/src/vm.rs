@@ -80,6 +80,16 @@ if [ "$MODE" = test ]; then
     mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
     cat /tmp/replay.log
     mapcount-workload compare /tmp/final.prom /tmp/replay.prom
+    # SIGINT takes the same way out as SIGTERM.
+    mapcountd --web.listen-address=127.0.0.1:9731 --attach.mode=$attach >/tmp/mapcountd-int.log 2>&1 &
+    second=$!
+    for i in $(seq 1 300); do
+        wget -q -O /dev/null http://127.0.0.1:9731/-/ready 2>/dev/null && break
+        sleep 0.2
+    done
+    kill -INT $second
+    wait $second
+    echo "MAPCOUNT-SIGINT exit=$? progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:')"
     sed 's/^/metrics: /' /tmp/final.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
 elif [ "$MODE" = soak ]; then
@@ -428,6 +438,16 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
             // The time to exit is reported, not judged: detaching waits for
             // RCU grace periods, which TCG stretches 10-50 times.
             println!("  (shutdown took {} centiseconds under TCG)", field("centiseconds=").unwrap_or(0));
+        } else if let Some(rest) = line.strip_prefix("MAPCOUNT-SIGINT ") {
+            let field = |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned();
+            let ok = field("exit=") == "0" && field("progs_after=") == "0" && field("links_after=") == "0";
+            results.push(CheckResult {
+                name: "shutdown/sigint_clean".to_owned(),
+                known: "exit 0, 0 left".to_owned(),
+                reported: format!("exit {}, {} progs, {} links", field("exit="), field("progs_after="), field("links_after=")),
+                accepted: "-".to_owned(),
+                passed: ok,
+            });
         } else if let Some(code) = line.strip_prefix("MAPCOUNT-DAEMON-EXIT ") {
             results.push(CheckResult {
                 name: "daemon/exit_after_sigterm".to_owned(),
