@@ -439,12 +439,19 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
             // RCU grace periods, which TCG stretches 10-50 times.
             println!("  (shutdown took {} centiseconds under TCG)", field("centiseconds=").unwrap_or(0));
         } else if let Some(rest) = line.strip_prefix("MAPCOUNT-SIGINT ") {
-            let field = |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned();
+            let field = |key: &str| {
+                rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned()
+            };
             let ok = field("exit=") == "0" && field("progs_after=") == "0" && field("links_after=") == "0";
             results.push(CheckResult {
                 name: "shutdown/sigint_clean".to_owned(),
                 known: "exit 0, 0 left".to_owned(),
-                reported: format!("exit {}, {} progs, {} links", field("exit="), field("progs_after="), field("links_after=")),
+                reported: format!(
+                    "exit {}, {} progs, {} links",
+                    field("exit="),
+                    field("progs_after="),
+                    field("links_after=")
+                ),
                 accepted: "-".to_owned(),
                 passed: ok,
             });
