@@ -208,27 +208,20 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test)?;
         for mode in modes {
             let started = std::time::Instant::now();
-            let boot = vm::Boot {
+            let boot = || vm::Boot {
                 forward_port: None,
                 timeout: Some(600),
                 echo: false,
                 attach_mode: mode,
                 soak_seconds: 0,
             };
-            let mut output = vm::boot(kernel, &image, boot)?;
+            let mut output = vm::boot(kernel, &image, boot())?;
             if !output.contains("MAPCOUNT-KERNEL") {
                 // The kernel died before running /init (seen: an int3 oops in
                 // early boot under TCG). That is the emulator, not mapcount:
                 // boot once more, and say so.
                 println!("kernel {} ({mode}): the VM did not reach /init; booting again", kernel.name);
-                let boot = vm::Boot {
-                    forward_port: None,
-                    timeout: Some(600),
-                    echo: false,
-                    attach_mode: mode,
-                    soak_seconds: 0,
-                };
-                output = vm::boot(kernel, &image, boot)?;
+                output = vm::boot(kernel, &image, boot())?;
             }
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
