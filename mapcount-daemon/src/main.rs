@@ -24,7 +24,7 @@ use mapcount_daemon::{
     record,
     web_config::WebSecurity,
 };
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
 #[derive(Parser)]
 #[command(
@@ -100,6 +100,7 @@ struct RunArgs {
 
 /// Flags and configuration file merged.
 struct Settings {
+    config_file: Option<PathBuf>,
     web_security: WebSecurity,
     listen_address: SocketAddr,
     telemetry_path: String,
@@ -123,6 +124,7 @@ impl Settings {
             None => WebSecurity::default(),
         };
         Ok(Settings {
+            config_file: args.config_file.clone(),
             web_security,
             listen_address: args
                 .listen_address
@@ -177,10 +179,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+    // The filter sits behind a reload handle: SIGHUP can change the log level.
+    let (filter, log_filter) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
         .init();
     // aya-log records arrive through the `log` crate.
     if let Err(e) = tracing_log::LogTracer::init() {
@@ -194,7 +201,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(settings))),
+            .and_then(|rt| rt.block_on(run(settings, log_filter))),
         (None, None) => unreachable!("settings are resolved when there is no subcommand"),
     };
     match result {
@@ -210,7 +217,53 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
-async fn run(args: Settings) -> anyhow::Result<ExitCode> {
+/// Handle to change the log filter of the running daemon.
+type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// SIGHUP: read the configuration file again. The log level applies at
+/// once; anything else that changed is named, and needs a restart (the
+/// ring buffer and the programs are sized and attached at start).
+fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter) {
+    let Some(path) = config_file else {
+        tracing::warn!("SIGHUP: no --config.file, nothing to reload");
+        return;
+    };
+    let file = match Config::load(path) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::error!("SIGHUP: configuration not reloaded, the running one stays: {e}");
+            return;
+        }
+    };
+    if let Some(level) = &file.log.level {
+        let applied = EnvFilter::try_new(level).ok().is_some_and(|filter| log_filter.reload(filter).is_ok());
+        if applied {
+            tracing::info!(level, "SIGHUP: log level applied");
+        } else {
+            tracing::error!(level, "SIGHUP: bad log.level, kept the running one");
+        }
+    }
+    let restart_needed = [
+        ("web.listen_address", file.web.listen_address.is_some_and(|a| a != running.listen_address)),
+        (
+            "web.telemetry_path",
+            file.web.telemetry_path.as_ref().is_some_and(|p| *p != running.telemetry_path),
+        ),
+        ("attach.mode", file.attach.mode.is_some_and(|m| m != running.attach_mode)),
+        (
+            "ringbuf.size",
+            file.ringbuf.size.as_ref().is_some_and(|s| *s.get_ref() != running.ring_buffer_bytes),
+        ),
+        ("folio_table.size", file.folio_table.size.is_some_and(|n| n != running.folio_table_size)),
+    ];
+    for (key, changed) in restart_needed {
+        if changed {
+            tracing::warn!(key, "SIGHUP: changed in the configuration file; takes effect after a restart");
+        }
+    }
+}
+
+async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> {
     let listener = http::bind(args.listen_address).await?;
     privileges::check()?;
 
@@ -289,20 +342,31 @@ async fn run(args: Settings) -> anyhow::Result<ExitCode> {
 
     let state = Arc::new(http::HttpState {
         aggregator: Arc::clone(&aggregator),
-        telemetry_path: args.telemetry_path,
-        security: args.web_security,
+        telemetry_path: args.telemetry_path.clone(),
+        security: args.web_security.clone(),
     });
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));
 
+    // Readiness for systemd (Type=notify); a no-op outside systemd.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reload_loop = async {
+        loop {
+            sighup.recv().await;
+            reload(args.config_file.as_deref(), &args, &log_filter);
+        }
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
         result = ingest::run(&mut events, &mut sink) => result.map_err(anyhow::Error::from),
         result = ingest::run_log(logger) => result.map_err(anyhow::Error::from),
+        () = reload_loop => unreachable!("the reload loop never ends"),
         _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: detaching"); Ok(()) }
     };
     server.abort();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // Detach first, then take what is still in the ring buffer: nothing
     // that reached it is lost at shutdown.
     let stopping = std::time::Instant::now();

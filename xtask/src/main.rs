@@ -198,6 +198,7 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         tally.passed += passed;
         tally.failed += failed;
         tally.add(host_verifier_test(&bin));
+        deploy_checks(&bin, &mut tally)?;
         for kernel in &kernels {
             tally.add(check_against_btf(&bin, kernel, &btf_dir)?);
         }
@@ -259,6 +260,25 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
     }
     if !vm_only && let Some(kernel) = kernels.iter().find(|k| k.name == "6.12") {
         soak(&bin, kernel, OVERLOAD_SECONDS_IN_TEST, &mut tally)?;
+    }
+    // Every VM's final metrics, as the daemon exported them, through promtool's linter.
+    if let Ok(promtool) = promtool() {
+        for cell in &cells {
+            let console = std::fs::read_to_string(&cell.log).unwrap_or_default();
+            let text: String = console
+                .lines()
+                .filter_map(|l| l.strip_prefix("metrics: "))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let ok = !text.is_empty() && promtool_check_metrics(&promtool, &text);
+            println!(
+                "promtool check metrics on the {} {} VM's metrics: {}",
+                cell.kernel,
+                cell.mode,
+                if ok { "passed" } else { "FAILED" }
+            );
+            tally.add(ok);
+        }
     }
     if !cells.is_empty() {
         println!("\nVM matrix:");
@@ -451,6 +471,113 @@ fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -
     );
     let exit_ok = output.contains("MAPCOUNT-DAEMON-EXIT 0");
     check(tally, "overload/clean_exit", exit_ok, "SIGTERM -> exit 0".into());
+    Ok(())
+}
+
+/// promtool from Debian's prometheus package, unpacked into the cache (the
+/// package is not installed: its scripts would start a server).
+fn promtool() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("prometheus");
+    let promtool = dir.join("root/usr/bin/promtool");
+    if promtool.exists() {
+        return Ok(promtool);
+    }
+    std::fs::create_dir_all(&dir)?;
+    run_cmd(Command::new("apt-get").current_dir(&dir).args([
+        "download",
+        "-qq",
+        "-o",
+        "APT::Sandbox::User=root",
+        "prometheus",
+    ]))?;
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+    Ok(promtool)
+}
+
+fn promtool_check_metrics(promtool: &Path, text: &str) -> bool {
+    use std::io::Write as _;
+    let Ok(mut child) = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return false;
+    };
+    let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
+    let Ok(out) = child.wait_with_output() else { return false };
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !complaints.trim().is_empty() {
+        println!("  promtool: {}", complaints.trim());
+    }
+    out.status.success() && complaints.trim().is_empty()
+}
+
+/// What an operator installs, checked with the real tools: the systemd
+/// unit (systemd-analyze verify, security exposure), the alerting and
+/// recording rules (promtool check rules) and a live scrape (promtool
+/// check metrics).
+fn deploy_checks(bin: &Path, tally: &mut Tally) -> anyhow::Result<()> {
+    let deploy = workspace_root().join("deploy");
+    let scratch = cache_dir().join("deploy-check");
+    std::fs::create_dir_all(&scratch)?;
+    // verify wants the ExecStart binary to exist: point it at this build.
+    let unit = std::fs::read_to_string(deploy.join("systemd/mapcountd.service"))?
+        .replace("/usr/bin/mapcountd", &bin.join("mapcountd").display().to_string());
+    let unit_path = scratch.join("mapcountd.service");
+    std::fs::write(&unit_path, unit)?;
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&unit_path).output()?;
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    let ok = verify.status.success() && complaints.trim().is_empty();
+    println!("systemd-analyze verify: {}{}", if ok { "passed" } else { "FAILED: " }, complaints.trim());
+    tally.add(ok);
+    let security =
+        Command::new("systemd-analyze").args(["security", "--offline=true"]).arg(&unit_path).output()?;
+    let text = String::from_utf8_lossy(&security.stdout);
+    let overall = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or("").trim().to_owned();
+    let ok = overall.contains(" OK") || overall.contains(" SAFE");
+    println!("systemd-analyze security: {} ({overall})", if ok { "passed" } else { "FAILED" });
+    tally.add(ok);
+
+    let promtool = promtool()?;
+    let rules = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(deploy.join("prometheus/mapcount.rules.yml"))
+        .output()?;
+    let ok = rules.status.success();
+    println!(
+        "promtool check rules: {} ({})",
+        if ok { "passed" } else { "FAILED" },
+        String::from_utf8_lossy(&rules.stdout).trim().replace('\n', " ")
+    );
+    tally.add(ok);
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut daemon = Command::new(bin.join("mapcountd"))
+        .args(["--web.listen-address", &format!("127.0.0.1:{port}"), "--log.level", "error"])
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = std::time::Instant::now();
+    let scrape = loop {
+        let out = Command::new("curl").args(["-sf", &format!("http://127.0.0.1:{port}/metrics")]).output()?;
+        if out.status.success() || started.elapsed() > std::time::Duration::from_secs(30) {
+            break String::from_utf8_lossy(&out.stdout).to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let ok = !scrape.is_empty() && promtool_check_metrics(&promtool, &scrape);
+    println!("promtool check metrics on a live scrape: {}", if ok { "passed" } else { "FAILED" });
+    tally.add(ok);
     Ok(())
 }
 

@@ -1,0 +1,66 @@
+//! SIGHUP reloads the configuration file: the log level applies at once,
+//! other changed keys are named as needing a restart, a broken file keeps
+//! the running configuration. Runs the real daemon.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+#[test]
+#[ignore = "starts mapcountd, which needs root: run through `cargo xtask test`"]
+fn sighup_reloads_the_configuration() {
+    let dir = std::env::temp_dir().join(format!("mapcount-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mapcountd.toml");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let address = format!("127.0.0.1:{port}");
+    std::fs::write(&config, format!("[web]\nlisten_address = \"{address}\"\n[log]\nlevel = \"info\"\n"))
+        .unwrap();
+
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mapcountd"))
+        .arg("--config.file")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(&address).is_err() {
+        assert!(Instant::now() < deadline, "mapcountd did not listen");
+        sleep(Duration::from_millis(100));
+    }
+    sleep(Duration::from_secs(2)); // past loading, into the signal loop
+    let hup = |pid: u32| {
+        assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
+        sleep(Duration::from_millis(500));
+    };
+    std::fs::write(
+        &config,
+        format!("[web]\nlisten_address = \"{address}\"\n[ringbuf]\nsize = 65536\n[log]\nlevel = \"debug\"\n"),
+    )
+    .unwrap();
+    hup(daemon.id());
+    std::fs::write(&config, "[web\n").unwrap();
+    hup(daemon.id());
+    assert!(Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status().unwrap().success());
+    let output = daemon.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{log}");
+    assert!(output.status.success(), "exit 0 after SIGTERM");
+    assert!(
+        log.contains("SIGHUP: log level applied") && log.contains("level=\"debug\""),
+        "log level reloaded"
+    );
+    assert!(
+        log.contains("key=\"ringbuf.size\"") && log.contains("takes effect after a restart"),
+        "restart named"
+    );
+    assert!(
+        log.contains("SIGHUP: configuration not reloaded, the running one stays"),
+        "broken file kept out"
+    );
+    assert!(log.contains(":1:5: unclosed table"), "the broken file's line and column");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
