@@ -20,7 +20,7 @@ fn sighup_reloads_the_configuration() {
     std::fs::write(&config, format!("[web]\nlisten_address = \"{address}\"\n[log]\nlevel = \"info\"\n"))
         .unwrap();
 
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mapcountd"))
+    let daemon = Command::new(env!("CARGO_BIN_EXE_mapcountd"))
         .arg("--config.file")
         .arg(&config)
         .stderr(Stdio::piped())
