@@ -737,6 +737,13 @@ mod scenarios {
         // code pages that only the readers ran would have 5 sharers as well.
         let own = map_and_read();
         unsafe { libc::munmap(own, THP) };
+        // The waiting readers block in libc's read(), which the parent
+        // (whose I/O goes through recv and friends) may never have run:
+        // fault that libc page in here too.
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+        let mut byte = [0u8; 1];
+        unsafe { libc::read(null, byte.as_mut_ptr().cast(), 1) };
+        unsafe { libc::close(null) };
         let readers = Waiters::spawn(5, || {
             map_and_read();
         });
