@@ -323,14 +323,7 @@ impl Tally {
 /// writes BENCHMARKS.md with the figures, the machine and the commit.
 fn bench() -> anyhow::Result<()> {
     let root = workspace_root();
-    run_cmd(Command::new(env!("CARGO")).current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "mapcount-daemon",
-        "--bins",
-    ]))?;
-    let release = root.join("target/release");
+    let release = build_binaries()?;
     let output = Command::new(release.join("mapcount-bench")).output().context("mapcount-bench")?;
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let figure = |key: &str| -> f64 {
