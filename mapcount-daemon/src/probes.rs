@@ -282,6 +282,21 @@ fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, 
     ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(ProbesError::MissingProgram(name))
 }
 
+/// perf_event_open's EACCES without CAP_SYS_ADMIN usually means Debian's
+/// `kernel.perf_event_paranoid=3`, which refuses it even with CAP_PERFMON.
+fn with_paranoid_hint(error: String) -> String {
+    if !error.contains("Permission denied") {
+        return error;
+    }
+    match std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid") {
+        Ok(level) if level.trim().parse::<i32>().is_ok_and(|l| l > 2) => format!(
+            "{error}; kernel.perf_event_paranoid is {} (kprobes need CAP_SYS_ADMIN): set it to 2, or use attach.mode fentry",
+            level.trim()
+        ),
+        _ => error,
+    }
+}
+
 /// Every kprobe program, each once.
 fn kprobe_programs() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = PROBES.iter().flat_map(|s| s.candidates).map(|c| c.kprobe).collect();
@@ -330,7 +345,7 @@ pub fn attach_all(
                     _ => kprobe(ebpf, candidate.kprobe)?
                         .attach(&function, 0)
                         .map(drop)
-                        .map_err(|e| error_chain(&e)),
+                        .map_err(|e| with_paranoid_hint(error_chain(&e))),
                 };
                 match result {
                     Ok(()) => {

@@ -181,7 +181,7 @@ fn version_key(version: &str) -> Vec<u64> {
 }
 
 /// The Debian archive and security archive this machine already uses.
-fn archive_uris() -> anyhow::Result<(String, String)> {
+pub fn archive_uris() -> anyhow::Result<(String, String)> {
     let mut uris: Vec<String> = Vec::new();
     let sources = fs::read_to_string("/etc/apt/sources.list.d/debian.sources").unwrap_or_default();
     uris.extend(

@@ -1,6 +1,8 @@
 //! Developer commands: `cargo xtask setup | run | test`.
 
+mod install;
 mod kernels;
+mod prometheus;
 mod setup;
 mod vm;
 
@@ -39,6 +41,12 @@ enum Cmd {
         #[arg(long, default_value = "6.12")]
         kernel: String,
     },
+    /// Build the Debian package (mapcountd, unit, configuration, dashboard, rules) into target/debian/.
+    Package {
+        /// Then install it into a debootstrapped Debian booted with systemd in the VM.
+        #[arg(long)]
+        install_test: bool,
+    },
     /// Measure the user-space budget (ingest, table memory, scrape, start-up) and write BENCHMARKS.md.
     Bench,
     /// Fuzz the event decoder, the record-file reader and the configuration parser.
@@ -71,6 +79,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run { port, vm } => {
             setup::run()?;
             run(port, vm)
+        }
+        Cmd::Package { install_test } => {
+            setup::run()?;
+            let deb = package()?;
+            if install_test {
+                let mut tally = Tally::default();
+                install::test(&deb, &kernels::fetch(kernels::find("6.12")?)?, &mut tally)?;
+                if tally.failed > 0 {
+                    bail!("{} install check(s) failed", tally.failed);
+                }
+            }
+            Ok(())
         }
         Cmd::Bench => {
             setup::run()?;
@@ -135,6 +155,37 @@ fn build_binaries() -> anyhow::Result<PathBuf> {
     Ok(workspace_root().join("target/release"))
 }
 
+/// Builds the .deb with cargo-deb (metadata in mapcount-daemon/Cargo.toml)
+/// and prints its file list; returns the package's path.
+fn package() -> anyhow::Result<PathBuf> {
+    let root = workspace_root();
+    build_binaries()?;
+    let out_dir = root.join("target/debian");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir)?;
+    run_cmd(
+        Command::new(env!("CARGO"))
+            .current_dir(&root)
+            .args(["deb", "-p", "mapcount-daemon", "--no-build", "-o"])
+            .arg(&out_dir),
+    )?;
+    let deb = std::fs::read_dir(&out_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("cargo deb wrote no .deb")?;
+    let listing = Command::new("dpkg-deb").arg("--contents").arg(&deb).output()?;
+    let info =
+        Command::new("dpkg-deb").arg("--field").arg(&deb).args(["Package", "Version", "Depends"]).output()?;
+    println!(
+        "{}:\n{}{}",
+        deb.display(),
+        String::from_utf8_lossy(&info.stdout),
+        String::from_utf8_lossy(&listing.stdout)
+    );
+    Ok(deb)
+}
+
 fn host_can_trace() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe/type").exists()
 }
@@ -151,7 +202,7 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
         "this kernel cannot attach kprobes (no kprobe PMU): running mapcountd in a VM on Debian's 6.12 kernel with a demo workload; metrics at http://localhost:{port}/metrics, Ctrl-C stops"
     );
     let kernel = kernels::fetch(kernels::find("6.12")?)?;
-    let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo)?;
+    let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo, None)?;
     vm::boot(
         &kernel,
         &image,
@@ -161,6 +212,7 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
             echo: true,
             attach_mode: "auto",
             soak_seconds: 0,
+            init: None,
         },
     )?;
     Ok(())
@@ -206,7 +258,9 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
 
     let mut cells = Vec::new();
     for kernel in &kernels {
-        let image = vm::Image::build(&bin, kernel, vm::Mode::Test)?;
+        // Prometheus runs in the 7.3 cells, where every metric has data.
+        let prometheus = if kernel.name == "7.3" { Some(prometheus_binary()?) } else { None };
+        let image = vm::Image::build(&bin, kernel, vm::Mode::Test, prometheus.as_deref())?;
         for mode in modes {
             let started = std::time::Instant::now();
             let boot = || vm::Boot {
@@ -215,6 +269,7 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
                 echo: false,
                 attach_mode: mode,
                 soak_seconds: 0,
+                init: None,
             };
             let mut output = vm::boot(kernel, &image, boot())?;
             if !output.contains("MAPCOUNT-KERNEL") {
@@ -227,6 +282,9 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
             let mut results = vm::parse_checks(&output);
+            if prometheus.is_some() {
+                results.extend(prometheus::parse(&output)?);
+            }
             if !output.contains("MAPCOUNT-SUMMARY") {
                 results
                     .push(vm::CheckResult::failed("vm/completed", "the VM produced no summary: see the log"));
@@ -260,6 +318,8 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
     }
     if !vm_only && let Some(kernel) = kernels.iter().find(|k| k.name == "6.12") {
         soak(&bin, kernel, OVERLOAD_SECONDS_IN_TEST, &mut tally)?;
+        let deb = package()?;
+        install::test(&deb, kernel, &mut tally)?;
     }
     // Every VM's final metrics, as the daemon exported them, through promtool's linter.
     if let Ok(promtool) = promtool() {
@@ -409,13 +469,14 @@ const OVERLOAD_SECONDS_IN_TEST: u64 = 60;
 /// Overload: the daemon keeps serving, counts every lost event, stays
 /// within its folio-table bound, and its RSS stops growing.
 fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -> anyhow::Result<()> {
-    let image = vm::Image::build(bin, kernel, vm::Mode::Soak)?;
+    let image = vm::Image::build(bin, kernel, vm::Mode::Soak, None)?;
     let boot = vm::Boot {
         forward_port: None,
         timeout: Some(seconds + 300),
         echo: false,
         attach_mode: "auto",
         soak_seconds: seconds,
+        init: None,
     };
     let output = vm::boot(kernel, &image, boot)?;
     let log = cache_dir().join(format!("vm-soak-{}.log", kernel.name));
@@ -470,10 +531,19 @@ fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -
 /// promtool from Debian's prometheus package, unpacked into the cache (the
 /// package is not installed: its scripts would start a server).
 fn promtool() -> anyhow::Result<PathBuf> {
+    Ok(prometheus_package()?.join("usr/bin/promtool"))
+}
+
+fn prometheus_binary() -> anyhow::Result<PathBuf> {
+    Ok(prometheus_package()?.join("usr/bin/prometheus"))
+}
+
+/// Debian's prometheus package, unpacked; returns its root.
+fn prometheus_package() -> anyhow::Result<PathBuf> {
     let dir = cache_dir().join("prometheus");
     let promtool = dir.join("root/usr/bin/promtool");
     if promtool.exists() {
-        return Ok(promtool);
+        return Ok(dir.join("root"));
     }
     std::fs::create_dir_all(&dir)?;
     run_cmd(Command::new("apt-get").current_dir(&dir).args([
@@ -489,7 +559,7 @@ fn promtool() -> anyhow::Result<PathBuf> {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download prometheus left no .deb")?;
     run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
-    Ok(promtool)
+    Ok(dir.join("root"))
 }
 
 fn promtool_check_metrics(promtool: &Path, text: &str) -> bool {

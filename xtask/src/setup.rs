@@ -10,7 +10,9 @@ use crate::run_cmd;
 /// Debian packages: LLVM 22 for bpf-linker (matching the nightly's LLVM),
 /// qemu and the initramfs tools for the VM tests, decompressors for kernel
 /// images and modules, bpftool and objcopy for the BTF cross-checks,
-/// openssl, curl and setpriv for the TLS and privilege tests.
+/// openssl, curl and setpriv for the TLS and privilege tests, dpkg-dev
+/// (dpkg-shlibdeps) for the package's dependencies, debootstrap for the
+/// install test's root file system.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -25,6 +27,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "util-linux",
+    "dpkg-dev",
+    "debootstrap",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -34,7 +38,31 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     bpf_linker()?;
     cargo_fuzz()?;
+    cargo_deb()?;
     Ok(())
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+fn cargo_deb() -> anyhow::Result<()> {
+    if Command::new("cargo")
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION))
+    {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (builds the Debian package)");
+    // Without default features: xz compression and debug-id support pull in
+    // C libraries the package does not need (it is gzip-compressed).
+    run_cmd(Command::new(env!("CARGO")).args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--no-default-features",
+    ]))
 }
 
 fn cargo_fuzz() -> anyhow::Result<()> {

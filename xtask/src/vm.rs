@@ -66,8 +66,41 @@ for i in $(seq 1 300); do
 done
 echo "MAPCOUNT-DAEMON-READY $ready"
 if [ "$MODE" = test ]; then
+    if [ -x /usr/bin/prometheus ]; then
+        # The operator's view: Prometheus scrapes the daemon throughout.
+        prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
+            --web.listen-address=127.0.0.1:9090 >/tmp/prometheus.log 2>&1 &
+        prom=$!
+        for i in $(seq 1 300); do
+            wget -q -O /dev/null http://127.0.0.1:9090/-/ready 2>/dev/null && break
+            sleep 0.2
+        done
+        # Scraped, and the rules evaluated on that data, before the scenarios.
+        for i in $(seq 1 60); do
+            ratio=$(wget -q -O - 'http://127.0.0.1:9090/api/v1/query?query=mapcount_refcount_headroom_ratio')
+            case "$ratio" in *'"result":[{'*) break ;; esac
+            sleep 1
+        done
+        sleep 3
+        echo "MAPCOUNT-PROM-RATIO-BEFORE $ratio"
+        echo "MAPCOUNT-PROM-ALERTS-BEFORE $(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)"
+    fi
     mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
     echo "MAPCOUNT-WORKLOAD-EXIT $?"
+    if [ -x /usr/bin/prometheus ]; then
+        for i in $(seq 1 30); do
+            alerts=$(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)
+            case "$alerts" in *firing*) break ;; esac
+            sleep 1
+        done
+        echo "MAPCOUNT-PROM-ALERTS-AFTER $alerts"
+        while read -r index query; do
+            echo "MAPCOUNT-PROMQL $index $(wget -q -O - "http://127.0.0.1:9090/api/v1/query?query=$query")"
+        done </etc/prometheus/queries.txt
+        kill $prom
+        wait $prom
+        sed 's/^/prometheus: /' /tmp/prometheus.log | grep -v ' level=info ' | head -20
+    fi
     # Clean shutdown: every program and link gone, within a second.
     progs=$(bpftool prog show | grep -c '^[0-9]*:')
     links=$(bpftool link show | grep -c '^[0-9]*:')
@@ -120,7 +153,14 @@ poweroff -f
 "#;
 
 impl Image {
-    pub fn build(bin_dir: &Path, kernel: &Kernel, mode: Mode) -> anyhow::Result<Self> {
+    /// `prometheus`: Debian's Prometheus binary, to run in a test VM with
+    /// the shipped rules and the dashboard's queries.
+    pub fn build(
+        bin_dir: &Path,
+        kernel: &Kernel,
+        mode: Mode,
+        prometheus: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let name = match mode {
             Mode::Test => "test",
             Mode::Demo => "demo",
@@ -138,7 +178,12 @@ impl Image {
 
         let mut libraries = BTreeSet::new();
         let bpftool = which("bpftool")?;
-        for src in [bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool] {
+        let mut binaries = vec![bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool];
+        if let Some(prometheus) = prometheus {
+            crate::prometheus::stage(&root)?;
+            binaries.push(prometheus.to_path_buf());
+        }
+        for src in binaries {
             let binary = src.file_name().expect("a file").to_owned();
             fs::copy(&src, root.join("usr/bin").join(binary))
                 .with_context(|| format!("copy {}", src.display()))?;
@@ -268,6 +313,8 @@ pub struct Boot<'a> {
     pub timeout: Option<u64>,
     /// Copy the console to our stdout as it arrives.
     pub echo: bool,
+    /// The initramfs's init, when it is not the busybox script (`rdinit=`).
+    pub init: Option<&'a str>,
 }
 
 /// Boots the kernel and returns everything it wrote to the serial console.
@@ -295,8 +342,10 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     .args([
         "-append",
         &format!(
-            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={} mapcount.soak={}",
-            boot.attach_mode, boot.soak_seconds
+            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={} mapcount.soak={}{}",
+            boot.attach_mode,
+            boot.soak_seconds,
+            boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()
         ),
     ]);
     match boot.forward_port {
