@@ -146,6 +146,10 @@ pub struct Event {
     pub pincount: i32,
     /// Write faults: time from `do_wp_page` entry to return.
     pub duration_ns: u32,
+    /// The CPU that produced the event: losses and deliveries are balanced
+    /// per CPU against the kernel's [`counter`] slots.
+    pub cpu: u32,
+    pub _pad: u32,
 }
 
 impl Event {
@@ -171,6 +175,8 @@ impl Event {
         nr_pages_mapped: FIELD_ABSENT,
         pincount: FIELD_ABSENT,
         duration_ns: 0,
+        cpu: 0,
+        _pad: 0,
     };
 }
 
@@ -193,7 +199,8 @@ pub struct ForkEvent {
     pub dst_vma: u64,
     pub timestamp_ns: u64,
     pub tgid: u32,
-    pub _pad2: u32,
+    /// The CPU that produced the event.
+    pub cpu: u32,
 }
 
 /// VMA classes of [`SourceEvent::vma_class`].
@@ -220,19 +227,27 @@ pub struct SourceEvent {
     pub op: u8,
     pub _pad: [u8; 1],
     pub nr_pages: u32,
+    /// The CPU that produced the event.
+    pub cpu: u32,
+    pub _pad2: u32,
     /// `vma->vm_file->f_inode->i_sb->s_type->name` ("sockfs", "anon_inodefs", ...).
     pub fs_type: [u8; SOURCE_NAME_LEN],
     /// `vma->vm_file->f_path.dentry->d_name` ("bpf-map", "[io_uring]", "", ...).
     pub name: [u8; SOURCE_NAME_LEN],
 }
 
-/// Slots of the per-CPU `DROPS` array: events the kernel side could not deliver.
-pub mod drop_slot {
+/// Slots of the per-CPU `COUNTERS` array. For every CPU, once the probes
+/// are detached and the ring buffer drained:
+/// `PRODUCED = events received from that CPU + RING_BUFFER_FULL`.
+pub mod counter {
     /// `bpf_ringbuf_reserve` failed: the ring buffer was full.
     pub const RING_BUFFER_FULL: u32 = 0;
-    /// A per-task state table (write-fault window, new-anon arguments) was full.
+    /// A per-task state table (write-fault window, new-anon arguments) was
+    /// full: a write fault went unclassified (no record was attempted).
     pub const TASK_STATE_FULL: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// Every record the kernel side tried to put in the ring buffer.
+    pub const PRODUCED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Field offsets and bit numbers of the running kernel, resolved from its BTF
@@ -338,9 +353,9 @@ mod tests {
 
     #[test]
     fn events_have_no_hidden_padding() {
-        assert_eq!(size_of::<Event>(), 8 + 4 * 8 + 8 * 4);
+        assert_eq!(size_of::<Event>(), 8 + 4 * 8 + 10 * 4);
         assert_eq!(size_of::<ForkEvent>(), 8 + 5 * 8 + 2 * 4);
-        assert_eq!(size_of::<SourceEvent>(), 4 + 4 + 2 * SOURCE_NAME_LEN);
+        assert_eq!(size_of::<SourceEvent>(), 4 + 3 * 4 + 2 * SOURCE_NAME_LEN);
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub struct Aggregator {
     /// Highest refcount seen per (kind, order) over the daemon's life.
     refcount_max: HashMap<(FolioKind, u8), i32>,
     sources: Vec<String>,
+    /// Records received from each CPU, balanced against the kernel's counts.
+    received_per_cpu: Vec<u64>,
 }
 
 /// `folio_mapcount()` from the raw counters, where the kernel keeps one.
@@ -109,13 +111,21 @@ fn kernel_mapcount(raw: &Event) -> Option<u64> {
     u64::try_from(i64::from(raw.mapcount) + 1).ok()
 }
 
+/// More CPUs than Linux supports (CONFIG_NR_CPUS is at most 8192).
+const MAX_CPUS: usize = 8192;
+
 impl Aggregator {
+    pub fn received_per_cpu(&self) -> &[u64] {
+        &self.received_per_cpu
+    }
+
     pub fn new(metrics: Arc<Metrics>, table_capacity: usize) -> Self {
         Self {
             handles: Handles::new(&metrics),
             metrics,
             table: FolioTable::new(table_capacity),
             refcount_max: HashMap::new(),
+            received_per_cpu: Vec::new(),
             sources: Vec::new(),
         }
     }
@@ -129,6 +139,14 @@ impl Aggregator {
     }
 
     pub fn apply(&mut self, event: &Decoded) {
+        // Bounded: a corrupt record must not make the daemon allocate.
+        let cpu = event.cpu() as usize;
+        if cpu < MAX_CPUS {
+            if cpu >= self.received_per_cpu.len() {
+                self.received_per_cpu.resize(cpu + 1, 0);
+            }
+            self.received_per_cpu[cpu] += 1;
+        }
         let metrics = Arc::clone(&self.metrics);
         let m = &*metrics;
         match *event {
@@ -512,7 +530,7 @@ mod tests {
             dst_vma: child * 10,
             timestamp_ns: 0,
             tgid: 1,
-            _pad2: 0,
+            cpu: 0,
         };
         let mut writer = record::Writer::new(Vec::new()).unwrap();
         writer.write(&encode(&thp(RmapOp::AddNew, 1, 10, 0))).unwrap();

@@ -25,6 +25,17 @@ pub enum Decoded {
     Source { op: RmapOp, raw: SourceEvent },
 }
 
+impl Decoded {
+    /// The CPU that produced the record.
+    pub fn cpu(&self) -> u32 {
+        match self {
+            Decoded::Rmap { raw, .. } | Decoded::WriteFault { raw, .. } => raw.cpu,
+            Decoded::Fork(raw) => raw.cpu,
+            Decoded::Source { raw, .. } => raw.cpu,
+        }
+    }
+}
+
 /// Reads a plain-integer record of exactly `size_of::<T>()` bytes.
 fn read_record<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
     if bytes.len() != size_of::<T>() {
@@ -201,7 +212,7 @@ mod tests {
         let bytes = encode(&rmap_event());
         assert_eq!(
             decode(&bytes[..63]),
-            Err(DecodeError::WrongSize { event_type: 1, len: 63, expected: 72 })
+            Err(DecodeError::WrongSize { event_type: 1, len: 63, expected: 80 })
         );
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
         let mut bad = rmap_event();
@@ -224,7 +235,7 @@ mod tests {
             dst_vma: 4,
             timestamp_ns: 5,
             tgid: 6,
-            _pad2: 0,
+            cpu: 0,
         };
         assert_eq!(decode(&encode(&fork)), Ok(Decoded::Fork(fork)));
         assert!(matches!(decode(&encode(&fork)[..40]), Err(DecodeError::WrongSize { .. })));

@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use mapcount_common::{Event, EventType, ForkEvent, KernelLayout, drop_slot};
+use mapcount_common::{Event, EventType, ForkEvent, KernelLayout};
 use tokio::io::unix::AsyncFd;
 
 use crate::{aggregate::Aggregator, decode::decode, record};
@@ -53,25 +53,58 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Ebpf, Inges
         .map_err(IngestError::Load)
 }
 
-/// The kernel's per-CPU drop counters, summed per slot.
-pub struct DropCounters {
+/// The kernel's per-CPU counters of records produced and lost.
+pub struct KernelCounters {
     map: Mutex<PerCpuArray<MapData, u64>>,
 }
 
-impl DropCounters {
+impl KernelCounters {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self, IngestError> {
-        let map = ebpf.take_map("DROPS").ok_or(IngestError::MissingMap("DROPS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|error| IngestError::Map { name: "DROPS", error })?;
+        let map = ebpf.take_map("COUNTERS").ok_or(IngestError::MissingMap("COUNTERS"))?;
+        let map = PerCpuArray::try_from(map).map_err(|error| IngestError::Map { name: "COUNTERS", error })?;
         Ok(Self { map: Mutex::new(map) })
     }
 
-    /// One sum per `drop_slot`.
-    pub fn read(&self) -> Vec<u64> {
+    /// One value per possible CPU for a `counter` slot.
+    pub fn per_cpu(&self, slot: u32) -> Vec<u64> {
         let map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        (0..drop_slot::COUNT)
-            .map(|slot| map.get(&slot, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
-            .collect()
+        map.get(&slot, 0).map(|per_cpu| per_cpu.to_vec()).unwrap_or_default()
     }
+
+    pub fn sum(&self, slot: u32) -> u64 {
+        self.per_cpu(slot).iter().sum()
+    }
+}
+
+/// Per CPU, after detaching and draining: records produced by the kernel
+/// side against records received plus records lost to a full ring buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct CpuBalance {
+    pub cpu: usize,
+    pub produced: u64,
+    pub received: u64,
+    pub lost: u64,
+}
+
+impl CpuBalance {
+    pub fn balanced(&self) -> bool {
+        self.produced == self.received + self.lost
+    }
+}
+
+/// The balance of every CPU that produced or received anything.
+pub fn balance(produced: &[u64], lost: &[u64], received: &[u64]) -> Vec<CpuBalance> {
+    let cpus = produced.len().max(lost.len()).max(received.len());
+    let at = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+    (0..cpus)
+        .map(|cpu| CpuBalance {
+            cpu,
+            produced: at(produced, cpu),
+            received: at(received, cpu),
+            lost: at(lost, cpu),
+        })
+        .filter(|b| b.produced + b.received + b.lost > 0)
+        .collect()
 }
 
 pub fn take_events(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, IngestError> {
@@ -185,5 +218,19 @@ pub async fn run_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Resu
     }
 }
 
-/// Shares the drop counters between the scrape collector and shutdown.
-pub type SharedDrops = Arc<DropCounters>;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balance_is_per_cpu() {
+        // CPU 0 balanced with losses, CPU 1 idle (left out), CPU 2 missing
+        // a record, CPU 3 only known from what was received.
+        let produced = [10, 0, 5];
+        let lost = [4, 0, 0];
+        let received = [6, 0, 4, 2];
+        let b = balance(&produced, &lost, &received);
+        assert_eq!(b.iter().map(|b| b.cpu).collect::<Vec<_>>(), [0, 2, 3]);
+        assert_eq!(b.iter().map(CpuBalance::balanced).collect::<Vec<_>>(), [true, false, false]);
+    }
+}

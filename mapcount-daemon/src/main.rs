@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mapcount_common::drop_slot;
+use mapcount_common::counter;
 use mapcount_daemon::{
     DEFAULT_LISTEN_ADDRESS,
     aggregate::Aggregator,
@@ -318,14 +318,22 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         tracing::error!("no core rmap probe attached: mapcount metrics will stay empty on this kernel");
     }
 
-    let drops = Arc::new(ingest::DropCounters::take(&mut ebpf)?);
-    let drops_for_scrape = Arc::clone(&drops);
+    let counters = Arc::new(ingest::KernelCounters::take(&mut ebpf)?);
+    let for_scrape = Arc::clone(&counters);
     metrics.registry.register(Box::new(ReadAtScrape::new(
         "mapcount_events_lost_total",
         "Events the kernel side could not deliver, by reason; every loss is counted here.",
-        "reason",
+        Some("reason"),
         &["ring_buffer_full", "task_state_full"],
-        move || drops_for_scrape.read(),
+        move || vec![for_scrape.sum(counter::RING_BUFFER_FULL), for_scrape.sum(counter::TASK_STATE_FULL)],
+    )))?;
+    let for_scrape = Arc::clone(&counters);
+    metrics.registry.register(Box::new(ReadAtScrape::new(
+        "mapcount_events_produced_total",
+        "Records the kernel side tried to put in the ring buffer: received plus lost to ring_buffer_full.",
+        None,
+        &[],
+        move || vec![for_scrape.sum(counter::PRODUCED)],
     )))?;
     let mut events = ingest::take_events(&mut ebpf)?;
 
@@ -386,10 +394,29 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         std::fs::write(path, aggregator.metrics().render())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let lost = drops.read();
+    // Nothing runs any more and the ring buffer is empty: every record a
+    // CPU produced was either received or counted as lost.
+    let received =
+        aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).received_per_cpu().to_vec();
+    let balances = ingest::balance(
+        &counters.per_cpu(counter::PRODUCED),
+        &counters.per_cpu(counter::RING_BUFFER_FULL),
+        &received,
+    );
+    for b in &balances {
+        tracing::info!(
+            cpu = b.cpu,
+            produced = b.produced,
+            received = b.received,
+            lost = b.lost,
+            balanced = b.balanced(),
+            "event accounting"
+        );
+    }
     tracing::info!(
-        ring_buffer_full = lost[drop_slot::RING_BUFFER_FULL as usize],
-        task_state_full = lost[drop_slot::TASK_STATE_FULL as usize],
+        ring_buffer_full = counters.sum(counter::RING_BUFFER_FULL),
+        task_state_full = counters.sum(counter::TASK_STATE_FULL),
+        unbalanced_cpus = balances.iter().filter(|b| !b.balanced()).count(),
         "events lost over the daemon's life"
     );
     outcome.map(|()| ExitCode::SUCCESS)

@@ -237,9 +237,17 @@ impl<F> ReadAtScrape<F>
 where
     F: Fn() -> Vec<u64> + Send + Sync,
 {
-    /// `read` returns one value per entry of `labels`.
-    pub fn new(name: &str, help: &str, label: &str, labels: &'static [&'static str], read: F) -> Self {
-        let desc = Desc::new(name.to_owned(), help.to_owned(), vec![label.to_owned()], Default::default())
+    /// `read` returns one value per entry of `labels`; with no label name,
+    /// one value for a counter without labels.
+    pub fn new(
+        name: &str,
+        help: &str,
+        label: Option<&str>,
+        labels: &'static [&'static str],
+        read: F,
+    ) -> Self {
+        let variable_labels = label.map(|l| vec![l.to_owned()]).unwrap_or_default();
+        let desc = Desc::new(name.to_owned(), help.to_owned(), variable_labels, Default::default())
             .expect("valid metric description");
         Self { desc, labels, read }
     }
@@ -254,14 +262,21 @@ where
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let counter = IntCounterVec::new(
-            Opts::new(self.desc.fq_name.clone(), self.desc.help.clone()),
-            &[self.desc.variable_labels[0].as_str()],
-        )
-        .expect("valid metric");
-        for (label, value) in self.labels.iter().zip((self.read)()) {
-            counter.with_label_values(&[*label]).inc_by(value);
+        let opts = Opts::new(self.desc.fq_name.clone(), self.desc.help.clone());
+        let values = (self.read)();
+        match self.desc.variable_labels.first() {
+            Some(label) => {
+                let counter = IntCounterVec::new(opts, &[label.as_str()]).expect("valid metric");
+                for (value_label, value) in self.labels.iter().zip(values) {
+                    counter.with_label_values(&[*value_label]).inc_by(value);
+                }
+                counter.collect()
+            }
+            None => {
+                let counter = prometheus::IntCounter::with_opts(opts).expect("valid metric");
+                counter.inc_by(values.first().copied().unwrap_or(0));
+                counter.collect()
+            }
         }
-        counter.collect()
     }
 }

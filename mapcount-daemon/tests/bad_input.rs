@@ -114,9 +114,9 @@ fn corrupt_record_files() {
     let truncated = tempfile_lite::TempFile::new("rec");
     // A valid header and one record length that promises more than follows.
     let mut bytes = b"MAPCOUNT".to_vec();
-    bytes.extend_from_slice(&2u32.to_le_bytes());
+    bytes.extend_from_slice(&mapcount_daemon::record::VERSION.to_le_bytes());
     bytes.extend_from_slice(&0u32.to_le_bytes());
-    bytes.extend_from_slice(&72u16.to_le_bytes());
+    bytes.extend_from_slice(&80u16.to_le_bytes());
     bytes.extend_from_slice(&[1; 10]);
     std::fs::write(&truncated.path, &bytes).unwrap();
     let (code, line) = outcome(&mapcountd(&["replay", truncated.path_str()]));

@@ -15,18 +15,17 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_arg, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_arg, bpf_get_smp_processor_id,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
     Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, OFFSET_ABSENT, RmapOp,
-    SOURCE_NAME_LEN, SourceEvent, WriteFaultOutcome, drop_slot, event_flags, shared_hint, vm_flags,
-    vma_class,
+    SOURCE_NAME_LEN, SourceEvent, WriteFaultOutcome, counter, event_flags, shared_hint, vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -45,9 +44,9 @@ macro_rules! layout {
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Events that could not be delivered, per CPU, by `drop_slot`.
+/// Records produced and lost, per CPU, by `counter` slot.
 #[map]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_slot::COUNT, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 /// One open `do_wp_page` call per task: what happened between entry and return.
 #[repr(C)]
@@ -122,11 +121,29 @@ impl Args for FExitContext {
 }
 
 #[inline(always)]
-fn count_drop(slot: u32) {
-    if let Some(counter) = DROPS.get_ptr_mut(slot) {
-        // Per-CPU slot: no other CPU writes it, a plain add is enough.
+fn count(slot: u32) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
+        // Per-CPU slot, and programs do not migrate while they run: no
+        // other writer, a plain add is enough.
         unsafe { *counter += 1 };
     }
+}
+
+/// Room for one record, counted as produced on this CPU whether or not the
+/// ring buffer has space.
+#[inline(always)]
+fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
+    count(counter::PRODUCED);
+    let entry = EVENTS.reserve::<T>(0);
+    if entry.is_none() {
+        count(counter::RING_BUFFER_FULL);
+    }
+    entry
+}
+
+#[inline(always)]
+fn this_cpu() -> u32 {
+    unsafe { bpf_get_smp_processor_id() }
 }
 
 #[inline(always)]
@@ -233,10 +250,7 @@ fn read_name(string: u64, out: &mut [u8; SOURCE_NAME_LEN]) {
 /// (a socket, a BPF map, io_uring, a device) behind the VMA.
 #[inline(always)]
 fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
-    let Some(mut entry) = EVENTS.reserve::<SourceEvent>(0) else {
-        count_drop(drop_slot::RING_BUFFER_FULL);
-        return;
-    };
+    let Some(mut entry) = reserve::<SourceEvent>() else { return };
     let flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
     let mut event = SourceEvent {
         event_type: EventType::Source as u8,
@@ -250,6 +264,8 @@ fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
         op: op as u8,
         _pad: [0],
         nr_pages,
+        cpu: this_cpu(),
+        _pad2: 0,
         fs_type: [0; SOURCE_NAME_LEN],
         name: [0; SOURCE_NAME_LEN],
     };
@@ -268,11 +284,9 @@ fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
 
 #[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_drop(drop_slot::RING_BUFFER_FULL);
-        return;
-    };
+    let Some(mut entry) = reserve::<Event>() else { return };
     let mut event = Event::ZERO;
+    event.cpu = this_cpu();
     // Taken just before the counters are read: the daemon orders by it.
     event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     fill_folio(&mut event, folio);
@@ -416,7 +430,7 @@ entry_probe!(page_remove, page_remove_fentry, |a| emit_page_rmap(
 #[inline(always)]
 fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
     if keep_arguments && NEW_ANON_CALLS.insert(thread_id(), NewAnonCall { folio, vma }, 0).is_err() {
-        count_drop(drop_slot::TASK_STATE_FULL);
+        count(counter::TASK_STATE_FULL);
     }
     // A new anonymous folio inside a write fault is the copy.
     if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
@@ -505,7 +519,7 @@ fn write_fault_entry(vmf: u64) {
         _pad: [0; 5],
     };
     if WRITE_FAULTS.insert(thread_id(), window, 0).is_err() {
-        count_drop(drop_slot::TASK_STATE_FULL);
+        count(counter::TASK_STATE_FULL);
     }
 }
 
@@ -531,12 +545,10 @@ fn write_fault_return() {
         WriteFaultOutcome::Other
     };
 
-    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
-        count_drop(drop_slot::RING_BUFFER_FULL);
-        return;
-    };
+    let Some(mut entry) = reserve::<Event>() else { return };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut event = Event::ZERO;
+    event.cpu = this_cpu();
     if page != 0 {
         fill_folio(&mut event, page_folio(page));
     }
@@ -592,10 +604,7 @@ pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
 /// copied when the kernel's vma_needs_copy() says so.
 #[inline(always)]
 fn fork_copy(dst_vma: u64, src_vma: u64) {
-    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
-        count_drop(drop_slot::RING_BUFFER_FULL);
-        return;
-    };
+    let Some(mut entry) = reserve::<ForkEvent>() else { return };
     let flags: u64 = read_at(src_vma, layout!(vma_flags)).unwrap_or(0);
     let anon_vma: u64 = read_at(src_vma, layout!(vma_anon_vma)).unwrap_or(0);
     let copies = anon_vma != 0 || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0;
@@ -609,7 +618,7 @@ fn fork_copy(dst_vma: u64, src_vma: u64) {
         dst_vma,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        _pad2: 0,
+        cpu: this_cpu(),
     });
     entry.submit(0);
 }

@@ -523,6 +523,9 @@ fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -
         settled > 0 && peak * 10 <= settled * 11,
         format!("{settled} kB after warm-up, {peak} kB at most"),
     );
+    let accounting = vm::Accounting::parse(&output);
+    let balance = accounting.check("overload/balanced_per_cpu");
+    check(tally, "overload/balanced_per_cpu", balance.passed, balance.reported);
     let exit_ok = output.contains("MAPCOUNT-DAEMON-EXIT 0");
     check(tally, "overload/clean_exit", exit_ok, "SIGTERM -> exit 0".into());
     Ok(())

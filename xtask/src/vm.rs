@@ -144,6 +144,7 @@ elif [ "$MODE" = soak ]; then
     kill -TERM $daemon
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"
+    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
 else
     tail -f /tmp/mapcountd.log &
     mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &
@@ -457,6 +458,7 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
         accepted: "0".to_owned(),
         passed: leaks.is_empty() && !daemon_output.is_empty(),
     });
+    results.push(Accounting::parse(console).check("events/balanced_per_cpu"));
     for line in console.lines() {
         if let Some(rest) = line.strip_prefix("MAPCOUNT-CHECK ") {
             let mut words = rest.split_whitespace();
@@ -529,6 +531,50 @@ mod tests {
         assert!(!has_kernel_address("mapcount_rmap_pages_total{kind=\"anon\"} 1000"));
         assert!(!has_kernel_address("refcount 512512 ratio 0.000239"));
         assert!(!has_kernel_address("timestamp 1732760000123456789"));
+    }
+}
+
+/// The daemon's per-CPU event accounting at exit (after detaching and
+/// draining): produced = received + lost on every CPU.
+#[derive(Debug, Default)]
+pub struct Accounting {
+    pub cpus: usize,
+    pub unbalanced: usize,
+    pub produced: u64,
+    pub received: u64,
+    pub lost: u64,
+}
+
+impl Accounting {
+    pub fn parse(console: &str) -> Self {
+        let mut a = Self::default();
+        for line in console.lines().filter(|l| l.starts_with("mapcountd: ") && l.contains("event accounting"))
+        {
+            let field =
+                |key: &str| -> Option<&str> { line.split_whitespace().find_map(|w| w.strip_prefix(key)) };
+            let number = |key: &str| field(key).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            a.cpus += 1;
+            a.produced += number("produced=");
+            a.received += number("received=");
+            a.lost += number("lost=");
+            if field("balanced=") != Some("true") {
+                a.unbalanced += 1;
+            }
+        }
+        a
+    }
+
+    pub fn check(&self, name: &str) -> CheckResult {
+        CheckResult {
+            name: name.to_owned(),
+            known: "produced = received + lost".to_owned(),
+            reported: format!(
+                "{} = {} + {} on {} CPUs, {} unbalanced",
+                self.produced, self.received, self.lost, self.cpus, self.unbalanced
+            ),
+            accepted: "every CPU".to_owned(),
+            passed: self.cpus > 0 && self.unbalanced == 0,
+        }
     }
 }
 

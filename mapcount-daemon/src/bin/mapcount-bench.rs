@@ -47,7 +47,7 @@ fn synthetic_stream(folios: u64) -> Vec<Vec<u8>> {
                 dst_vma: child * 16,
                 timestamp_ns: 0,
                 tgid: 1,
-                _pad2: 0,
+                cpu: 0,
             }));
         }
         records.push(encode(&Event {

@@ -225,6 +225,7 @@ fn compare(live: &str, replayed: &str) -> ExitCode {
         "mapcount_build_info",
         "mapcount_kernel_info",
         "mapcount_events_lost_total",
+        "mapcount_events_produced_total",
     ];
     let derived = |s: &Scrape| -> Vec<(String, f64)> {
         let mut v: Vec<_> =
