@@ -19,7 +19,7 @@ use std::{net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 
-use crate::probes::AttachMode;
+use crate::probes::{AttachMode, Wakeup};
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +48,7 @@ pub struct Attach {
 #[serde(default, deny_unknown_fields)]
 pub struct Ringbuf {
     pub size: Option<toml::Spanned<u32>>,
+    pub wakeup: Option<Wakeup>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -118,13 +119,14 @@ mod tests {
     fn reads_every_key() {
         let config = Config::parse(
             "[web]\nlisten_address = \"127.0.0.1:9999\"\ntelemetry_path = \"/m\"\n[attach]\nmode = \"kprobe\"\n\
-             [ringbuf]\nsize = 65536\n[folio_table]\nsize = 10\n[log]\nlevel = \"debug\"\n",
+             [ringbuf]\nsize = 65536\nwakeup = \"every-record\"\n[folio_table]\nsize = 10\n[log]\nlevel = \"debug\"\n",
             "x",
         )
         .unwrap();
         assert_eq!(config.web.listen_address, Some("127.0.0.1:9999".parse().unwrap()));
         assert_eq!(config.attach.mode, Some(AttachMode::Kprobe));
         assert_eq!(config.ringbuf.size.map(|s| s.into_inner()), Some(65536));
+        assert_eq!(config.ringbuf.wakeup, Some(crate::probes::Wakeup::EveryRecord));
         assert_eq!(config.folio_table.size, Some(10));
     }
 

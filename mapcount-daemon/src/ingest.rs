@@ -14,7 +14,7 @@ use aya::{
 use mapcount_common::{Event, EventType, ForkEvent, KernelLayout};
 use tokio::io::unix::AsyncFd;
 
-use crate::{aggregate::Aggregator, decode::decode, record};
+use crate::{aggregate::Aggregator, decode::decode, probes::Wakeup, record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -45,9 +45,15 @@ fn permission_hint(error: &aya::EbpfError) -> &'static str {
 }
 
 /// Loads the embedded object with this kernel's layout. Nothing is attached yet.
-pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32) -> Result<Ebpf, IngestError> {
+pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32, wakeup: Wakeup) -> Result<Ebpf, IngestError> {
+    // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
+    let wakeup_bytes: u64 = match wakeup {
+        Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
+        Wakeup::EveryRecord => 0,
+    };
     EbpfLoader::new()
         .override_global("LAYOUT", layout, true)
+        .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(crate::EBPF_OBJECT)
         .map_err(IngestError::Load)
@@ -199,14 +205,30 @@ fn timestamp(record: &[u8]) -> u64 {
 }
 
 /// Drains the ring buffer for as long as the daemon runs.
-pub async fn run(events: &mut AsyncFd<RingBuf<MapData>>, sink: &mut Sink) -> Result<(), IngestError> {
+pub async fn run(
+    events: &mut AsyncFd<RingBuf<MapData>>,
+    sink: &mut Sink,
+    wakeup: Wakeup,
+) -> Result<(), IngestError> {
     tracing::debug!(fd = events.get_ref().as_raw_fd(), "draining the event ring buffer");
+    // With batched wake-ups the kernel stays quiet below its threshold:
+    // the timer bounds how stale the metrics get.
+    let mut timer = tokio::time::interval(BATCH_DRAIN_INTERVAL);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = events.readable_mut().await?;
-        sink.drain(guard.get_inner_mut())?;
-        guard.clear_ready();
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                sink.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            _ = timer.tick(), if wakeup == Wakeup::Batch => sink.drain(events.get_mut())?,
+        }
     }
 }
+
+/// How often the daemon drains the ring buffer without being woken.
+pub const BATCH_DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Forwards the programs' aya-log records to `tracing` for as long as the daemon runs.
 pub async fn run_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> Result<(), IngestError> {

@@ -20,7 +20,7 @@ use mapcount_daemon::{
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape},
     privileges,
-    probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus},
+    probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus, Wakeup},
     record,
     web_config::WebSecurity,
 };
@@ -75,6 +75,9 @@ struct RunArgs {
     /// Size of the event ring buffer in bytes, a power of two [default: 8 MiB].
     #[arg(long = "ringbuf.size", value_name = "BYTES", value_parser = parse_ring_size)]
     ring_buffer_bytes: Option<u32>,
+    /// When the kernel wakes the daemon: batch (at 1/16 full, and a 20 ms drain timer) or every-record [default: batch].
+    #[arg(long = "ringbuf.wakeup", value_name = "WHEN", value_enum)]
+    wakeup: Option<Wakeup>,
     /// fentry/fexit where the kernel allows, else kprobes (auto), or only one kind [default: auto].
     #[arg(long = "attach.mode", value_name = "MODE", value_enum)]
     attach_mode: Option<AttachMode>,
@@ -105,6 +108,7 @@ struct Settings {
     listen_address: SocketAddr,
     telemetry_path: String,
     ring_buffer_bytes: u32,
+    wakeup: Wakeup,
     attach_mode: AttachMode,
     folio_table_size: usize,
     btf: PathBuf,
@@ -138,6 +142,7 @@ impl Settings {
                 .ring_buffer_bytes
                 .or(file.ringbuf.size.map(|s| s.into_inner()))
                 .unwrap_or(8 << 20),
+            wakeup: args.wakeup.or(file.ringbuf.wakeup).unwrap_or(Wakeup::Batch),
             attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
             folio_table_size: args.folio_table_size.or(file.folio_table.size).unwrap_or(1 << 20),
             btf: args.btf.unwrap_or_else(|| DEFAULT_BTF_PATH.into()),
@@ -254,6 +259,7 @@ fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter
             "ringbuf.size",
             file.ringbuf.size.as_ref().is_some_and(|s| *s.get_ref() != running.ring_buffer_bytes),
         ),
+        ("ringbuf.wakeup", file.ringbuf.wakeup.is_some_and(|w| w != running.wakeup)),
         ("folio_table.size", file.folio_table.size.is_some_and(|n| n != running.folio_table_size)),
     ];
     for (key, changed) in restart_needed {
@@ -273,7 +279,7 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
     }
 
-    let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes)?;
+    let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes, args.wakeup)?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
     // aya's own BTF parse, for fentry targets; without it every probe uses kprobes.
@@ -367,7 +373,7 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
-        result = ingest::run(&mut events, &mut sink) => result.map_err(anyhow::Error::from),
+        result = ingest::run(&mut events, &mut sink, args.wakeup) => result.map_err(anyhow::Error::from),
         result = ingest::run_log(logger) => result.map_err(anyhow::Error::from),
         () = reload_loop => unreachable!("the reload loop never ends"),
         _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); Ok(()) }
@@ -496,7 +502,7 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
         println!("this kernel has no kprobe PMU (CONFIG_KPROBES=n): kprobes cannot attach");
     }
     if load {
-        let mut ebpf = ingest::load(&resolved.layout, 1 << 16)?;
+        let mut ebpf = ingest::load(&resolved.layout, 1 << 16, Wakeup::Batch)?;
         let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
         let loaded = probes::load_kprobes(&mut ebpf)?;
         println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");

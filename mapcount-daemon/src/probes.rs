@@ -55,6 +55,17 @@ pub enum AttachMode {
     Kprobe,
 }
 
+/// When the kernel side wakes the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wakeup {
+    /// Only once 1/16 of the ring buffer is waiting; the daemon also drains
+    /// every 20 ms. Fewer wake-ups on the traced CPUs.
+    Batch,
+    /// The kernel's default: wake the daemon at each record it has not yet seen.
+    EveryRecord,
+}
+
 impl AttachMode {
     pub fn label(self) -> &'static str {
         match self {

@@ -14,6 +14,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_arg, bpf_get_smp_processor_id,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
@@ -31,6 +32,25 @@ use mapcount_common::{
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
 #[unsafe(no_mangle)]
 static LAYOUT: KernelLayout = KernelLayout::ABSENT;
+
+/// Set by the daemon: wake it only once this many bytes wait in the ring
+/// buffer (it also drains on a timer); 0 leaves the kernel's rule, a
+/// wake-up at every record the daemon has not seen yet.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
+
+/// Submit flags for one record: see [`WAKEUP_BYTES`].
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
+    if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
 
 /// Read one field of [`LAYOUT`]. The volatile read keeps the compiler from
 /// folding the placeholder value into the code.
@@ -277,7 +297,7 @@ fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
     let fs_type: u64 = read_at(sb, layout!(sb_type)).unwrap_or(0);
     read_name(read_at(fs_type, layout!(fs_type_name)).unwrap_or(0), &mut event.fs_type);
     entry.write(event);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 // ---- rmap events ----------------------------------------------------------
@@ -302,7 +322,7 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let kind = event.kind;
     entry.write(event);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     if kind == FolioKind::NoMapping as u8 && op != RmapOp::Remove {
         emit_source(vma, op, nr_pages);
     }
@@ -560,7 +580,7 @@ fn write_fault_return() {
     event.duration_ns = now.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     entry.write(event);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 /// Marks a reuse inside the window: `wp_page_reuse` (also on shared
@@ -620,7 +640,7 @@ fn fork_copy(dst_vma: u64, src_vma: u64) {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         cpu: this_cpu(),
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 entry_probe!(fork_copy_kprobe, fork_copy_fentry, |a| fork_copy(a.raw(0), a.raw(1)));

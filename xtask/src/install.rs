@@ -156,6 +156,9 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
             attach_mode: mode,
             soak_seconds: 0,
             init: Some("/sbin/init"),
+            cpus: 2,
+            disk: None,
+            single_threaded: false,
         };
         let mut output = vm::boot(kernel, &image, boot())?;
         if !output.contains("MAPCOUNT-INSTALL ") && output.contains("Oops") {

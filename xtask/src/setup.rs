@@ -12,7 +12,8 @@ use crate::run_cmd;
 /// images and modules, bpftool and objcopy for the BTF cross-checks,
 /// openssl, curl and setpriv for the TLS and privilege tests, dpkg-dev
 /// (dpkg-shlibdeps) for the package's dependencies, debootstrap for the
-/// install test's root file system.
+/// install test's root file system, bpftrace for the kernel-side
+/// comparison in `cargo xtask bench`.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +30,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "dpkg-dev",
     "debootstrap",
+    "bpftrace",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -23,7 +23,101 @@ pub enum Mode {
     /// Overload: a small ring buffer and folio table under a fork/mmap
     /// storm for `mapcount.soak=` seconds, sampling the daemon every 10 s.
     Soak,
+    /// The kernel-side budget: start-up, loop timings under each tracer,
+    /// and the event rates the daemon takes without loss.
+    Bench,
 }
+
+/// `cargo xtask bench` in the guest. Every figure comes from this one boot.
+const BENCH: &str = r#"
+ready() {
+    for i in $(seq 1 600); do
+        wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+alive() { [ -e /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null; }
+# Signal $1 with $2 and give it 30 s to exit, then kill it (and say so).
+finish() {
+    kill -$2 $1
+    for i in $(seq 1 300); do alive $1 || break; sleep 0.1; done
+    if alive $1; then echo "MAPCOUNT-BENCH-KILLED $1 did not exit after SIG$2"; kill -KILL $1; fi
+    wait $1 2>/dev/null
+}
+stop() { finish $1 TERM; }
+# Start-up: exec to /-/ready, five times.
+for i in 1 2 3 4 5; do
+    line=$(mapcount-workload time-ready -- mapcountd --log.level=warn)
+    echo "$line"
+    pid=$(echo "$line" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+    # Not our child (its parent exited): it ends as a zombie of init.
+    finish $pid TERM
+done
+# The scenarios' own event stream, for the host's ingest benchmark: recorded
+# here, written raw to the virtio disk the host reads back.
+mapcountd --record /tmp/events.rec --ringbuf.size=67108864 --log.level=warn >/tmp/record.log 2>&1 &
+d=$!
+ready
+mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs >/dev/null
+stop $d
+if [ -b /dev/vda ]; then
+    dd if=/tmp/events.rec of=/dev/vda bs=1M 2>/dev/null && sync
+    echo "MAPCOUNT-RECORD bytes=$(stat -c %s /tmp/events.rec)"
+fi
+rm -f /tmp/events.rec
+# The functions mapcountd attaches, for bpftrace to probe the same ones.
+mapcountd --attach.mode=fentry >/tmp/attach.log 2>&1 &
+d=$!
+ready
+stop $d
+probes=$(sed -n 's/.*attached probe="\([a-z_]*\)" function="\([a-z_.0-9]*\)".*/\1 \2/p' /tmp/attach.log |
+    while read probe function; do
+        case $probe in *_return) echo "kretprobe:$function" ;; *) echo "kprobe:$function" ;; esac
+    done | sort -u | tr '\n' ',' | sed 's/,$//')
+echo "MAPCOUNT-BENCH-PROBES $probes"
+tracer() {
+    case $1 in
+        none) ;;
+        mapcountd-fentry|mapcountd-kprobe)
+            mapcountd --attach.mode=${1#mapcountd-} --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; ready ;;
+        mapcountd-fentry-every-record)
+            mapcountd --attach.mode=fentry --ringbuf.wakeup=every-record --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; ready ;;
+        bpftrace-empty|bpftrace-count)
+            if [ $1 = bpftrace-empty ]; then action='{ }'; else action='{ @calls[probe] = count(); }'; fi
+            bpftrace -e "$probes $action" >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!
+            for i in $(seq 1 600); do grep -q Attaching /tmp/tracer.log && break; sleep 0.1; done
+            sleep 1 ;;
+    esac
+}
+# Kernel-side cost: the same loops under each tracer, five rounds.
+for round in 1 2 3 4 5; do
+    for t in none mapcountd-fentry mapcountd-fentry-every-record mapcountd-kprobe bpftrace-empty bpftrace-count; do
+        tracer_pid=""
+        tracer $t
+        mapcount-workload cost --metrics 127.0.0.1:9730/metrics | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
+        if [ -n "$tracer_pid" ]; then
+            finish $tracer_pid INT
+            grep -q ERROR /tmp/tracer.log && sed "s/^/tracer $t: /" /tmp/tracer.log | head -5
+        fi
+    done
+done
+# Lossless rate: a fresh daemon (default ring buffer) per rate, per-CPU
+# accounting at its exit.
+for rate in 10000 20000 40000 80000 160000 320000; do
+    mapcountd --log.level=info >/tmp/rate.log 2>&1 &
+    d=$!
+    ready
+    mapcount-workload rate --events-per-second $rate --seconds 10 | sed "s/^/MAPCOUNT-RATE target=$rate /"
+    stop $d
+    grep 'event accounting' /tmp/rate.log | sed "s/^/MAPCOUNT-RATE target=$rate /"
+done
+echo "MAPCOUNT-BENCH-DONE"
+poweroff -f
+"#;
 
 pub struct Image {
     pub initramfs: PathBuf,
@@ -32,7 +126,7 @@ pub struct Image {
 /// Network drivers the demo VM needs to reach the host (with their dependencies).
 const NET_MODULES: &[&str] = &["virtio_net"];
 
-const INIT: &str = r#"#!/bin/busybox sh
+const PREAMBLE: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
 export PATH=/bin:/usr/bin
@@ -49,7 +143,9 @@ if ip link show eth0 >/dev/null 2>&1; then
     ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 fi
 echo "MAPCOUNT-KERNEL $(uname -r)"
-attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
+"#;
+
+const INIT: &str = r#"attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
 [ -n "$attach" ] || attach=auto
 extra=""
 # 64 MiB of ring buffer: the refcount scenario makes a million rmap calls
@@ -166,6 +262,7 @@ impl Image {
             Mode::Test => "test",
             Mode::Demo => "demo",
             Mode::Soak => "soak",
+            Mode::Bench => "bench",
         };
         let root = cache_dir().join(format!("initramfs-{}-{name}", kernel.name));
         let _ = fs::remove_dir_all(&root);
@@ -174,12 +271,16 @@ impl Image {
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
-        fs::write(root.join("init"), INIT.replace("$MODE", name))?;
+        let script = if mode == Mode::Bench { BENCH.to_owned() } else { INIT.replace("$MODE", name) };
+        fs::write(root.join("init"), format!("{PREAMBLE}{script}"))?;
         set_executable(&root.join("init"))?;
 
         let mut libraries = BTreeSet::new();
         let bpftool = which("bpftool")?;
         let mut binaries = vec![bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool];
+        if mode == Mode::Bench {
+            binaries.push(which("bpftrace")?);
+        }
         if let Some(prometheus) = prometheus {
             crate::prometheus::stage(&root)?;
             binaries.push(prometheus.to_path_buf());
@@ -195,8 +296,13 @@ impl Image {
             fs::create_dir_all(dst.parent().expect("a library has a directory"))?;
             fs::copy(lib, &dst).with_context(|| format!("copy {}", lib.display()))?;
         }
-        if mode == Mode::Demo {
-            let order = install_modules(&kernel.modules, NET_MODULES, &root.join("modules"))?;
+        let modules: &[&str] = match mode {
+            Mode::Demo => NET_MODULES,
+            Mode::Bench => &["virtio_blk"],
+            _ => &[],
+        };
+        if !modules.is_empty() {
+            let order = install_modules(&kernel.modules, modules, &root.join("modules"))?;
             fs::write(root.join("modules.order"), order.join("\n"))?;
         }
 
@@ -316,6 +422,13 @@ pub struct Boot<'a> {
     pub echo: bool,
     /// The initramfs's init, when it is not the busybox script (`rdinit=`).
     pub init: Option<&'a str>,
+    pub cpus: u32,
+    /// A raw virtio disk for the guest to write results to (`/dev/vda`).
+    pub disk: Option<&'a Path>,
+    /// One host thread for every vCPU. Multi-threaded TCG can deliver a
+    /// kprobe's int3 to a vCPU after another finished patching the text,
+    /// which oopses the guest (seen when attaching during a benchmark).
+    pub single_threaded: bool,
 }
 
 /// Boots the kernel and returns everything it wrote to the serial console.
@@ -323,11 +436,11 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
-        "tcg",
+        if boot.single_threaded { "tcg,thread=single" } else { "tcg" },
         "-m",
         "2048",
         "-smp",
-        "2",
+        &boot.cpus.to_string(),
         "-display",
         "none",
         "-serial",
@@ -349,6 +462,9 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
             boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()
         ),
     ]);
+    if let Some(disk) = boot.disk {
+        cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", disk.display()));
+    }
     match boot.forward_port {
         Some(port) => {
             cmd.args([

@@ -2,7 +2,9 @@
 //! this host, without root. `cargo xtask bench` runs it and writes
 //! BENCHMARKS.md.
 //!
-//! - ingest: decode and aggregate a synthetic stream on one core;
+//! - ingest: decode and aggregate, on one core, the scenarios' recorded
+//!   stream (`--scenarios FILE`, from the bench VM) followed by synthetic
+//!   small-folio churn;
 //! - folio table: bytes per live folio (heap growth / folios);
 //! - scrape: rendering /metrics with a million live folios.
 
@@ -93,12 +95,27 @@ fn heap_bytes() -> u64 {
     LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Every record of a `mapcountd --record` file.
+fn recorded_stream(path: &str) -> Vec<Vec<u8>> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+    let mut reader = mapcount_daemon::record::Reader::new(std::io::BufReader::new(file))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut records = Vec::new();
+    while let Some(record) = reader.next_record().unwrap_or_else(|e| panic!("{path}: {e}")) {
+        records.push(record.to_vec());
+    }
+    records
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let live_folios: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    let live_folios: u64 = flag("--live-folios").and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
 
     // Ingest.
-    let stream = synthetic_stream(1_000_000);
+    let mut stream = flag("--scenarios").map(|path| recorded_stream(path)).unwrap_or_default();
+    println!("ingest_scenario_records {}", stream.len());
+    stream.extend(synthetic_stream(1_000_000));
     let metrics = Arc::new(Metrics::new());
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
     let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);

@@ -46,6 +46,21 @@ fn main() -> ExitCode {
             storm(seconds.and_then(|s| s.parse().ok()).unwrap_or(60));
             ExitCode::SUCCESS
         }
+        Some("cost") => {
+            cost(&metrics);
+            ExitCode::SUCCESS
+        }
+        Some("rate") => {
+            let number = |flag: &str, default: u64| {
+                args.iter()
+                    .position(|a| a == flag)
+                    .and_then(|i| args.get(i + 1)?.parse().ok())
+                    .unwrap_or(default)
+            };
+            rate(number("--events-per-second", 10_000), number("--seconds", 10));
+            ExitCode::SUCCESS
+        }
+        Some("time-ready") => time_ready(&metrics, &args[2..]),
         Some("compare") => match (args.get(2), args.get(3)) {
             (Some(live), Some(replayed)) => compare(live, replayed),
             _ => ExitCode::from(2),
@@ -208,6 +223,131 @@ fn storm(seconds: u64) {
     for pid in workers {
         unsafe { libc::waitpid(pid, ptr::null_mut(), 0) };
     }
+}
+
+// ---- benchmarks (`cargo xtask bench`) ------------------------------------
+
+/// The rmap-heavy loops whose time the kernel-side cost is measured on.
+/// Each prints `MAPCOUNT-COST loop=NAME ns=N events=E`, E being the
+/// records mapcountd produced meanwhile when one is running (else 0).
+fn cost(metrics: &MetricsSource) {
+    let produced = || metrics.scrape().map_or(0.0, |s| s.sum("mapcount_events_produced_total", &[]));
+    let time = |name: &str, work: &dyn Fn()| {
+        let before = produced();
+        let started = Instant::now();
+        work();
+        let ns = started.elapsed().as_nanos();
+        println!("MAPCOUNT-COST loop={name} ns={ns} events={}", produced() - before);
+    };
+    // Fault in and unmap small pages: one rmap add and one remove per page.
+    time("faults", &|| {
+        for _ in 0..500 {
+            let p = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+            write_each_page(p, 64, 1);
+            unmap(p, 64);
+        }
+    });
+    // Fork and copy on write: the child writes every page the parent owns.
+    time("fork_cow", &|| {
+        let p = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+        for round in 0..100u8 {
+            write_each_page(p, 64, round);
+            // SAFETY: the child only writes to its copy and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    write_each_page(p, 64, round.wrapping_add(1));
+                    unsafe { libc::_exit(0) };
+                }
+                child => unsafe {
+                    libc::waitpid(child, ptr::null_mut(), 0);
+                },
+            }
+        }
+        unmap(p, 64);
+    });
+    // Map and unmap THPs: one PMD add and one PMD remove each.
+    time("thp", &|| {
+        for _ in 0..100 {
+            let raw = map_anon(1024, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+            let aligned = (raw as usize).next_multiple_of(512 * PAGE) as *mut u8;
+            // SAFETY: within our mapping (1024 pages hold an aligned 512).
+            unsafe { libc::madvise(aligned.cast(), 512 * PAGE, libc::MADV_HUGEPAGE) };
+            write_each_page(aligned, 1, 1);
+            unmap(raw, 1024);
+        }
+    });
+}
+
+/// One process per CPU, pinned, each mapping, touching and unmapping one
+/// page at a time (two rmap records) at its share of `events_per_second`.
+fn rate(events_per_second: u64, seconds: u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cycles_per_second = (events_per_second as f64 / 2.0 / cpus as f64).max(1.0);
+    let mut workers = Vec::new();
+    for cpu in 0..cpus {
+        // SAFETY: the worker maps, touches, unmaps and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: a zeroed cpu_set_t with one bit set.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                }
+                let started = Instant::now();
+                let mut done = 0u64;
+                while started.elapsed() < Duration::from_secs(seconds) {
+                    let due = (started.elapsed().as_secs_f64() * cycles_per_second) as u64;
+                    if done >= due {
+                        sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    let p = map_anon(1, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+                    write_each_page(p, 1, 1);
+                    unmap(p, 1);
+                    done += 1;
+                }
+                println!("MAPCOUNT-RATE-WORKER cpu={cpu} cycles={done}");
+                unsafe { libc::_exit(0) };
+            }
+            pid => workers.push(pid),
+        }
+    }
+    for pid in workers {
+        unsafe { libc::waitpid(pid, ptr::null_mut(), 0) };
+    }
+}
+
+/// Runs `command` and prints the milliseconds from exec to the first
+/// successful GET of `/-/ready` at the metrics address; leaves it running.
+fn time_ready(metrics: &MetricsSource, command: &[String]) -> ExitCode {
+    let Some((program, rest)) = command
+        .iter()
+        .skip_while(|a| *a != "--")
+        .skip(1)
+        .collect::<Vec<_>>()
+        .split_first()
+        .map(|(p, r)| ((*p).clone(), r.iter().map(|s| (*s).clone()).collect::<Vec<_>>()))
+    else {
+        eprintln!("usage: mapcount-workload time-ready [--metrics HOST:PORT/PATH] -- PROGRAM ARGS...");
+        return ExitCode::from(2);
+    };
+    let started = Instant::now();
+    // Not our stdout: a shell reading it through $(...) would wait for the daemon to exit.
+    let child = std::process::Command::new(&program).args(&rest).stdout(std::process::Stdio::null()).spawn();
+    let Ok(child) = child else {
+        eprintln!("cannot run {program}");
+        return ExitCode::FAILURE;
+    };
+    while started.elapsed() < Duration::from_secs(120) {
+        if metrics.get("/-/ready").is_ok() {
+            println!("MAPCOUNT-READY ms={} pid={}", started.elapsed().as_millis(), child.id());
+            return ExitCode::SUCCESS;
+        }
+        sleep(Duration::from_millis(2));
+    }
+    println!("MAPCOUNT-READY ms=timeout pid={}", child.id());
+    ExitCode::FAILURE
 }
 
 /// The daemon's final metrics against `mapcountd replay` of its record
