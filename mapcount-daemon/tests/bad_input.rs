@@ -41,6 +41,9 @@ fn bad_flag_value() {
     let (code, line) = outcome(&mapcountd(&["--ringbuf.size", "1000"]));
     assert_eq!(code, 2);
     assert!(line.contains("1000 is not a power of two"), "{line}");
+    let (code, line) = outcome(&mapcountd(&["--ringbuf.wakeup", "sometimes"]));
+    assert_eq!(code, 2);
+    assert!(line.contains("invalid value 'sometimes' for '--ringbuf.wakeup <WHEN>'"), "{line}");
 }
 
 #[test]

@@ -80,7 +80,11 @@ tracer() {
     case $1 in
         none) ;;
         mapcountd-fentry|mapcountd-kprobe)
-            mapcountd --attach.mode=${1#mapcountd-} --log.level=warn >/tmp/tracer.log 2>&1 &
+            # Paused while a loop runs: 64 MiB hold every record meanwhile.
+            mapcountd --attach.mode=${1#mapcountd-} --ringbuf.size=67108864 --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; pause="--pause $tracer_pid"; ready ;;
+        mapcountd-fentry-running)
+            mapcountd --attach.mode=fentry --log.level=warn >/tmp/tracer.log 2>&1 &
             tracer_pid=$!; ready ;;
         mapcountd-fentry-every-record)
             mapcountd --attach.mode=fentry --ringbuf.wakeup=every-record --log.level=warn >/tmp/tracer.log 2>&1 &
@@ -95,25 +99,28 @@ tracer() {
 }
 # Kernel-side cost: the same loops under each tracer, five rounds.
 for round in 1 2 3 4 5; do
-    for t in none mapcountd-fentry mapcountd-fentry-every-record mapcountd-kprobe bpftrace-empty bpftrace-count; do
+    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record bpftrace-empty bpftrace-count; do
         tracer_pid=""
+        pause=""
         tracer $t
-        mapcount-workload cost --metrics 127.0.0.1:9730/metrics | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
+        mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
         if [ -n "$tracer_pid" ]; then
             finish $tracer_pid INT
             grep -q ERROR /tmp/tracer.log && sed "s/^/tracer $t: /" /tmp/tracer.log | head -5
         fi
     done
 done
-# Lossless rate: a fresh daemon (default ring buffer) per rate, per-CPU
-# accounting at its exit.
-for rate in 10000 20000 40000 80000 160000 320000; do
-    mapcountd --log.level=info >/tmp/rate.log 2>&1 &
-    d=$!
-    ready
-    mapcount-workload rate --events-per-second $rate --seconds 10 | sed "s/^/MAPCOUNT-RATE target=$rate /"
-    stop $d
-    grep 'event accounting' /tmp/rate.log | sed "s/^/MAPCOUNT-RATE target=$rate /"
+# Lossless rate: a fresh daemon per rate, per-CPU accounting at its exit;
+# with the default ring buffer, then with a 64 KiB one that overflows.
+for ring in 8388608 65536; do
+    for rate in 10000 20000 40000 80000 160000 320000; do
+        mapcountd --ringbuf.size=$ring --log.level=info >/tmp/rate.log 2>&1 &
+        d=$!
+        ready
+        mapcount-workload rate --events-per-second $rate --seconds 10 | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
+        stop $d
+        grep 'event accounting' /tmp/rate.log | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
+    done
 done
 echo "MAPCOUNT-BENCH-DONE"
 poweroff -f
