@@ -141,25 +141,10 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
             let _ = fs::remove_file(&sysctl);
         }
         let initramfs = cache_dir().join("install-root.cpio.gz");
-        let script = format!(
-            "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
-            root.display(),
-            initramfs.display()
-        );
-        run_cmd(Command::new("sh").args(["-c", &script]))?;
+        vm::pack(&root, &initramfs)?;
         let image = vm::Image { initramfs };
         let started = std::time::Instant::now();
-        let boot = || vm::Boot {
-            forward_port: None,
-            timeout: Some(600),
-            echo: false,
-            attach_mode: mode,
-            soak_seconds: 0,
-            init: Some("/sbin/init"),
-            cpus: 2,
-            disk: None,
-            single_threaded: false,
-        };
+        let boot = || vm::Boot { init: Some("/sbin/init"), ..vm::Boot::new(mode, 600) };
         let mut output = vm::boot(kernel, &image, boot())?;
         if !output.contains("MAPCOUNT-INSTALL ") && output.contains("Oops") {
             // The emulator's early-boot oops (see the VM matrix): boot again.

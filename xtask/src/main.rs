@@ -219,17 +219,7 @@ fn run(port: u16, force_vm: bool) -> anyhow::Result<()> {
     vm::boot(
         &kernel,
         &image,
-        vm::Boot {
-            forward_port: Some(port),
-            timeout: None,
-            echo: true,
-            attach_mode: "auto",
-            soak_seconds: 0,
-            init: None,
-            cpus: 2,
-            disk: None,
-            single_threaded: false,
-        },
+        vm::Boot { forward_port: Some(port), timeout: None, echo: true, ..vm::Boot::new("auto", 0) },
     )?;
     Ok(())
 }
@@ -279,17 +269,7 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test, prometheus.as_deref())?;
         for mode in modes {
             let started = std::time::Instant::now();
-            let boot = || vm::Boot {
-                forward_port: None,
-                timeout: Some(600),
-                echo: false,
-                attach_mode: mode,
-                soak_seconds: 0,
-                init: None,
-                cpus: 2,
-                disk: None,
-                single_threaded: false,
-            };
+            let boot = || vm::Boot::new(mode, 600);
             let mut output = vm::boot(kernel, &image, boot())?;
             if !output.contains("MAPCOUNT-KERNEL") {
                 // The kernel died before running /init (seen: an int3 oops in
@@ -427,15 +407,11 @@ fn bench_vm(bin: &Path) -> anyhow::Result<String> {
         &kernel,
         &image,
         vm::Boot {
-            forward_port: None,
-            timeout: Some(3600),
             echo: true,
-            attach_mode: "auto",
-            soak_seconds: 0,
-            init: None,
             cpus: 4,
             disk: Some(&disk),
             single_threaded: true,
+            ..vm::Boot::new("auto", 3600)
         },
     )?;
     std::fs::write(cache_dir().join("vm-bench-7.3.log"), &output)?;
@@ -634,17 +610,7 @@ const OVERLOAD_SECONDS_IN_TEST: u64 = 60;
 /// within its folio-table bound, and its RSS stops growing.
 fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tally) -> anyhow::Result<()> {
     let image = vm::Image::build(bin, kernel, vm::Mode::Soak, None)?;
-    let boot = vm::Boot {
-        forward_port: None,
-        timeout: Some(seconds + 300),
-        echo: false,
-        attach_mode: "auto",
-        soak_seconds: seconds,
-        init: None,
-        cpus: 2,
-        disk: None,
-        single_threaded: false,
-    };
+    let boot = vm::Boot { soak_seconds: seconds, ..vm::Boot::new("auto", seconds + 300) };
     let output = vm::boot(kernel, &image, boot)?;
     let log = cache_dir().join(format!("vm-soak-{}.log", kernel.name));
     std::fs::write(&log, &output)?;

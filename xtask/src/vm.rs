@@ -314,14 +314,20 @@ impl Image {
         }
 
         let initramfs = cache_dir().join(format!("initramfs-{}-{name}.cpio.gz", kernel.name));
-        let script = format!(
-            "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
-            root.display(),
-            initramfs.display()
-        );
-        run_cmd(Command::new("sh").args(["-c", &script]))?;
+        pack(&root, &initramfs)?;
         Ok(Self { initramfs })
     }
+}
+
+/// A directory tree as a gzip-compressed newc cpio archive, the format the
+/// kernel unpacks as its initramfs.
+pub fn pack(root: &Path, initramfs: &Path) -> anyhow::Result<()> {
+    let script = format!(
+        "cd '{}' && find . -print0 | cpio --null -o -H newc --quiet | gzip -1 > '{}'",
+        root.display(),
+        initramfs.display()
+    );
+    run_cmd(Command::new("sh").args(["-c", &script]))
 }
 
 fn which(program: &str) -> anyhow::Result<PathBuf> {
@@ -436,6 +442,24 @@ pub struct Boot<'a> {
     /// kprobe's int3 to a vCPU after another finished patching the text,
     /// which oopses the guest (seen when attaching during a benchmark).
     pub single_threaded: bool,
+}
+
+impl<'a> Boot<'a> {
+    /// A test boot: 2 vCPUs, multi-threaded TCG, no network, no disk,
+    /// killed after `timeout` seconds.
+    pub fn new(attach_mode: &'a str, timeout: u64) -> Self {
+        Self {
+            forward_port: None,
+            attach_mode,
+            soak_seconds: 0,
+            timeout: Some(timeout),
+            echo: false,
+            init: None,
+            cpus: 2,
+            disk: None,
+            single_threaded: false,
+        }
+    }
 }
 
 /// Boots the kernel and returns everything it wrote to the serial console.
