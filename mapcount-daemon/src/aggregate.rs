@@ -1,16 +1,16 @@
 //! Events to metrics. Pure: no kernel, no I/O, so it is tested with
 //! synthetic event streams.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use mapcount_common::{
     Event, FIELD_ABSENT, FolioKind, Level, RmapOp, WriteFaultOutcome, event_flags, shared_hint, vma_class,
 };
-use prometheus::IntCounter;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 
 use crate::{
     decode::{Decoded, kind_label, level_label, op_label, outcome_label},
-    folios::{FolioTable, RmapCall},
+    folios::{FolioTable, Retired, RmapCall},
     metrics::Metrics,
 };
 
@@ -30,14 +30,26 @@ pub const MAX_SOURCES: usize = 32;
 /// 2^31: the refcount (an `atomic_t`) overflows past it.
 const REFCOUNT_LIMIT: f64 = 2147483648.0;
 
-/// Counter handles by label index, resolved once: looking labels up per
-/// event (hashing four strings) was most of the ingest cost.
+/// Per-event metrics, by label index, resolved once and counted locally:
+/// looking labels up per event (hashing strings) and atomic increments were
+/// most of the ingest cost. `flush` publishes them; it runs before every
+/// scrape, so scrapes see every event received.
 struct Handles {
     /// (calls, pages) by [op][level][kind][order].
-    rmap: Vec<Option<(IntCounter, IntCounter)>>,
+    rmap: Vec<Option<(LocalIntCounter, LocalIntCounter)>>,
     /// by [outcome][kind or none][order].
-    write_faults: Vec<Option<IntCounter>>,
-    events: [IntCounter; 4],
+    write_faults: Vec<Option<LocalIntCounter>>,
+    events: [LocalIntCounter; 4],
+    write_fault_duration: LocalHistogram,
+    copy_reasons: Vec<(&'static str, LocalIntCounter)>,
+    forks: LocalIntCounter,
+    /// Fork VMAs whose page tables were copied, and those left to faults.
+    fork_vmas: [LocalIntCounter; 2],
+    /// Facts of folios that left the table: sharers by [kind], peak
+    /// mapcount and partial lifetimes by [kind][order].
+    sharers: Vec<Option<LocalHistogram>>,
+    peak_mapcount: Vec<Option<LocalHistogram>>,
+    partial_lifetimes: Vec<Option<LocalIntCounter>>,
 }
 
 const OPS: usize = 4;
@@ -46,12 +58,24 @@ const KINDS: usize = 6;
 const ORDERS: usize = 32;
 const OUTCOMES: usize = 6;
 
+fn kind_order(kind: FolioKind, order: u8) -> usize {
+    kind as usize * ORDERS + usize::from(order).min(ORDERS - 1)
+}
+
 impl Handles {
     fn new(m: &Metrics) -> Self {
         Self {
             rmap: vec![None; OPS * LEVELS * KINDS * ORDERS],
             write_faults: vec![None; OUTCOMES * KINDS * ORDERS],
-            events: ["rmap", "write_fault", "fork", "source"].map(|t| m.events.with_label_values(&[t])),
+            events: ["rmap", "write_fault", "fork", "source"]
+                .map(|t| m.events.with_label_values(&[t]).local()),
+            write_fault_duration: m.write_fault_duration.local(),
+            copy_reasons: Vec::new(),
+            forks: m.forks.local(),
+            fork_vmas: ["copied", "lazy"].map(|how| m.fork_vmas.with_label_values(&[how]).local()),
+            sharers: vec![None; KINDS],
+            peak_mapcount: vec![None; KINDS * ORDERS],
+            partial_lifetimes: vec![None; KINDS * ORDERS],
         }
     }
 
@@ -62,12 +86,12 @@ impl Handles {
         level: Level,
         kind: FolioKind,
         order: u8,
-    ) -> &(IntCounter, IntCounter) {
+    ) -> &(LocalIntCounter, LocalIntCounter) {
         let index =
             (((op as usize * LEVELS + level as usize) * KINDS + kind as usize) * ORDERS) + order as usize;
         self.rmap[index].get_or_insert_with(|| {
             let labels = [op_label(op), level_label(level), kind_label(kind), order_label(order)];
-            (m.rmap_calls.with_label_values(&labels), m.rmap_pages.with_label_values(&labels))
+            (m.rmap_calls.with_label_values(&labels).local(), m.rmap_pages.with_label_values(&labels).local())
         })
     }
 
@@ -77,16 +101,59 @@ impl Handles {
         outcome: WriteFaultOutcome,
         kind: Option<FolioKind>,
         order: u8,
-    ) -> &IntCounter {
+    ) -> &LocalIntCounter {
         let order = if kind.is_some() { order } else { 0 };
         let index = ((outcome as usize * KINDS + kind.map_or(0, |k| k as usize)) * ORDERS) + order as usize;
         self.write_faults[index].get_or_insert_with(|| {
-            m.write_faults.with_label_values(&[
-                outcome_label(outcome),
-                kind.map_or("none", kind_label),
-                order_label(order),
-            ])
+            m.write_faults
+                .with_label_values(&[
+                    outcome_label(outcome),
+                    kind.map_or("none", kind_label),
+                    order_label(order),
+                ])
+                .local()
         })
+    }
+
+    fn copy_reason(&mut self, m: &Metrics, reason: &'static str) -> &LocalIntCounter {
+        let index = match self.copy_reasons.iter().position(|(r, _)| *r == reason) {
+            Some(i) => i,
+            None => {
+                self.copy_reasons.push((reason, m.copy_reasons.with_label_values(&[reason]).local()));
+                self.copy_reasons.len() - 1
+            }
+        };
+        &self.copy_reasons[index].1
+    }
+
+    fn retired(&mut self, m: &Metrics, retired: &Retired) {
+        let (kind, order) = (kind_label(retired.kind), order_label(retired.order));
+        let at = kind_order(retired.kind, retired.order);
+        self.sharers[retired.kind as usize]
+            .get_or_insert_with(|| m.sharers.with_label_values(&[kind]).local())
+            .observe(f64::from(retired.peak_sharers));
+        self.peak_mapcount[at]
+            .get_or_insert_with(|| m.peak_mapcount.with_label_values(&[kind, order]).local())
+            .observe(retired.peak_mapcount as f64);
+        if retired.ever_partially_mapped {
+            self.partial_lifetimes[at]
+                .get_or_insert_with(|| m.partial_lifetimes.with_label_values(&[kind, order]).local())
+                .inc();
+        }
+    }
+
+    fn flush(&self) {
+        let counters = self.rmap.iter().flatten().flat_map(|(calls, pages)| [calls, pages]);
+        let counters = counters
+            .chain(self.write_faults.iter().flatten())
+            .chain(&self.events)
+            .chain(self.copy_reasons.iter().map(|(_, c)| c))
+            .chain([&self.forks])
+            .chain(&self.fork_vmas)
+            .chain(self.partial_lifetimes.iter().flatten());
+        counters.for_each(LocalIntCounter::flush);
+        let histograms = self.sharers.iter().chain(&self.peak_mapcount).flatten();
+        histograms.chain([&self.write_fault_duration]).for_each(LocalHistogram::flush);
     }
 }
 
@@ -94,8 +161,8 @@ pub struct Aggregator {
     metrics: Arc<Metrics>,
     handles: Handles,
     table: FolioTable,
-    /// Highest refcount seen per (kind, order) over the daemon's life.
-    refcount_max: HashMap<(FolioKind, u8), i32>,
+    /// Highest refcount seen by [kind][order] over the daemon's life.
+    refcount_max: Vec<Option<i32>>,
     sources: Vec<String>,
     /// Records received from each CPU, balanced against the kernel's counts.
     received_per_cpu: Vec<u64>,
@@ -124,7 +191,7 @@ impl Aggregator {
             handles: Handles::new(&metrics),
             metrics,
             table: FolioTable::new(table_capacity),
-            refcount_max: HashMap::new(),
+            refcount_max: vec![None; KINDS * ORDERS],
             received_per_cpu: Vec::new(),
             sources: Vec::new(),
         }
@@ -147,8 +214,7 @@ impl Aggregator {
             }
             self.received_per_cpu[cpu] += 1;
         }
-        let metrics = Arc::clone(&self.metrics);
-        let m = &*metrics;
+        let m = &*self.metrics;
         match *event {
             Decoded::Rmap { op, level, kind, raw } => {
                 self.handles.events[0].inc();
@@ -159,8 +225,8 @@ impl Aggregator {
                     self.table.note_owner(raw.mm, raw.tgid);
                 }
                 if raw.refcount != FIELD_ABSENT {
-                    let max = self.refcount_max.entry((kind, raw.order)).or_insert(0);
-                    *max = (*max).max(raw.refcount);
+                    let max = &mut self.refcount_max[kind_order(kind, raw.order)];
+                    *max = Some(max.unwrap_or(0).max(raw.refcount));
                 }
                 let applied = self.table.apply(&RmapCall {
                     folio: raw.folio,
@@ -173,7 +239,6 @@ impl Aggregator {
                     order: raw.order,
                     kernel_mapcount: kernel_mapcount(&raw),
                     refcount: raw.refcount,
-                    pincount: (raw.pincount != FIELD_ABSENT).then_some(raw.pincount),
                     shared_hint: raw.shared_hint,
                 });
                 if let Some((own, kernel)) = applied.disagreement {
@@ -194,36 +259,29 @@ impl Aggregator {
                     m.table_evictions.inc();
                 }
                 if let Some(retired) = applied.retired {
-                    let kind = kind_label(retired.kind);
-                    m.sharers.with_label_values(&[kind]).observe(f64::from(retired.peak_sharers));
-                    m.peak_mapcount
-                        .with_label_values(&[kind, order_label(retired.order)])
-                        .observe(retired.peak_mapcount as f64);
-                    if retired.ever_partially_mapped {
-                        m.partial_lifetimes.with_label_values(&[kind, order_label(retired.order)]).inc();
-                    }
+                    self.handles.retired(m, &retired);
                 }
             }
             Decoded::WriteFault { outcome, kind, raw } => {
                 self.handles.events[1].inc();
                 self.handles.write_fault(m, outcome, kind, raw.order).inc();
-                m.write_fault_duration.observe(f64::from(raw.duration_ns) * 1e-9);
+                self.handles.write_fault_duration.observe(f64::from(raw.duration_ns) * 1e-9);
                 if outcome == WriteFaultOutcome::Copy {
-                    m.copy_reasons.with_label_values(&[copy_reason(kind, &raw)]).inc();
+                    self.handles.copy_reason(m, copy_reason(kind, &raw)).inc();
                 }
                 if let Some(state) = self.table.get_mut(raw.folio) {
                     match outcome {
-                        WriteFaultOutcome::Copy => state.cow_copies += 1,
-                        WriteFaultOutcome::Reuse => state.cow_reuses += 1,
+                        WriteFaultOutcome::Copy => state.count_write_fault(true),
+                        WriteFaultOutcome::Reuse => state.count_write_fault(false),
                         _ => {}
                     }
                 }
             }
             Decoded::Fork(fork) => {
                 self.handles.events[2].inc();
-                m.forks.inc();
+                self.handles.forks.inc();
                 let copies = fork.copies != 0;
-                m.fork_vmas.with_label_values(&[if copies { "copied" } else { "lazy" }]).inc();
+                self.handles.fork_vmas[usize::from(!copies)].inc();
                 if copies {
                     self.table.fork(fork.src_mm, fork.src_vma, fork.dst_mm, fork.dst_vma);
                 }
@@ -237,7 +295,8 @@ impl Aggregator {
                         _ => "other",
                     };
                     let source = self.source_label(&raw.fs_type, &raw.name);
-                    m.nomapping_pages.with_label_values(&[vma, &source]).inc_by(u64::from(raw.nr_pages));
+                    let pages = self.metrics.nomapping_pages.with_label_values(&[vma, &source]);
+                    pages.inc_by(u64::from(raw.nr_pages));
                 }
             }
         }
@@ -271,9 +330,11 @@ impl Aggregator {
         "other".to_owned()
     }
 
-    /// Sets the gauges that summarise the folio table; called before each
-    /// scrape, so they describe the table as it is now.
-    pub fn refresh_gauges(&self) {
+    /// Publishes the counts kept since the last call and sets the gauges
+    /// that summarise the folio table; called before each scrape, so that
+    /// it describes every event received and the table as it is now.
+    pub fn publish_metrics(&self) {
+        self.handles.flush();
         let m = &*self.metrics;
         for g in [&m.folios, &m.partially_mapped, &m.shared, &m.maybe_shared_bit, &m.refcount_max] {
             g.reset();
@@ -311,9 +372,13 @@ impl Aggregator {
             }
         }
         let mut highest = 0;
-        for (&(kind, order), &max) in &self.refcount_max {
-            m.refcount_max.with_label_values(&[kind_label(kind), order_label(order)]).set(i64::from(max));
-            highest = highest.max(max);
+        for kind in [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping]
+        {
+            for order in 0..ORDERS as u8 {
+                let Some(max) = self.refcount_max[kind_order(kind, order)] else { continue };
+                m.refcount_max.with_label_values(&[kind_label(kind), order_label(order)]).set(i64::from(max));
+                highest = highest.max(max);
+            }
         }
         m.headroom_ratio.set(f64::from(highest) / REFCOUNT_LIMIT);
         let vmas_left = match worst {
@@ -420,6 +485,8 @@ mod tests {
         agg.apply(&rmap(RmapOp::Remove, Level::Pmd, FolioKind::Anon, 9, 512));
 
         let calls = |l: [&str; 4]| metrics.rmap_calls.with_label_values(&l).get();
+        assert_eq!(calls(["add", "pte", "file", "0"]), 0, "counted locally until published");
+        agg.publish_metrics();
         let pages = |l: [&str; 4]| metrics.rmap_pages.with_label_values(&l).get();
         assert_eq!(calls(["add", "pte", "file", "0"]), 3);
         assert_eq!(pages(["add", "pte", "file", "0"]), 48);
@@ -435,6 +502,7 @@ mod tests {
         agg.apply(&write_fault(WriteFaultOutcome::Copy, 2_000));
         agg.apply(&write_fault(WriteFaultOutcome::Copy, 3_000));
         agg.apply(&write_fault(WriteFaultOutcome::Reuse, 1_000));
+        agg.publish_metrics();
         assert_eq!(metrics.write_faults.with_label_values(&["copy", "none", "0"]).get(), 2);
         assert_eq!(metrics.write_faults.with_label_values(&["reuse", "none", "0"]).get(), 1);
         assert_eq!(metrics.write_fault_duration.get_sample_count(), 3);
@@ -456,7 +524,7 @@ mod tests {
         event.folio = 0xffff_8880_1234_5678;
         event.mm = 0xffff_8880_8765_4321;
         agg.apply(&decode(&encode(&event)).unwrap());
-        agg.refresh_gauges();
+        agg.publish_metrics();
         let text = metrics.render();
         assert!(text.contains("# HELP mapcount_rmap_calls_total"));
         assert!(text.contains(r#"mapcount_rmap_calls_total{kind="anon",level="pte",op="add",order="0"} 1"#));
@@ -547,7 +615,7 @@ mod tests {
         while let Some(bytes) = reader.next_record().unwrap() {
             sink.take(&mut aggregator, bytes).unwrap();
         }
-        aggregator.refresh_gauges();
+        aggregator.publish_metrics();
         assert_eq!(metrics.shared.with_label_values(&["anon", "9"]).get(), 1);
         assert_eq!(metrics.forks.get(), 3);
 
@@ -556,7 +624,7 @@ mod tests {
             let vma = if mm == 1 { 10 } else { mm * 10 };
             aggregator.apply(&decode(&encode(&thp(RmapOp::Remove, mm, vma, before))).unwrap());
         }
-        aggregator.refresh_gauges();
+        aggregator.publish_metrics();
         assert_eq!(metrics.disagreements.with_label_values(&["anon"]).get(), 0);
         assert_eq!(metrics.folios.with_label_values(&["anon", "9"]).get(), 0);
         assert_eq!(metrics.sharers.with_label_values(&["anon"]).get_sample_count(), 1);

@@ -5,15 +5,20 @@
 //! else" has an exact answer. The kernel's own counters arrive with every
 //! event; the table checks itself against them.
 
+use std::hash::BuildHasher as _;
+
+use hashbrown::HashTable;
 use mapcount_common::{FolioKind, Level, RmapOp};
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap};
+use smallvec::SmallVec;
 
 /// Consecutive events of a folio whose counts must differ from the
 /// kernel's before that is a disagreement (see `FolioTable::apply`).
 const CONFIRM_AFTER: u8 = 3;
 
 /// Address spaces tracked per folio; beyond this a folio's further
-/// mappings are counted in `unknown` (bounded memory per folio).
+/// mappings are counted in `unknown` (bounded memory per folio, and
+/// sharers fit in a byte).
 pub const MAX_MAPPINGS_PER_FOLIO: usize = 64;
 
 /// The mappings one address space (through one VMA) holds on a folio.
@@ -32,58 +37,76 @@ impl Mapping {
     }
 }
 
+/// Most folios are mapped through one VMA: that mapping is stored inline,
+/// and only shared folios allocate.
+pub type Mappings = SmallVec<[Mapping; 1]>;
+
+/// One live folio. Kept at 72 bytes: with a million live folios the table
+/// is most of the daemon's memory (docs/metrics.md).
 #[derive(Clone, Debug)]
 pub struct FolioState {
+    /// The folio's address, the table's key; never shown.
+    folio: u64,
     /// Daemon-assigned identity, safe to show (unlike the folio's address).
     pub serial: u64,
-    pub kind: FolioKind,
-    pub order: u8,
-    pub mappings: Vec<Mapping>,
+    pub mappings: Mappings,
     /// Mappings by address spaces the daemon did not see being made
     /// (mapped before it started, or by paths no probe sees).
-    pub unknown: u64,
-    pub peak_mapcount: u64,
-    pub peak_sharers: u32,
+    pub unknown: u32,
+    pub peak_mapcount: u32,
     pub peak_refcount: i32,
-    pub pincount: i32,
-    pub ever_partially_mapped: bool,
+    /// Write faults on the folio that copied it, and that reused it
+    /// (saturating: these are for the debug view).
+    pub cow_copies: u16,
+    pub cow_reuses: u16,
+    pub kind: FolioKind,
+    pub order: u8,
+    /// At most [`MAX_MAPPINGS_PER_FOLIO`].
+    pub peak_sharers: u8,
     /// The kernel's maybe-shared bit at the last event (a `shared_hint` value).
     pub shared_hint: u8,
-    pub cow_copies: u32,
-    pub cow_reuses: u32,
+    pub ever_partially_mapped: bool,
     /// Consecutive events at which the kernel's count differed (see `apply`).
     differing_events: u8,
 }
 
+/// Counts kept narrower than the kernel's: saturate instead of wrapping.
+fn narrow<T: TryFrom<u64> + Copy>(value: u64, max: T) -> T {
+    T::try_from(value).unwrap_or(max)
+}
+
 impl FolioState {
-    fn new(serial: u64, kind: FolioKind, order: u8) -> Self {
+    fn new(folio: u64, serial: u64, kind: FolioKind, order: u8) -> Self {
         Self {
+            folio,
             serial,
-            kind,
-            order,
-            mappings: Vec::new(),
+            mappings: Mappings::new(),
             unknown: 0,
             peak_mapcount: 0,
-            peak_sharers: 0,
             peak_refcount: 0,
-            pincount: 0,
-            ever_partially_mapped: false,
-            shared_hint: 0,
             cow_copies: 0,
             cow_reuses: 0,
+            kind,
+            order,
+            peak_sharers: 0,
+            shared_hint: 0,
+            ever_partially_mapped: false,
             differing_events: 0,
         }
     }
 
     /// Mappings as the kernel counts them (`folio_mapcount`).
     pub fn mapcount(&self) -> u64 {
-        self.mappings.iter().map(Mapping::total).sum::<u64>() + self.unknown
+        self.mappings.iter().map(Mapping::total).sum::<u64>() + u64::from(self.unknown)
     }
 
     /// Distinct address spaces mapping the folio (those the daemon knows).
     pub fn sharers(&self) -> u32 {
         // Called per event: no allocation. Mappings are few; count each mm
         // at its first live mapping.
+        if let [only] = self.mappings.as_slice() {
+            return u32::from(only.total() > 0); // most folios
+        }
         let live = |m: &&Mapping| m.total() > 0;
         let mut count = 0;
         for (i, m) in self.mappings.iter().enumerate().filter(|(_, m)| live(m)) {
@@ -118,6 +141,21 @@ impl FolioState {
     /// VMAs mapping the folio: refcount grows per mapping, so per VMA.
     pub fn vmas(&self) -> usize {
         self.mappings.iter().filter(|m| m.total() > 0).count()
+    }
+
+    fn maps_through(&self, vma: u64) -> bool {
+        self.mappings.iter().any(|m| m.vma == vma && m.total() > 0)
+    }
+
+    /// After the mappings changed; `mapcount` is theirs.
+    fn note_peaks(&mut self, mapcount: u64) {
+        self.peak_mapcount = self.peak_mapcount.max(narrow(mapcount, u32::MAX));
+        self.peak_sharers = self.peak_sharers.max(narrow(u64::from(self.sharers()), u8::MAX));
+    }
+
+    pub fn count_write_fault(&mut self, copied: bool) {
+        let count = if copied { &mut self.cow_copies } else { &mut self.cow_reuses };
+        *count = count.saturating_add(1);
     }
 }
 
@@ -156,16 +194,26 @@ pub struct RmapCall {
     /// folios always, large ones since 6.10); after it for `AddNew`.
     pub kernel_mapcount: Option<u64>,
     pub refcount: i32,
-    pub pincount: Option<i32>,
     pub shared_hint: u8,
 }
 
+/// Index of a folio's entry in `FolioTable::slots`.
+type Slot = u32;
+
+/// The live folios. Entries sit in a slab (`slots`) and a hash table of
+/// slot numbers finds them by address: 4 bytes per hash bucket instead of
+/// key and entry, which the table's load factor would multiply.
 pub struct FolioTable {
-    folios: HashMap<u64, FolioState>,
-    /// VMA → folios mapped through it, for carrying mappings across fork.
-    /// Entries go stale (the folio left, the VMA was split); they are
-    /// checked on use and the index is rebuilt when it doubles in size.
-    by_vma: HashMap<u64, Vec<u64>>,
+    /// Slot numbers, hashed by the folio address stored in the slot.
+    by_folio: HashTable<Slot>,
+    slots: Vec<Option<FolioState>>,
+    /// Empty slots, reused before the slab grows.
+    free: Vec<Slot>,
+    /// VMA → slots of folios mapped through it, for carrying mappings
+    /// across fork. Entries go stale (the folio left, the VMA was split):
+    /// a VMA's list is pruned when fork reads it, and the whole index is
+    /// rebuilt when it grows to four times the table.
+    by_vma: HashMap<u64, Vec<Slot>>,
     by_vma_len: usize,
     capacity: usize,
     next_serial: u64,
@@ -173,32 +221,50 @@ pub struct FolioTable {
     mm_tgid: HashMap<u64, u32>,
 }
 
+fn hash(folio: u64) -> u64 {
+    FxBuildHasher.hash_one(folio)
+}
+
 impl FolioTable {
     pub fn new(capacity: usize) -> Self {
         Self {
-            folios: HashMap::default(),
+            by_folio: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             by_vma: HashMap::default(),
             by_vma_len: 0,
-            capacity: capacity.max(1),
+            // Slot numbers are 32 bits.
+            capacity: capacity.clamp(1, Slot::MAX as usize),
             next_serial: 1,
             mm_tgid: HashMap::default(),
         }
     }
 
     pub fn len(&self) -> usize {
-        self.folios.len()
+        self.by_folio.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.folios.is_empty()
+        self.by_folio.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &FolioState> {
-        self.folios.values()
+        self.slots.iter().flatten()
+    }
+
+    fn find(&self, folio: u64) -> Option<Slot> {
+        let slots = &self.slots;
+        self.by_folio
+            .find(hash(folio), |&slot| slots[slot as usize].as_ref().is_some_and(|s| s.folio == folio))
+            .copied()
+    }
+
+    fn state(&mut self, slot: Slot) -> &mut FolioState {
+        self.slots[slot as usize].as_mut().expect("indexed slots hold a folio")
     }
 
     pub fn get_mut(&mut self, folio: u64) -> Option<&mut FolioState> {
-        self.folios.get_mut(&folio)
+        self.find(folio).map(|slot| self.state(slot))
     }
 
     pub fn note_owner(&mut self, mm: u64, tgid: u32) {
@@ -210,42 +276,63 @@ impl FolioTable {
     /// Folios mapped by the address space(s) a tgid was seen using.
     pub fn mapped_by_tgid(&self, tgid: u32) -> Vec<&FolioState> {
         let mms: Vec<u64> = self.mm_tgid.iter().filter(|(_, t)| **t == tgid).map(|(mm, _)| *mm).collect();
-        let mut found: Vec<&FolioState> = self
-            .folios
-            .values()
-            .filter(|f| f.mappings.iter().any(|m| m.total() > 0 && mms.contains(&m.mm)))
-            .collect();
+        let mut found: Vec<&FolioState> =
+            self.iter().filter(|f| f.mappings.iter().any(|m| m.total() > 0 && mms.contains(&m.mm))).collect();
         found.sort_by_key(|f| f.serial);
         found
     }
 
-    fn insert(&mut self, folio: u64, state: FolioState) -> bool {
+    /// Adds a folio the table does not hold; returns its slot and whether
+    /// another folio was evicted to make room.
+    fn insert(&mut self, state: FolioState) -> (Slot, bool) {
         let mut evicted = false;
-        if !self.folios.contains_key(&folio) && self.folios.len() >= self.capacity {
+        if self.by_folio.len() >= self.capacity {
             // Any entry will do: the table is a cache of live folios, and
             // the count of evictions tells how much it missed.
-            if let Some(&victim) = self.folios.keys().next() {
-                self.folios.remove(&victim);
+            if let Some(&victim) = self.by_folio.iter().next() {
+                self.remove(victim);
                 evicted = true;
             }
         }
-        self.folios.insert(folio, state);
-        evicted
+        let hash = hash(state.folio);
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(state);
+                slot
+            }
+            None => {
+                self.slots.push(Some(state));
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        let slots = &self.slots;
+        self.by_folio.insert_unique(hash, slot, |&s| hash_of(slots, s));
+        (slot, evicted)
     }
 
-    fn index(&mut self, vma: u64, folio: u64) {
-        self.by_vma.entry(vma).or_default().push(folio);
+    fn remove(&mut self, slot: Slot) -> FolioState {
+        let state = self.slots[slot as usize].take().expect("indexed slots hold a folio");
+        if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
+            entry.remove();
+        }
+        self.free.push(slot);
+        state
+    }
+
+    fn index(&mut self, vma: u64, slot: Slot) {
+        self.by_vma.entry(vma).or_default().push(slot);
         self.by_vma_len += 1;
-        if self.by_vma_len > 4 * self.folios.len().max(1024) {
+        if self.by_vma_len > 4 * self.len().max(1024) {
             self.rebuild_index();
         }
     }
 
     fn rebuild_index(&mut self) {
         self.by_vma.clear();
-        for (&folio, state) in &self.folios {
+        for (slot, state) in self.slots.iter().enumerate() {
+            let Some(state) = state else { continue };
             for m in state.mappings.iter().filter(|m| m.total() > 0) {
-                self.by_vma.entry(m.vma).or_default().push(folio);
+                self.by_vma.entry(m.vma).or_default().push(slot as Slot);
             }
         }
         for list in self.by_vma.values_mut() {
@@ -257,25 +344,38 @@ impl FolioTable {
 
     pub fn apply(&mut self, call: &RmapCall) -> Applied {
         let mut applied = Applied::default();
-        let known = match call.op {
-            RmapOp::AddNew => false,
-            _ => self.folios.contains_key(&call.folio),
-        };
-        if !known {
+        let found = self.find(call.folio);
+        let known = found.is_some() && call.op != RmapOp::AddNew;
+        let slot = if known {
+            found.expect("known")
+        } else {
             // A new folio, or one the daemon first sees now: whatever the
             // kernel already counts belongs to address spaces not yet seen.
             let serial = self.next_serial;
             self.next_serial += 1;
-            let mut state = FolioState::new(serial, call.kind, call.order);
+            let mut state = FolioState::new(call.folio, serial, call.kind, call.order);
             if call.op != RmapOp::AddNew {
-                state.unknown = call.kernel_mapcount.unwrap_or(match call.op {
+                let unknown = call.kernel_mapcount.unwrap_or(match call.op {
                     RmapOp::Remove => mappings_of(call),
                     _ => 0,
                 });
+                state.unknown = narrow(unknown, u32::MAX);
             }
-            applied.evicted = self.insert(call.folio, state);
-        }
-        let state = self.folios.get_mut(&call.folio).expect("inserted above");
+            match found {
+                // Freshly allocated at an address the table still holds
+                // (its last unmap was missed): start over in place.
+                Some(slot) => {
+                    *self.state(slot) = state;
+                    slot
+                }
+                None => {
+                    let (slot, evicted) = self.insert(state);
+                    applied.evicted = evicted;
+                    slot
+                }
+            }
+        };
+        let state = self.state(slot);
         if known && let Some(kernel) = call.kernel_mapcount {
             // The kernel reads its counter in the probe and changes it after
             // the probe returns; a task preempted in between, on another CPU,
@@ -291,8 +391,8 @@ impl FolioTable {
                     applied.disagreement = Some((own, kernel));
                     state.differing_events = 0;
                     // Adopt the kernel's count for mappings the daemon cannot place.
-                    let placed = own - state.unknown;
-                    state.unknown = kernel.saturating_sub(placed);
+                    let placed = own - u64::from(state.unknown);
+                    state.unknown = narrow(kernel.saturating_sub(placed), u32::MAX);
                 }
             }
         }
@@ -301,21 +401,15 @@ impl FolioTable {
         state.kind = call.kind;
         state.order = call.order;
         state.peak_refcount = state.peak_refcount.max(call.refcount);
-        if let Some(pins) = call.pincount {
-            state.pincount = pins;
-        }
         state.shared_hint = call.shared_hint;
 
         let mut new_vma = false;
         match call.op {
             RmapOp::Add | RmapOp::AddNew => {
-                let slot = state.mappings.iter().position(|m| m.mm == call.mm && m.vma == call.vma);
-                let slot = match slot {
+                let existing = state.mappings.iter().position(|m| m.mm == call.mm && m.vma == call.vma);
+                let slot = match existing {
                     Some(i) => Some(i),
                     None if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO => {
-                        // Most folios are mapped once: grow one mapping at a
-                        // time (a Vec would start at four).
-                        state.mappings.reserve_exact(1);
                         state.mappings.push(Mapping {
                             mm: call.mm,
                             vma: call.vma,
@@ -330,42 +424,45 @@ impl FolioTable {
                 };
                 match slot {
                     Some(i) => add_to(&mut state.mappings[i], call, 1),
-                    None => state.unknown += mappings_of(call),
+                    None => state.unknown = state.unknown.saturating_add(narrow(mappings_of(call), u32::MAX)),
                 }
             }
             RmapOp::Remove => {
                 // The VMA may have been split or moved since the mapping
                 // was made: fall back to any mapping of the same mm.
-                let slot = state
+                let existing = state
                     .mappings
                     .iter()
                     .position(|m| m.mm == call.mm && m.vma == call.vma && holds(m, call))
                     .or_else(|| state.mappings.iter().position(|m| m.mm == call.mm && holds(m, call)));
-                match slot {
+                match existing {
                     Some(i) => add_to(&mut state.mappings[i], call, -1),
-                    None => state.unknown = state.unknown.saturating_sub(mappings_of(call)),
+                    None => state.unknown = state.unknown.saturating_sub(narrow(mappings_of(call), u32::MAX)),
                 }
                 state.mappings.retain(|m| m.total() > 0);
+                if state.mappings.spilled() && state.mappings.len() <= 1 {
+                    state.mappings.shrink_to_fit(); // back inline
+                }
             }
         }
-
+        // After a remove too: a folio first seen at its unmap, or one whose
+        // count was just adopted from the kernel.
         let mapcount = state.mapcount();
-        state.peak_mapcount = state.peak_mapcount.max(mapcount);
-        state.peak_sharers = state.peak_sharers.max(state.sharers());
+        state.note_peaks(mapcount);
         if state.partially_mapped() {
             state.ever_partially_mapped = true;
         }
         if mapcount == 0 {
-            let state = self.folios.remove(&call.folio).expect("present");
+            let state = self.remove(slot);
             applied.retired = Some(Retired {
                 kind: state.kind,
                 order: state.order,
-                peak_sharers: state.peak_sharers,
-                peak_mapcount: state.peak_mapcount,
+                peak_sharers: u32::from(state.peak_sharers),
+                peak_mapcount: u64::from(state.peak_mapcount),
                 ever_partially_mapped: state.ever_partially_mapped,
             });
         } else if new_vma {
-            self.index(call.vma, call.folio);
+            self.index(call.vma, slot);
         }
         applied
     }
@@ -374,32 +471,45 @@ impl FolioTable {
     /// mapping through the source VMA now exists in the child too. Returns
     /// how many folios gained a sharer.
     pub fn fork(&mut self, src_mm: u64, src_vma: u64, dst_mm: u64, dst_vma: u64) -> usize {
-        let Some(candidates) = self.by_vma.get(&src_vma).cloned() else { return 0 };
+        let Some(mut candidates) = self.by_vma.remove(&src_vma) else { return 0 };
+        // Prune what went stale since the last read. Any mm: a VMA's address
+        // may be reused by another address space, whose folios stay listed.
+        let listed = candidates.len();
+        let slots = &self.slots;
+        candidates.retain(|&slot| slots[slot as usize].as_ref().is_some_and(|s| s.maps_through(src_vma)));
+        self.by_vma_len -= listed - candidates.len();
+
         let mut copied = Vec::new();
-        for folio in candidates {
-            let Some(state) = self.folios.get_mut(&folio) else { continue };
+        for &slot in &candidates {
+            let state = self.state(slot);
             let Some(source) = state.mappings.iter().find(|m| m.mm == src_mm && m.vma == src_vma).copied()
             else {
                 continue;
             };
             if state.mappings.iter().any(|m| m.mm == dst_mm && m.vma == dst_vma) {
-                continue; // the same folio twice in the index
+                continue; // the same folio twice in the list
             }
             let child = Mapping { mm: dst_mm, vma: dst_vma, ..source };
             if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
                 state.mappings.push(child);
             } else {
-                state.unknown += child.total();
+                state.unknown = state.unknown.saturating_add(narrow(child.total(), u32::MAX));
             }
-            state.peak_mapcount = state.peak_mapcount.max(state.mapcount());
-            state.peak_sharers = state.peak_sharers.max(state.sharers());
-            copied.push(folio);
+            state.note_peaks(state.mapcount());
+            copied.push(slot);
         }
-        for &folio in &copied {
-            self.index(dst_vma, folio);
+        if !candidates.is_empty() {
+            self.by_vma.insert(src_vma, candidates);
+        }
+        for &slot in &copied {
+            self.index(dst_vma, slot);
         }
         copied.len()
     }
+}
+
+fn hash_of(slots: &[Option<FolioState>], slot: Slot) -> u64 {
+    hash(slots[slot as usize].as_ref().expect("indexed slots hold a folio").folio)
 }
 
 /// Mappings one call makes or removes, in `folio_mapcount` units.
@@ -430,6 +540,12 @@ fn add_to(m: &mut Mapping, call: &RmapCall, sign: i64) {
 mod tests {
     use super::*;
 
+    impl FolioTable {
+        fn folio(&self, folio: u64) -> &FolioState {
+            self.iter().find(|s| s.folio == folio).expect("folio in the table")
+        }
+    }
+
     fn call(
         folio: u64,
         mm: u64,
@@ -450,7 +566,6 @@ mod tests {
             order: 9,
             kernel_mapcount: kernel,
             refcount: 1,
-            pincount: Some(0),
             shared_hint: 0,
         }
     }
@@ -472,7 +587,7 @@ mod tests {
         // A child exits: the kernel said 4 before, and the daemon agrees.
         let applied = table.apply(&call(1, 102, 1002, RmapOp::Remove, Level::Pmd, 512, Some(4)));
         assert_eq!(applied.disagreement, None);
-        assert_eq!(table.folios[&1].sharers(), 3);
+        assert_eq!(table.folio(1).sharers(), 3);
     }
 
     #[test]
@@ -480,7 +595,7 @@ mod tests {
         let mut table = FolioTable::new(16);
         table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
         assert_eq!(table.fork(100, 2000, 101, 2001), 0);
-        assert_eq!(table.folios[&1].sharers(), 1);
+        assert_eq!(table.folio(1).sharers(), 1);
     }
 
     /// Unmapping half of a PTE-mapped THP leaves it partially mapped.
@@ -491,11 +606,11 @@ mod tests {
         // Split the PMD into 512 PTEs, then unmap the second half.
         table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 512, Some(1)));
         table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(513)));
-        assert!(!table.folios[&1].partially_mapped(), "all 512 pages still mapped");
+        assert!(!table.folio(1).partially_mapped(), "all 512 pages still mapped");
         let applied = table.apply(&call(1, 100, 1001, RmapOp::Remove, Level::Pte, 256, Some(512)));
         assert_eq!(applied.disagreement, None, "the split VMA falls back to the same mm");
-        assert!(table.folios[&1].partially_mapped());
-        assert_eq!(table.folios[&1].mapcount(), 256);
+        assert!(table.folio(1).partially_mapped());
+        assert_eq!(table.folio(1).mapcount(), 256);
     }
 
     /// Mapped before the daemon started: the kernel's count seeds it.
@@ -504,7 +619,7 @@ mod tests {
         let mut table = FolioTable::new(16);
         let applied = table.apply(&call(7, 100, 1000, RmapOp::Add, Level::Pte, 1, Some(2)));
         assert_eq!(applied.disagreement, None);
-        assert_eq!(table.folios[&7].mapcount(), 3);
+        assert_eq!(table.folio(7).mapcount(), 3);
         // The two unknown mappings go; then ours.
         table.apply(&call(7, 200, 2000, RmapOp::Remove, Level::Pte, 1, Some(3)));
         table.apply(&call(7, 300, 3000, RmapOp::Remove, Level::Pte, 1, Some(2)));
@@ -542,7 +657,7 @@ mod tests {
         let first = table.apply(&call(1, 200, 2000, RmapOp::Remove, Level::Pmd, 512, Some(2)));
         let second = table.apply(&call(1, 300, 3000, RmapOp::Remove, Level::Pmd, 512, Some(3)));
         assert_eq!((first.disagreement, second.disagreement), (None, None));
-        assert_eq!(table.folios[&1].mapcount(), 1);
+        assert_eq!(table.folio(1).mapcount(), 1);
         let last = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(1)));
         assert_eq!(last.disagreement, None);
         assert!(last.retired.is_some());
@@ -551,8 +666,7 @@ mod tests {
     /// docs/metrics.md quotes these sizes.
     #[test]
     fn entry_sizes_are_as_documented() {
-        assert_eq!(size_of::<FolioState>(), 80);
-
+        assert_eq!(size_of::<Option<FolioState>>(), 72);
         assert_eq!(size_of::<Mapping>(), 24);
     }
 

@@ -83,7 +83,7 @@ fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> 
     if path == state.telemetry_path {
         let body = {
             let aggregator = state.aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            aggregator.refresh_gauges();
+            aggregator.publish_metrics();
             aggregator.metrics().render()
         };
         return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body);

@@ -396,7 +396,7 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
     );
     if let Some(path) = &args.dump_on_exit {
         let aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        aggregator.refresh_gauges();
+        aggregator.publish_metrics();
         std::fs::write(path, aggregator.metrics().render())
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -443,7 +443,7 @@ fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
         sink.take(&mut aggregator, bytes)?;
         records += 1;
     }
-    aggregator.refresh_gauges();
+    aggregator.publish_metrics();
     print!("{}", metrics.render());
     eprintln!("replayed {records} records from {}", path.display());
     Ok(ExitCode::SUCCESS)

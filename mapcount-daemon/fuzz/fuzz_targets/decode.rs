@@ -17,5 +17,5 @@ fuzz_target!(|data: &[u8]| {
         }
         rest = next;
     }
-    aggregator.refresh_gauges();
+    aggregator.publish_metrics();
 });
