@@ -16,7 +16,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_func_arg, bpf_get_smp_processor_id,
+        bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_func_arg, bpf_get_smp_processor_id,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
@@ -39,13 +39,18 @@ static LAYOUT: KernelLayout = KernelLayout::ABSENT;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
-/// Submit flags for one record: see [`WAKEUP_BYTES`].
+/// With batched wake-ups, how often a CPU asks the ring buffer how full it
+/// is: every this many records it produces (a helper call saved on the
+/// others; the threshold is overshot by at most this many records per CPU).
+const WAKEUP_CHECK_EVERY: u64 = 64;
+
+/// Submit flags for a record, the `produced`th of this CPU: see [`WAKEUP_BYTES`].
 #[inline(always)]
-fn wakeup_flags() -> u64 {
+fn wakeup_flags(produced: u64) -> u64 {
     let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
     if threshold == 0 {
         0
-    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    } else if produced % WAKEUP_CHECK_EVERY == 0 && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -140,25 +145,47 @@ impl Args for FExitContext {
     }
 }
 
+/// Adds one to this CPU's counter; returns the new count.
 #[inline(always)]
-fn count(slot: u32) {
-    if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
+fn count(slot: u32) -> u64 {
+    match COUNTERS.get_ptr_mut(slot) {
         // Per-CPU slot, and programs do not migrate while they run: no
         // other writer, a plain add is enough.
-        unsafe { *counter += 1 };
+        Some(counter) => unsafe {
+            *counter += 1;
+            *counter
+        },
+        None => 0,
     }
 }
 
 /// Room for one record, counted as produced on this CPU whether or not the
-/// ring buffer has space.
+/// ring buffer has space. Submit it with [`Reserved::submit`].
 #[inline(always)]
-fn reserve<T: 'static>() -> Option<RingBufEntry<T>> {
-    count(counter::PRODUCED);
-    let entry = EVENTS.reserve::<T>(0);
-    if entry.is_none() {
-        count(counter::RING_BUFFER_FULL);
+fn reserve<T: 'static>() -> Option<Reserved<T>> {
+    let produced = count(counter::PRODUCED);
+    match EVENTS.reserve::<T>(0) {
+        Some(entry) => Some(Reserved { entry, produced }),
+        None => {
+            count(counter::RING_BUFFER_FULL);
+            None
+        }
     }
-    entry
+}
+
+struct Reserved<T: 'static> {
+    entry: RingBufEntry<T>,
+    /// This CPU's count of records produced, this one included.
+    produced: u64,
+}
+
+impl<T> Reserved<T> {
+    #[inline(always)]
+    fn submit(self, record: T) {
+        let mut entry = self.entry;
+        entry.write(record);
+        entry.submit(wakeup_flags(self.produced));
+    }
 }
 
 #[inline(always)]
@@ -179,9 +206,46 @@ fn read_at<T: Copy>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
-#[inline(always)]
-fn read_i32_or_absent(base: u64, offset: u32) -> i32 {
-    read_at::<i32>(base, offset).unwrap_or(FIELD_ABSENT)
+/// Bytes of a folio copied by one helper call (a `struct page`'s worth).
+const WINDOW_BYTES: u32 = 64;
+
+/// `WINDOW_BYTES` of a folio from `start` on, copied with one helper call;
+/// fields are then taken from the copy, instead of one call per field. The
+/// offsets come from [`LAYOUT`], read-only data whose values the verifier
+/// knows, so each access is at a fixed stack offset and a field outside the
+/// window (no supported kernel has one) falls back to a read of its own.
+struct Window {
+    folio: u64,
+    start: u32,
+    copy: Option<[u64; 8]>,
+}
+
+impl Window {
+    #[inline(always)]
+    fn read(folio: u64, start: u32) -> Self {
+        let copy = if folio == 0 {
+            None
+        } else {
+            unsafe { bpf_probe_read_kernel((folio + start as u64) as *const [u64; 8]) }.ok()
+        };
+        Self { folio, start, copy }
+    }
+
+    /// An integer field at `offset` in the folio.
+    #[inline(always)]
+    fn field<T: Copy>(&self, offset: u32) -> Option<T> {
+        if offset == OFFSET_ABSENT {
+            return None;
+        }
+        let size = size_of::<T>() as u32;
+        let within = offset.wrapping_sub(self.start);
+        // Integers are aligned to their size, which the copy keeps.
+        if within <= WINDOW_BYTES - size && within % size == 0 {
+            let copy = self.copy.as_ref()?;
+            return Some(unsafe { copy.as_ptr().cast::<u8>().add(within as usize).cast::<T>().read() });
+        }
+        read_at(self.folio, offset)
+    }
 }
 
 /// `page_folio()`. A tail page has bit 0 of `compound_head` set; the rest
@@ -200,12 +264,15 @@ fn page_folio(page: u64) -> u64 {
     if below & below.wrapping_add(1) == 0 { page & value } else { value }
 }
 
-/// What the folio is and its counters, read from the folio itself.
+/// What the folio is and its counters, read from the folio itself: the
+/// head page's fields with one copy, a large folio's second page's with
+/// another.
 #[inline(always)]
 fn fill_folio(event: &mut Event, folio: u64) {
     event.folio = folio;
-    let flags: u64 = read_at(folio, layout!(folio_flags)).unwrap_or(0);
-    let mapping: u64 = read_at(folio, layout!(folio_mapping)).unwrap_or(0);
+    let head = Window::read(folio, 0);
+    let flags: u64 = head.field(layout!(folio_flags)).unwrap_or(0);
+    let mapping: u64 = head.field(layout!(folio_mapping)).unwrap_or(0);
     let head_bit = layout!(pg_head_bit);
     let large = head_bit < 64 && flags & (1u64 << head_bit) != 0;
     let swapcache_bit = layout!(pg_swapcache_bit);
@@ -228,23 +295,24 @@ fn fill_folio(event: &mut Event, folio: u64) {
         }
     };
 
-    event.refcount = read_i32_or_absent(folio, layout!(folio_refcount));
+    event.refcount = head.field(layout!(folio_refcount)).unwrap_or(FIELD_ABSENT);
     if large {
         // These fields live in the folio's second struct page; on a small
         // folio they belong to the next, unrelated page.
-        event.order = read_at::<u8>(folio, layout!(folio_order)).unwrap_or(0);
-        event.mapcount = read_i32_or_absent(folio, layout!(folio_large_mapcount));
-        event.entire_mapcount = read_i32_or_absent(folio, layout!(folio_entire_mapcount));
-        event.nr_pages_mapped = read_i32_or_absent(folio, layout!(folio_nr_pages_mapped));
-        event.pincount = read_i32_or_absent(folio, layout!(folio_pincount));
-        event.shared_hint = match read_at::<u64>(folio, layout!(folio_mm_ids)) {
+        let second = Window::read(folio, WINDOW_BYTES);
+        event.order = second.field::<u8>(layout!(folio_order)).unwrap_or(0);
+        event.mapcount = second.field(layout!(folio_large_mapcount)).unwrap_or(FIELD_ABSENT);
+        event.entire_mapcount = second.field(layout!(folio_entire_mapcount)).unwrap_or(FIELD_ABSENT);
+        event.nr_pages_mapped = second.field(layout!(folio_nr_pages_mapped)).unwrap_or(FIELD_ABSENT);
+        event.pincount = second.field(layout!(folio_pincount)).unwrap_or(FIELD_ABSENT);
+        event.shared_hint = match second.field::<u64>(layout!(folio_mm_ids)) {
             Some(ids) if ids & (1 << 63) != 0 => shared_hint::MAYBE_SHARED,
             Some(_) => shared_hint::EXCLUSIVE,
             None => shared_hint::UNKNOWN,
         };
     } else {
         event.order = 0;
-        event.mapcount = read_i32_or_absent(folio, layout!(folio_mapcount));
+        event.mapcount = head.field(layout!(folio_mapcount)).unwrap_or(FIELD_ABSENT);
     }
 }
 
@@ -253,9 +321,17 @@ fn vma_mm(vma: u64) -> u64 {
     read_at(vma, layout!(vma_mm)).unwrap_or(0)
 }
 
+/// The running task's mm. `bpf_get_current_task_btf` returns a pointer
+/// the verifier knows to be a task (read-only data gives the offset as a
+/// constant), so the field is a plain load, not a helper call.
 #[inline(always)]
 fn current_mm() -> u64 {
-    read_at(unsafe { bpf_get_current_task() }, layout!(task_mm)).unwrap_or(0)
+    let offset = layout!(task_mm);
+    if offset == OFFSET_ABSENT {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task_btf() } as u64;
+    unsafe { core::ptr::read_volatile((task + offset as u64) as *const u64) }
 }
 
 /// Reads a kernel string through a chain of pointers into `out`.
@@ -270,7 +346,7 @@ fn read_name(string: u64, out: &mut [u8; SOURCE_NAME_LEN]) {
 /// (a socket, a BPF map, io_uring, a device) behind the VMA.
 #[inline(always)]
 fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
-    let Some(mut entry) = reserve::<SourceEvent>() else { return };
+    let Some(entry) = reserve::<SourceEvent>() else { return };
     let flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
     let mut event = SourceEvent {
         event_type: EventType::Source as u8,
@@ -296,15 +372,14 @@ fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
     let sb: u64 = read_at(inode, layout!(inode_sb)).unwrap_or(0);
     let fs_type: u64 = read_at(sb, layout!(sb_type)).unwrap_or(0);
     read_name(read_at(fs_type, layout!(fs_type_name)).unwrap_or(0), &mut event.fs_type);
-    entry.write(event);
-    entry.submit(wakeup_flags());
+    entry.submit(event);
 }
 
 // ---- rmap events ----------------------------------------------------------
 
 #[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
-    let Some(mut entry) = reserve::<Event>() else { return };
+    let Some(entry) = reserve::<Event>() else { return };
     let mut event = Event::ZERO;
     event.cpu = this_cpu();
     // Taken just before the counters are read: the daemon orders by it.
@@ -321,8 +396,7 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     }
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let kind = event.kind;
-    entry.write(event);
-    entry.submit(wakeup_flags());
+    entry.submit(event);
     if kind == FolioKind::NoMapping as u8 && op != RmapOp::Remove {
         emit_source(vma, op, nr_pages);
     }
@@ -450,7 +524,7 @@ entry_probe!(page_remove, page_remove_fentry, |a| emit_page_rmap(
 #[inline(always)]
 fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
     if keep_arguments && NEW_ANON_CALLS.insert(thread_id(), NewAnonCall { folio, vma }, 0).is_err() {
-        count(counter::TASK_STATE_FULL);
+        let _ = count(counter::TASK_STATE_FULL);
     }
     // A new anonymous folio inside a write fault is the copy.
     if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
@@ -539,7 +613,7 @@ fn write_fault_entry(vmf: u64) {
         _pad: [0; 5],
     };
     if WRITE_FAULTS.insert(thread_id(), window, 0).is_err() {
-        count(counter::TASK_STATE_FULL);
+        let _ = count(counter::TASK_STATE_FULL);
     }
 }
 
@@ -565,7 +639,7 @@ fn write_fault_return() {
         WriteFaultOutcome::Other
     };
 
-    let Some(mut entry) = reserve::<Event>() else { return };
+    let Some(entry) = reserve::<Event>() else { return };
     let now = unsafe { bpf_ktime_get_ns() };
     let mut event = Event::ZERO;
     event.cpu = this_cpu();
@@ -579,8 +653,7 @@ fn write_fault_return() {
     event.timestamp_ns = now;
     event.duration_ns = now.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    entry.write(event);
-    entry.submit(wakeup_flags());
+    entry.submit(event);
 }
 
 /// Marks a reuse inside the window: `wp_page_reuse` (also on shared
@@ -624,11 +697,11 @@ pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
 /// copied when the kernel's vma_needs_copy() says so.
 #[inline(always)]
 fn fork_copy(dst_vma: u64, src_vma: u64) {
-    let Some(mut entry) = reserve::<ForkEvent>() else { return };
+    let Some(entry) = reserve::<ForkEvent>() else { return };
     let flags: u64 = read_at(src_vma, layout!(vma_flags)).unwrap_or(0);
     let anon_vma: u64 = read_at(src_vma, layout!(vma_anon_vma)).unwrap_or(0);
     let copies = anon_vma != 0 || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0;
-    entry.write(ForkEvent {
+    entry.submit(ForkEvent {
         event_type: EventType::Fork as u8,
         copies: copies as u8,
         _pad: [0; 6],
@@ -640,7 +713,6 @@ fn fork_copy(dst_vma: u64, src_vma: u64) {
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         cpu: this_cpu(),
     });
-    entry.submit(wakeup_flags());
 }
 
 entry_probe!(fork_copy_kprobe, fork_copy_fentry, |a| fork_copy(a.raw(0), a.raw(1)));
