@@ -147,10 +147,14 @@ impl FolioState {
         self.mappings.iter().any(|m| m.vma == vma && m.total() > 0)
     }
 
-    /// After the mappings changed; `mapcount` is theirs.
-    fn note_peaks(&mut self, mapcount: u64) {
+    /// After the mappings changed; `mapcount` is theirs. Sharers only grow
+    /// when a mapping entry is added, and counting them is quadratic in the
+    /// entries (up to 64 for a folio mapped everywhere): only then.
+    fn note_peaks(&mut self, mapcount: u64, entry_added: bool) {
         self.peak_mapcount = self.peak_mapcount.max(narrow(mapcount, u32::MAX));
-        self.peak_sharers = self.peak_sharers.max(narrow(u64::from(self.sharers()), u8::MAX));
+        if entry_added {
+            self.peak_sharers = self.peak_sharers.max(narrow(u64::from(self.sharers()), u8::MAX));
+        }
     }
 
     pub fn count_write_fault(&mut self, copied: bool) {
@@ -320,7 +324,11 @@ impl FolioTable {
     }
 
     fn index(&mut self, vma: u64, slot: Slot) {
-        self.by_vma.entry(vma).or_default().push(slot);
+        let list = self.by_vma.entry(vma).or_default();
+        if list.last() == Some(&slot) {
+            return; // the slot just freed and reused, in the same VMA
+        }
+        list.push(slot);
         self.by_vma_len += 1;
         if self.by_vma_len > 4 * self.len().max(1024) {
             self.rebuild_index();
@@ -448,7 +456,7 @@ impl FolioTable {
         // After a remove too: a folio first seen at its unmap, or one whose
         // count was just adopted from the kernel.
         let mapcount = state.mapcount();
-        state.note_peaks(mapcount);
+        state.note_peaks(mapcount, new_vma);
         if state.partially_mapped() {
             state.ever_partially_mapped = true;
         }
@@ -474,9 +482,13 @@ impl FolioTable {
         let Some(mut candidates) = self.by_vma.remove(&src_vma) else { return 0 };
         // Prune what went stale since the last read. Any mm: a VMA's address
         // may be reused by another address space, whose folios stay listed.
+        // A slot freed and reused by a folio of the same VMA is listed once
+        // per use: drop the repeats too.
         let listed = candidates.len();
         let slots = &self.slots;
         candidates.retain(|&slot| slots[slot as usize].as_ref().is_some_and(|s| s.maps_through(src_vma)));
+        candidates.sort_unstable();
+        candidates.dedup();
         self.by_vma_len -= listed - candidates.len();
 
         let mut copied = Vec::new();
@@ -495,7 +507,7 @@ impl FolioTable {
             } else {
                 state.unknown = state.unknown.saturating_add(narrow(child.total(), u32::MAX));
             }
-            state.note_peaks(state.mapcount());
+            state.note_peaks(state.mapcount(), true);
             copied.push(slot);
         }
         if !candidates.is_empty() {
@@ -588,6 +600,23 @@ mod tests {
         let applied = table.apply(&call(1, 102, 1002, RmapOp::Remove, Level::Pmd, 512, Some(4)));
         assert_eq!(applied.disagreement, None);
         assert_eq!(table.folio(1).sharers(), 3);
+    }
+
+    /// Folios come and go in one VMA, reusing one slot: fork reads one
+    /// entry for the live folio, not one per folio that ever lived there.
+    #[test]
+    fn reused_slots_are_listed_once() {
+        let mut table = FolioTable::new(16);
+        for folio in 1..=1000 {
+            table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+            table.apply(&call(folio, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(1)));
+        }
+        table.apply(&call(5000, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.apply(&call(5001, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        assert_eq!(table.by_vma[&1000].len(), 2);
+        assert_eq!(table.fork(100, 1000, 101, 1001), 2);
+        assert_eq!(table.by_vma[&1000].len(), 2);
+        assert_eq!(table.folio(5001).sharers(), 2);
     }
 
     #[test]
