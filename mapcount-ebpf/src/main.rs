@@ -17,7 +17,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_func_arg, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
     maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
@@ -79,6 +79,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 struct WriteFaultWindow {
     start_ns: u64,
     vmf: u64,
+    vma: u64,
     mm: u64,
     vma_shared: u8,
     saw_new_anon: u8,
@@ -206,46 +207,68 @@ fn read_at<T: Copy>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + offset as u64) as *const T) }.ok()
 }
 
-/// Bytes of a folio copied by one helper call (a `struct page`'s worth).
-const WINDOW_BYTES: u32 = 64;
+/// Bytes of a kernel object copied by one helper call: two `struct page`s,
+/// which hold every folio field mapcount reads (the second page has the
+/// large-folio counters); for a VMA, its mm, flags, anon_vma and file.
+const SNAPSHOT_BYTES: u32 = 128;
 
-/// `WINDOW_BYTES` of a folio from `start` on, copied with one helper call;
-/// fields are then taken from the copy, instead of one call per field. The
+/// The first [`SNAPSHOT_BYTES`] of a kernel object, copied with one helper
+/// call; fields are then taken from the copy instead of one call each. The
 /// offsets come from [`LAYOUT`], read-only data whose values the verifier
-/// knows, so each access is at a fixed stack offset and a field outside the
-/// window (no supported kernel has one) falls back to a read of its own.
-struct Window {
-    folio: u64,
-    start: u32,
-    copy: Option<[u64; 8]>,
+/// knows, so each access is at a fixed stack offset, and a field beyond the
+/// copy (a kernel with unusual struct layout) falls back to its own read.
+struct Snapshot {
+    base: u64,
+    copied: bool,
+    copy: [u64; (SNAPSHOT_BYTES / 8) as usize],
 }
 
-impl Window {
+impl Snapshot {
+    const EMPTY: Self = Self { base: 0, copied: false, copy: [0; (SNAPSHOT_BYTES / 8) as usize] };
+
+    /// Copies `base` into this snapshot, in place: the stack is 512 bytes
+    /// for everything, and a snapshot is a quarter of it.
     #[inline(always)]
-    fn read(folio: u64, start: u32) -> Self {
-        let copy = if folio == 0 {
-            None
-        } else {
-            unsafe { bpf_probe_read_kernel((folio + start as u64) as *const [u64; 8]) }.ok()
-        };
-        Self { folio, start, copy }
+    fn take(&mut self, base: u64) {
+        self.base = base;
+        self.copied = false;
+        if base != 0 {
+            let bytes = unsafe {
+                core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
+            };
+            self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+        }
     }
 
-    /// An integer field at `offset` in the folio.
+    /// An integer field at `offset`.
     #[inline(always)]
     fn field<T: Copy>(&self, offset: u32) -> Option<T> {
         if offset == OFFSET_ABSENT {
             return None;
         }
         let size = size_of::<T>() as u32;
-        let within = offset.wrapping_sub(self.start);
         // Integers are aligned to their size, which the copy keeps.
-        if within <= WINDOW_BYTES - size && within % size == 0 {
-            let copy = self.copy.as_ref()?;
-            return Some(unsafe { copy.as_ptr().cast::<u8>().add(within as usize).cast::<T>().read() });
+        if offset <= SNAPSHOT_BYTES - size && offset % size == 0 {
+            if !self.copied {
+                return None;
+            }
+            return Some(unsafe { self.copy.as_ptr().cast::<u8>().add(offset as usize).cast::<T>().read() });
         }
-        read_at(self.folio, offset)
+        read_at(self.base, offset)
     }
+}
+
+/// The folio a page belongs to, with `snapshot` taken of it: the page's
+/// own copy when it is not a tail page (one copy instead of two).
+#[inline(always)]
+fn folio_of_page(page: u64, snapshot: &mut Snapshot) -> u64 {
+    snapshot.take(page);
+    let info: u64 = snapshot.field(layout!(page_compound_head)).unwrap_or(0);
+    let folio = compound_head(page, info);
+    if folio != page {
+        snapshot.take(folio);
+    }
+    folio
 }
 
 /// `page_folio()`. A tail page has bit 0 of `compound_head` set; the rest
@@ -255,7 +278,12 @@ impl Window {
 /// address has that shape.
 #[inline(always)]
 fn page_folio(page: u64) -> u64 {
-    let info: u64 = read_at(page, layout!(page_compound_head)).unwrap_or(0);
+    compound_head(page, read_at(page, layout!(page_compound_head)).unwrap_or(0))
+}
+
+/// `page_folio` given the page's `compound_head` (or `compound_info`).
+#[inline(always)]
+fn compound_head(page: u64, info: u64) -> u64 {
     if info & 1 == 0 {
         return page;
     }
@@ -264,15 +292,12 @@ fn page_folio(page: u64) -> u64 {
     if below & below.wrapping_add(1) == 0 { page & value } else { value }
 }
 
-/// What the folio is and its counters, read from the folio itself: the
-/// head page's fields with one copy, a large folio's second page's with
-/// another.
+/// What the folio is and its counters, from a snapshot of the folio.
 #[inline(always)]
-fn fill_folio(event: &mut Event, folio: u64) {
+fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
     event.folio = folio;
-    let head = Window::read(folio, 0);
-    let flags: u64 = head.field(layout!(folio_flags)).unwrap_or(0);
-    let mapping: u64 = head.field(layout!(folio_mapping)).unwrap_or(0);
+    let flags: u64 = snapshot.field(layout!(folio_flags)).unwrap_or(0);
+    let mapping: u64 = snapshot.field(layout!(folio_mapping)).unwrap_or(0);
     let head_bit = layout!(pg_head_bit);
     let large = head_bit < 64 && flags & (1u64 << head_bit) != 0;
     let swapcache_bit = layout!(pg_swapcache_bit);
@@ -295,24 +320,23 @@ fn fill_folio(event: &mut Event, folio: u64) {
         }
     };
 
-    event.refcount = head.field(layout!(folio_refcount)).unwrap_or(FIELD_ABSENT);
+    event.refcount = snapshot.field(layout!(folio_refcount)).unwrap_or(FIELD_ABSENT);
     if large {
         // These fields live in the folio's second struct page; on a small
         // folio they belong to the next, unrelated page.
-        let second = Window::read(folio, WINDOW_BYTES);
-        event.order = second.field::<u8>(layout!(folio_order)).unwrap_or(0);
-        event.mapcount = second.field(layout!(folio_large_mapcount)).unwrap_or(FIELD_ABSENT);
-        event.entire_mapcount = second.field(layout!(folio_entire_mapcount)).unwrap_or(FIELD_ABSENT);
-        event.nr_pages_mapped = second.field(layout!(folio_nr_pages_mapped)).unwrap_or(FIELD_ABSENT);
-        event.pincount = second.field(layout!(folio_pincount)).unwrap_or(FIELD_ABSENT);
-        event.shared_hint = match second.field::<u64>(layout!(folio_mm_ids)) {
+        event.order = snapshot.field::<u8>(layout!(folio_order)).unwrap_or(0);
+        event.mapcount = snapshot.field(layout!(folio_large_mapcount)).unwrap_or(FIELD_ABSENT);
+        event.entire_mapcount = snapshot.field(layout!(folio_entire_mapcount)).unwrap_or(FIELD_ABSENT);
+        event.nr_pages_mapped = snapshot.field(layout!(folio_nr_pages_mapped)).unwrap_or(FIELD_ABSENT);
+        event.pincount = snapshot.field(layout!(folio_pincount)).unwrap_or(FIELD_ABSENT);
+        event.shared_hint = match snapshot.field::<u64>(layout!(folio_mm_ids)) {
             Some(ids) if ids & (1 << 63) != 0 => shared_hint::MAYBE_SHARED,
             Some(_) => shared_hint::EXCLUSIVE,
             None => shared_hint::UNKNOWN,
         };
     } else {
         event.order = 0;
-        event.mapcount = head.field(layout!(folio_mapcount)).unwrap_or(FIELD_ABSENT);
+        event.mapcount = snapshot.field(layout!(folio_mapcount)).unwrap_or(FIELD_ABSENT);
     }
 }
 
@@ -377,14 +401,45 @@ fn emit_source(vma: u64, op: RmapOp, nr_pages: u32) {
 
 // ---- rmap events ----------------------------------------------------------
 
+/// A record about a folio: what it is and its counters, stamped just
+/// before they were read (the daemon orders records by that time).
+#[inline(always)]
+fn folio_event(timestamp_ns: u64, folio: u64, snapshot: &Snapshot) -> Event {
+    let mut event = Event::ZERO;
+    event.cpu = this_cpu();
+    event.timestamp_ns = timestamp_ns;
+    fill_folio(&mut event, folio, snapshot);
+    event
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
 #[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     let Some(entry) = reserve::<Event>() else { return };
-    let mut event = Event::ZERO;
-    event.cpu = this_cpu();
-    // Taken just before the counters are read: the daemon orders by it.
-    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
-    fill_folio(&mut event, folio);
+    let timestamp_ns = now();
+    let mut snapshot = Snapshot::EMPTY;
+    snapshot.take(folio);
+    submit_rmap(entry, folio_event(timestamp_ns, folio, &snapshot), vma, op, level, nr_pages);
+}
+
+/// A page-based (6.1-6.7) rmap call: a compound call maps the whole PMD.
+#[inline(always)]
+fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
+    let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
+    let Some(entry) = reserve::<Event>() else { return };
+    let timestamp_ns = now();
+    let mut snapshot = Snapshot::EMPTY;
+    let folio = folio_of_page(page, &mut snapshot);
+    submit_rmap(entry, folio_event(timestamp_ns, folio, &snapshot), vma, op, level, nr_pages);
+}
+
+/// Completes an rmap record from `folio_event` with the call and submits it.
+#[inline(always)]
+fn submit_rmap(entry: Reserved<Event>, mut event: Event, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     event.event_type = EventType::Rmap as u8;
     event.op = op as u8;
     event.level = level as u8;
@@ -400,13 +455,6 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     if kind == FolioKind::NoMapping as u8 && op != RmapOp::Remove {
         emit_source(vma, op, nr_pages);
     }
-}
-
-/// A page-based (6.1-6.7) rmap call: a compound call maps the whole PMD.
-#[inline(always)]
-fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
-    let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
-    emit_rmap(page_folio(page), vma, op, level, nr_pages);
 }
 
 /// Declares a kprobe and an fentry program that run the same handler.
@@ -534,15 +582,18 @@ fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
 
 #[inline(always)]
 fn new_anon_return(folio: u64, vma: u64) {
+    let Some(entry) = reserve::<Event>() else { return };
+    let timestamp_ns = now();
+    let mut snapshot = Snapshot::EMPTY;
+    snapshot.take(folio);
+    let event = folio_event(timestamp_ns, folio, &snapshot);
     // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
-    let mut probe = Event::ZERO;
-    fill_folio(&mut probe, folio);
-    let (level, nr_pages) = if probe.order >= PMD_ORDER {
+    let (level, nr_pages) = if event.order >= PMD_ORDER {
         (Level::Pmd, PMD_PAGES)
     } else {
-        (Level::Pte, 1u32 << (probe.order & 31))
+        (Level::Pte, 1u32 << (event.order & 31))
     };
-    emit_rmap(folio, vma, RmapOp::AddNew, level, nr_pages);
+    submit_rmap(entry, event, vma, RmapOp::AddNew, level, nr_pages);
 }
 
 #[kprobe]
@@ -602,11 +653,14 @@ pub fn page_add_new_anon_fexit(ctx: FExitContext) -> u32 {
 #[inline(always)]
 fn write_fault_entry(vmf: u64) {
     let vma: u64 = read_at(vmf, layout!(vmf_vma)).unwrap_or(0);
-    let flags: u64 = read_at(vma, layout!(vma_flags)).unwrap_or(0);
+    let mut vma_snapshot = Snapshot::EMPTY;
+    vma_snapshot.take(vma);
+    let flags: u64 = vma_snapshot.field(layout!(vma_flags)).unwrap_or(0);
     let window = WriteFaultWindow {
-        start_ns: unsafe { bpf_ktime_get_ns() },
+        start_ns: now(),
         vmf,
-        mm: vma_mm(vma),
+        vma,
+        mm: vma_snapshot.field(layout!(vma_mm)).unwrap_or(0),
         vma_shared: (flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
         saw_new_anon: 0,
         saw_reuse: 0,
@@ -640,18 +694,19 @@ fn write_fault_return() {
     };
 
     let Some(entry) = reserve::<Event>() else { return };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let mut event = Event::ZERO;
-    event.cpu = this_cpu();
-    if page != 0 {
-        fill_folio(&mut event, page_folio(page));
-    }
+    let returned_ns = now();
+    let mut event = if page != 0 {
+        let mut snapshot = Snapshot::EMPTY;
+        let folio = folio_of_page(page, &mut snapshot);
+        folio_event(returned_ns, folio, &snapshot)
+    } else {
+        Event { cpu: this_cpu(), timestamp_ns: returned_ns, ..Event::ZERO }
+    };
     event.event_type = EventType::WriteFault as u8;
     event.outcome = outcome as u8;
     event.mm = window.mm;
-    event.vma = read_at(window.vmf, layout!(vmf_vma)).unwrap_or(0);
-    event.timestamp_ns = now;
-    event.duration_ns = now.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
+    event.vma = window.vma;
+    event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     entry.submit(event);
 }
@@ -698,18 +753,20 @@ pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
 #[inline(always)]
 fn fork_copy(dst_vma: u64, src_vma: u64) {
     let Some(entry) = reserve::<ForkEvent>() else { return };
-    let flags: u64 = read_at(src_vma, layout!(vma_flags)).unwrap_or(0);
-    let anon_vma: u64 = read_at(src_vma, layout!(vma_anon_vma)).unwrap_or(0);
+    let mut src = Snapshot::EMPTY;
+    src.take(src_vma);
+    let flags: u64 = src.field(layout!(vma_flags)).unwrap_or(0);
+    let anon_vma: u64 = src.field(layout!(vma_anon_vma)).unwrap_or(0);
     let copies = anon_vma != 0 || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0;
     entry.submit(ForkEvent {
         event_type: EventType::Fork as u8,
         copies: copies as u8,
         _pad: [0; 6],
-        src_mm: vma_mm(src_vma),
+        src_mm: src.field(layout!(vma_mm)).unwrap_or(0),
         src_vma,
         dst_mm: vma_mm(dst_vma),
         dst_vma,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: now(),
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         cpu: this_cpu(),
     });
