@@ -20,7 +20,7 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{HashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
@@ -87,9 +87,18 @@ struct WriteFaultWindow {
     _pad: [u8; 5],
 }
 
-/// Keyed by thread id (the low half of `bpf_get_current_pid_tgid`).
+/// Keyed by thread id (the low half of `bpf_get_current_pid_tgid`). A
+/// thread keeps its entry from one fault to the next, open while
+/// `start_ns` is set: updated in place, which saves an insert and a delete
+/// (two helper calls) per fault. LRU: exited threads' entries make room.
 #[map]
-static WRITE_FAULTS: HashMap<u32, WriteFaultWindow> = HashMap::with_max_entries(16384, 0);
+static WRITE_FAULTS: LruHashMap<u32, WriteFaultWindow> = LruHashMap::with_max_entries(16384, 0);
+
+/// The current thread's write-fault window, if one is open.
+#[inline(always)]
+fn open_write_fault(tid: u32) -> Option<*mut WriteFaultWindow> {
+    WRITE_FAULTS.get_ptr_mut(tid).filter(|&window| unsafe { (*window).start_ns } != 0)
+}
 
 /// Arguments of `folio_add_new_anon_rmap`, kept from kprobe to kretprobe.
 #[repr(C)]
@@ -575,7 +584,7 @@ fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
         let _ = count(counter::TASK_STATE_FULL);
     }
     // A new anonymous folio inside a write fault is the copy.
-    if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
+    if let Some(window) = open_write_fault(thread_id()) {
         unsafe { (*window).saw_new_anon = 1 };
     }
 }
@@ -666,19 +675,24 @@ fn write_fault_entry(vmf: u64) {
         saw_reuse: 0,
         _pad: [0; 5],
     };
-    if WRITE_FAULTS.insert(thread_id(), window, 0).is_err() {
-        let _ = count(counter::TASK_STATE_FULL);
+    let tid = thread_id();
+    match WRITE_FAULTS.get_ptr_mut(tid) {
+        Some(slot) => unsafe { *slot = window },
+        None => {
+            if WRITE_FAULTS.insert(tid, window, 0).is_err() {
+                let _ = count(counter::TASK_STATE_FULL);
+            }
+        }
     }
 }
 
 /// do_wp_page returned: classify and emit.
 #[inline(always)]
 fn write_fault_return() {
-    let tid = thread_id();
-    let Some(window) = (unsafe { WRITE_FAULTS.get(tid) }).copied() else {
-        return;
-    };
-    let _ = WRITE_FAULTS.remove(tid);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = open_write_fault(pid_tgid as u32) else { return };
+    let window = unsafe { *slot };
+    unsafe { (*slot).start_ns = 0 }; // closed
 
     // vmf->page is the page the fault was about (NULL for the zero page);
     // vmf lives in the caller's frame, still valid while do_wp_page returns.
@@ -707,7 +721,7 @@ fn write_fault_return() {
     event.mm = window.mm;
     event.vma = window.vma;
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
-    event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    event.tgid = (pid_tgid >> 32) as u32;
     entry.submit(event);
 }
 
@@ -717,7 +731,7 @@ fn write_fault_return() {
 /// upgrades the PTE in place; copies install a new one).
 #[inline(always)]
 fn mark_reuse() {
-    if let Some(window) = WRITE_FAULTS.get_ptr_mut(thread_id()) {
+    if let Some(window) = open_write_fault(thread_id()) {
         unsafe { (*window).saw_reuse = 1 };
     }
 }

@@ -271,12 +271,21 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
             let started = std::time::Instant::now();
             let boot = || vm::Boot::new(mode, 600);
             let mut output = vm::boot(kernel, &image, boot())?;
-            if !output.contains("MAPCOUNT-KERNEL") {
-                // The kernel died before running /init (seen: an int3 oops in
-                // early boot under TCG). That is the emulator, not mapcount:
-                // boot once more, and say so.
-                println!("kernel {} ({mode}): the VM did not reach /init; booting again", kernel.name);
-                output = vm::boot(kernel, &image, boot())?;
+            // Multi-threaded TCG sometimes executes code the kernel is
+            // patching (text_poke's int3 while a trampoline or kprobe is
+            // installed) and the guest oopses on the int3, in early boot or
+            // while mapcountd attaches. That is the emulator, not mapcount:
+            // boot once more with one host thread for all vCPUs, and say so.
+            let died = if !output.contains("MAPCOUNT-KERNEL") {
+                Some("the VM did not reach /init")
+            } else if output.contains("Oops: int3") {
+                Some("the guest oopsed on an int3 (code patching under multi-threaded TCG)")
+            } else {
+                None
+            };
+            if let Some(reason) = died {
+                println!("kernel {} ({mode}): {reason}; booting again with single-threaded TCG", kernel.name);
+                output = vm::boot(kernel, &image, vm::Boot { single_threaded: true, ..boot() })?;
             }
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
