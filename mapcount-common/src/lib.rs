@@ -292,6 +292,8 @@ pub struct KernelLayout {
     pub inode_sb: u32,
     pub sb_type: u32,
     pub fs_type_name: u32,
+    /// `struct task_struct` → `tgid`: read with `mm`, saving a helper call.
+    pub task_tgid: u32,
 }
 
 impl KernelLayout {
@@ -323,6 +325,7 @@ impl KernelLayout {
         inode_sb: OFFSET_ABSENT,
         sb_type: OFFSET_ABSENT,
         fs_type_name: OFFSET_ABSENT,
+        task_tgid: OFFSET_ABSENT,
     };
 }
 
@@ -360,7 +363,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 27 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 28 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.

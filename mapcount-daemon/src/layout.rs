@@ -195,6 +195,14 @@ const FIELDS: &[FieldSpec] = &[
         then: None,
     },
     FieldSpec {
+        slot: "task_struct.tgid",
+        strukt: "task_struct",
+        candidates: &["tgid"],
+        need: Need::Required,
+        set: |l, v| l.task_tgid = v,
+        then: None,
+    },
+    FieldSpec {
         slot: "file.f_path.dentry",
         strukt: "file",
         candidates: &["f_path"],

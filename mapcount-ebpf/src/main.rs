@@ -354,17 +354,21 @@ fn vma_mm(vma: u64) -> u64 {
     read_at(vma, layout!(vma_mm)).unwrap_or(0)
 }
 
-/// The running task's mm. `bpf_get_current_task_btf` returns a pointer
-/// the verifier knows to be a task (read-only data gives the offset as a
-/// constant), so the field is a plain load, not a helper call.
+/// The running task's mm and thread group id. `bpf_get_current_task_btf`
+/// returns a pointer the verifier knows to be a task (read-only data gives
+/// the offsets as constants), so the fields are plain loads, not helper calls.
 #[inline(always)]
-fn current_mm() -> u64 {
-    let offset = layout!(task_mm);
-    if offset == OFFSET_ABSENT {
-        return 0;
-    }
+fn current_mm_and_tgid() -> (u64, u32) {
     let task = unsafe { bpf_get_current_task_btf() } as u64;
-    unsafe { core::ptr::read_volatile((task + offset as u64) as *const u64) }
+    let mm = match layout!(task_mm) {
+        OFFSET_ABSENT => 0,
+        offset => unsafe { core::ptr::read_volatile((task + offset as u64) as *const u64) },
+    };
+    let tgid = match layout!(task_tgid) {
+        OFFSET_ABSENT => (bpf_get_current_pid_tgid() >> 32) as u32,
+        offset => unsafe { core::ptr::read_volatile((task + offset as u64) as *const u32) },
+    };
+    (mm, tgid)
 }
 
 /// Reads a kernel string through a chain of pointers into `out`.
@@ -455,10 +459,11 @@ fn submit_rmap(entry: Reserved<Event>, mut event: Event, vma: u64, op: RmapOp, l
     event.nr_pages = nr_pages;
     event.mm = vma_mm(vma);
     event.vma = vma;
-    if event.mm != 0 && event.mm == current_mm() {
+    let (current_mm, tgid) = current_mm_and_tgid();
+    if event.mm != 0 && event.mm == current_mm {
         event.flags |= event_flags::OWN_MM;
     }
-    event.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    event.tgid = tgid;
     let kind = event.kind;
     entry.submit(event);
     if kind == FolioKind::NoMapping as u8 && op != RmapOp::Remove {

@@ -158,6 +158,19 @@ impl VmFigures {
                 TRACERS.iter().map(|t| cell(t)).collect::<Vec<_>>().join(" | ")
             ));
         }
+        let spreads: Vec<String> = LOOPS
+            .iter()
+            .map(|name| {
+                let rounds = self.loop_ns.get(&("none".to_owned(), (*name).to_owned()));
+                let slowest = rounds.map_or(f64::NAN, |v| v.iter().copied().fold(0.0, f64::max));
+                format!("{name} x{:.2}", slowest / self.best("none", name))
+            })
+            .collect();
+        out.push_str(&format!(
+            "\nThe untraced loop's slowest round against its fastest, in this boot: {}. Differences between\n\
+             tracers smaller than that are within the noise of TCG on a shared host.\n",
+            spreads.join(", ")
+        ));
         out
     }
 
