@@ -221,11 +221,14 @@ fn read_at<T: Copy>(base: u64, offset: u32) -> Option<T> {
 /// large-folio counters); for a VMA, its mm, flags, anon_vma and file.
 const SNAPSHOT_BYTES: u32 = 128;
 
+/// The fields of a small folio: one `struct page`.
+const SMALL_FOLIO_BYTES: usize = 64;
+
 /// The first [`SNAPSHOT_BYTES`] of a kernel object, copied with one helper
 /// call; fields are then taken from the copy instead of one call each. The
 /// offsets come from [`LAYOUT`], read-only data whose values the verifier
-/// knows, so each access is at a fixed stack offset, and a field beyond the
-/// copy (a kernel with unusual struct layout) falls back to its own read.
+/// knows, so each access is at a fixed stack offset. A field beyond the copy
+/// (a kernel with unusual struct layout) falls back to a read of its own.
 struct Snapshot {
     base: u64,
     copied: bool,
@@ -246,6 +249,14 @@ impl Snapshot {
                 core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
             };
             self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+            if !self.copied {
+                // A small folio's struct page can be the last before a hole
+                // in the vmemmap, where the second half of the copy faults.
+                // Its own page is readable: copy that (a failed copy left
+                // zeroes behind it, and a small folio needs nothing there).
+                let head = &mut bytes[..SMALL_FOLIO_BYTES];
+                self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, head) }.is_ok();
+            }
         }
     }
 
