@@ -26,6 +26,11 @@ pub enum EventType {
     Fork = 3,
     /// Where a page without a mapping (driver page) was mapped: [`SourceEvent`].
     Source = 4,
+    /// Page-table entries moved to other addresses without rmap calls
+    /// (mremap, exec's stack relocation): [`MoveEvent`].
+    Move = 5,
+    /// An address space was torn down (`exit_mmap` returned): [`TeardownEvent`].
+    Teardown = 6,
 }
 
 /// Which rmap operation an [`EventType::Rmap`] event reports.
@@ -75,6 +80,9 @@ pub enum WriteFaultOutcome {
     Shared = 4,
     /// None of the above was seen (fault retried, OOM, raced with another thread).
     Other = 5,
+    /// `FAULT_FLAG_UNSHARE`: a read-only GUP pin (or KSM unmerge) asked for
+    /// an exclusive anonymous page; nothing was written.
+    Unshare = 6,
 }
 
 /// Bits of [`Event::flags`].
@@ -126,8 +134,13 @@ pub struct Event {
     pub folio: u64,
     /// Opaque address-space identity (`vma->vm_mm`). Never exported.
     pub mm: u64,
-    /// Opaque VMA identity, to carry mappings to a child at fork. Never exported.
-    pub vma: u64,
+    /// The user address of the folio's first page in this VMA,
+    /// `vm_start + (folio->index - vm_pgoff) * PAGE_SIZE` (for a folio that
+    /// lies outside the VMA by that rule, such as a driver page, `vm_start`).
+    /// With `mm` it locates a mapping: unlike the VMA pointer it survives
+    /// VMA splits and merges, and mremap is followed by [`MoveEvent`].
+    /// Never exported.
+    pub base: u64,
     /// `bpf_ktime_get_ns()` at the event.
     pub timestamp_ns: u64,
     pub tgid: u32,
@@ -165,7 +178,7 @@ impl Event {
         flags: 0,
         folio: 0,
         mm: 0,
-        vma: 0,
+        base: 0,
         timestamp_ns: 0,
         tgid: 0,
         nr_pages: 0,
@@ -188,19 +201,62 @@ impl Event {
 pub struct ForkEvent {
     /// [`EventType::Fork`].
     pub event_type: u8,
-    /// 1 when the kernel copies the entries (`vma_needs_copy`: the source
-    /// has an anon_vma, or is PFNMAP/MIXEDMAP/hugetlb); 0 when the child
-    /// will fault them in itself.
-    pub copies: u8,
+    /// [`fork_copy`] bits: what the kernel duplicates for the child.
+    pub copy: u8,
     pub _pad: [u8; 6],
     pub src_mm: u64,
-    pub src_vma: u64,
+    /// The VMA's address range, the same in parent and child.
+    pub start: u64,
     pub dst_mm: u64,
-    pub dst_vma: u64,
+    pub end: u64,
     pub timestamp_ns: u64,
     pub tgid: u32,
     /// The CPU that produced the event.
     pub cpu: u32,
+}
+
+/// Bits of [`ForkEvent::copy`].
+pub mod fork_copy {
+    /// `vma_needs_copy()`: the source has an anon_vma, is PFNMAP, MIXEDMAP
+    /// or hugetlb, or the child's VMA is uffd-wp. Otherwise the child faults
+    /// its pages in itself.
+    pub const ENTRIES: u8 = 1 << 0;
+    /// PMD and PUD entries are duplicated too: `copy_huge_pmd()` skips them
+    /// (to be refilled at fault) when the child's VMA is not anonymous
+    /// (has `vm_ops`), as for file and shmem THPs.
+    pub const HUGE_ENTRIES: u8 = 1 << 1;
+}
+
+/// Page-table entries of `mm` moved from `old_addr` to `new_addr`
+/// (`move_page_tables`): mremap, and exec moving the stack. No rmap call
+/// sees it; the daemon moves the mappings it files at those addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveEvent {
+    /// [`EventType::Move`].
+    pub event_type: u8,
+    pub _pad: [u8; 3],
+    /// The CPU that produced the event.
+    pub cpu: u32,
+    pub mm: u64,
+    pub old_addr: u64,
+    pub new_addr: u64,
+    pub len: u64,
+    pub timestamp_ns: u64,
+}
+
+/// An address space's page tables are gone (`exit_mmap` returned): every
+/// mapping still filed under `mm` is one whose removal was not seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TeardownEvent {
+    /// [`EventType::Teardown`].
+    pub event_type: u8,
+    pub _pad: [u8; 3],
+    /// The CPU that produced the event.
+    pub cpu: u32,
+    pub mm: u64,
+    pub timestamp_ns: u64,
 }
 
 /// VMA classes of [`SourceEvent::vma_class`].
@@ -247,7 +303,14 @@ pub mod counter {
     pub const TASK_STATE_FULL: u32 = 1;
     /// Every record the kernel side tried to put in the ring buffer.
     pub const PRODUCED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// rmap calls and write faults on mapcountd's own address space, left
+    /// out so that the observer does not measure itself (no record made).
+    pub const OBSERVER_SKIPPED: u32 = 3;
+    /// rmap calls on hugetlb VMAs, left out of the table: 6.12+ maps and
+    /// unmaps hugetlb folios through inline helpers, so only some of their
+    /// calls would be seen (no record made).
+    pub const HUGETLB_SKIPPED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Field offsets and bit numbers of the running kernel, resolved from its BTF
@@ -294,6 +357,25 @@ pub struct KernelLayout {
     pub fs_type_name: u32,
     /// `struct task_struct` → `tgid`: read with `mm`, saving a helper call.
     pub task_tgid: u32,
+    /// `struct folio` → `index`: with the VMA's start and pgoff, where the
+    /// folio's first page is mapped.
+    pub folio_index: u32,
+    pub vma_start: u32,
+    pub vma_end: u32,
+    pub vma_pgoff: u32,
+    /// `vm_ops`: NULL for anonymous VMAs (`vma_is_anonymous`).
+    pub vma_ops: u32,
+    /// `struct vm_fault` → `flags` (`enum fault_flag`).
+    pub vmf_flags: u32,
+    /// The value of `FAULT_FLAG_UNSHARE` (not an offset).
+    pub fault_flag_unshare: u32,
+    /// `struct pagetable_move_control` (6.15+: `move_page_tables` takes
+    /// one): `old`, `old_addr`, `new_addr`, `len_in`. Absent before, where
+    /// the function takes (vma, old_addr, new_vma, new_addr, len).
+    pub pmc_old: u32,
+    pub pmc_old_addr: u32,
+    pub pmc_new_addr: u32,
+    pub pmc_len: u32,
 }
 
 impl KernelLayout {
@@ -326,6 +408,17 @@ impl KernelLayout {
         sb_type: OFFSET_ABSENT,
         fs_type_name: OFFSET_ABSENT,
         task_tgid: OFFSET_ABSENT,
+        folio_index: OFFSET_ABSENT,
+        vma_start: OFFSET_ABSENT,
+        vma_end: OFFSET_ABSENT,
+        vma_pgoff: OFFSET_ABSENT,
+        vma_ops: OFFSET_ABSENT,
+        vmf_flags: OFFSET_ABSENT,
+        fault_flag_unshare: OFFSET_ABSENT,
+        pmc_old: OFFSET_ABSENT,
+        pmc_old_addr: OFFSET_ABSENT,
+        pmc_new_addr: OFFSET_ABSENT,
+        pmc_len: OFFSET_ABSENT,
     };
 }
 
@@ -335,6 +428,7 @@ pub mod vm_flags {
     pub const MAYSHARE: u64 = 0x80;
     pub const PFNMAP: u64 = 0x400;
     pub const HUGETLB: u64 = 0x40_0000;
+    pub const UFFD_WP: u64 = 0x1000;
     pub const MIXEDMAP: u64 = 0x1000_0000;
 }
 
@@ -345,6 +439,8 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::ForkEvent {}
     unsafe impl aya::Pod for super::SourceEvent {}
+    unsafe impl aya::Pod for super::MoveEvent {}
+    unsafe impl aya::Pod for super::TeardownEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
 
@@ -359,17 +455,27 @@ mod tests {
         assert_eq!(size_of::<Event>(), 8 + 4 * 8 + 10 * 4);
         assert_eq!(size_of::<ForkEvent>(), 8 + 5 * 8 + 2 * 4);
         assert_eq!(size_of::<SourceEvent>(), 4 + 3 * 4 + 2 * SOURCE_NAME_LEN);
+        assert_eq!(size_of::<MoveEvent>(), 8 + 5 * 8);
+        assert_eq!(size_of::<TeardownEvent>(), 8 + 2 * 8);
     }
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 28 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 39 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.
     #[test]
     fn record_sizes_differ() {
-        let sizes = [size_of::<Event>(), size_of::<ForkEvent>(), size_of::<SourceEvent>()];
-        assert!(sizes[0] != sizes[1] && sizes[1] != sizes[2] && sizes[0] != sizes[2]);
+        let sizes = [
+            size_of::<Event>(),
+            size_of::<ForkEvent>(),
+            size_of::<SourceEvent>(),
+            size_of::<MoveEvent>(),
+            size_of::<TeardownEvent>(),
+        ];
+        for (i, a) in sizes.iter().enumerate() {
+            assert!(sizes[i + 1..].iter().all(|b| a != b));
+        }
     }
 }

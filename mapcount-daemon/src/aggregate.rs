@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use mapcount_common::{
-    Event, FIELD_ABSENT, FolioKind, Level, RmapOp, WriteFaultOutcome, event_flags, shared_hint, vma_class,
+    Event, FIELD_ABSENT, FolioKind, Level, RmapOp, WriteFaultOutcome, event_flags, fork_copy, shared_hint,
+    vma_class,
 };
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 
@@ -39,7 +40,7 @@ struct Handles {
     rmap: Vec<Option<(LocalIntCounter, LocalIntCounter)>>,
     /// by [outcome][kind or none][order].
     write_faults: Vec<Option<LocalIntCounter>>,
-    events: [LocalIntCounter; 4],
+    events: [LocalIntCounter; 6],
     write_fault_duration: LocalHistogram,
     copy_reasons: Vec<(&'static str, LocalIntCounter)>,
     forks: LocalIntCounter,
@@ -56,7 +57,7 @@ const OPS: usize = 4;
 const LEVELS: usize = 4;
 const KINDS: usize = 6;
 const ORDERS: usize = 32;
-const OUTCOMES: usize = 6;
+const OUTCOMES: usize = 7;
 
 fn kind_order(kind: FolioKind, order: u8) -> usize {
     kind as usize * ORDERS + usize::from(order).min(ORDERS - 1)
@@ -67,7 +68,7 @@ impl Handles {
         Self {
             rmap: vec![None; OPS * LEVELS * KINDS * ORDERS],
             write_faults: vec![None; OUTCOMES * KINDS * ORDERS],
-            events: ["rmap", "write_fault", "fork", "source"]
+            events: ["rmap", "write_fault", "fork", "source", "move", "teardown"]
                 .map(|t| m.events.with_label_values(&[t]).local()),
             write_fault_duration: m.write_fault_duration.local(),
             copy_reasons: Vec::new(),
@@ -231,7 +232,7 @@ impl Aggregator {
                 let applied = self.table.apply(&RmapCall {
                     folio: raw.folio,
                     mm: raw.mm,
-                    vma: raw.vma,
+                    base: raw.base,
                     op,
                     level,
                     nr_pages: raw.nr_pages,
@@ -240,6 +241,7 @@ impl Aggregator {
                     kernel_mapcount: kernel_mapcount(&raw),
                     refcount: raw.refcount,
                     shared_hint: raw.shared_hint,
+                    own_mm: raw.flags & event_flags::OWN_MM != 0,
                 });
                 if let Some((own, kernel)) = applied.disagreement {
                     m.disagreements.with_label_values(&[kind_label(kind)]).inc();
@@ -254,6 +256,12 @@ impl Aggregator {
                         tgid = raw.tgid,
                         "daemon and kernel disagree on a folio's mapcount"
                     );
+                }
+                if applied.phantoms > 0 {
+                    m.phantoms.with_label_values(&[kind_label(kind), "selfcheck"]).inc_by(applied.phantoms);
+                }
+                if applied.pmd_split_inferred {
+                    m.pmd_splits_inferred.inc();
                 }
                 if applied.evicted {
                     m.table_evictions.inc();
@@ -280,10 +288,26 @@ impl Aggregator {
             Decoded::Fork(fork) => {
                 self.handles.events[2].inc();
                 self.handles.forks.inc();
-                let copies = fork.copies != 0;
+                let copies = fork.copy & fork_copy::ENTRIES != 0;
                 self.handles.fork_vmas[usize::from(!copies)].inc();
                 if copies {
-                    self.table.fork(fork.src_mm, fork.src_vma, fork.dst_mm, fork.dst_vma);
+                    let copy_huge = fork.copy & fork_copy::HUGE_ENTRIES != 0;
+                    self.table.fork(fork.src_mm, fork.dst_mm, fork.start, fork.end, copy_huge);
+                }
+            }
+            Decoded::Move(moved) => {
+                self.handles.events[4].inc();
+                m.moves.inc();
+                self.table.move_range(moved.mm, moved.old_addr, moved.new_addr, moved.len);
+            }
+            Decoded::Teardown(teardown) => {
+                self.handles.events[5].inc();
+                let torn = self.table.teardown(teardown.mm);
+                for (kind, count) in torn.phantoms {
+                    m.phantoms.with_label_values(&[kind_label(kind), "teardown"]).inc_by(count);
+                }
+                for retired in &torn.retired {
+                    self.handles.retired(m, retired);
                 }
             }
             Decoded::Source { op, raw } => {
@@ -574,7 +598,8 @@ mod tests {
 
         use crate::{ingest::Sink, record};
 
-        let thp = |op: RmapOp, mm: u64, vma: u64, mapcount: i32| Event {
+        const BASE: u64 = 0x7f00_0000_0000;
+        let thp = |op: RmapOp, mm: u64, mapcount: i32| Event {
             event_type: EventType::Rmap as u8,
             op: op as u8,
             level: Level::Pmd as u8,
@@ -583,25 +608,25 @@ mod tests {
             nr_pages: 512,
             folio: 0xffff_ea00_0040_0000,
             mm,
-            vma,
+            base: BASE,
             mapcount,
             refcount: mapcount + 1,
             ..Event::ZERO
         };
         let fork = |child: u64| ForkEvent {
             event_type: EventType::Fork as u8,
-            copies: 1,
+            copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
             _pad: [0; 6],
             src_mm: 1,
-            src_vma: 10,
+            start: BASE,
             dst_mm: child,
-            dst_vma: child * 10,
+            end: BASE + (2 << 20),
             timestamp_ns: 0,
             tgid: 1,
             cpu: 0,
         };
         let mut writer = record::Writer::new(Vec::new()).unwrap();
-        writer.write(&encode(&thp(RmapOp::AddNew, 1, 10, 0))).unwrap();
+        writer.write(&encode(&thp(RmapOp::AddNew, 1, 0))).unwrap();
         for child in 2..=4 {
             writer.write(&encode(&fork(child))).unwrap();
         }
@@ -621,8 +646,7 @@ mod tests {
 
         // Children exit, then the parent unmaps: the kernel's counts agree.
         for (mm, before) in [(2, 3), (3, 2), (4, 1), (1, 0)] {
-            let vma = if mm == 1 { 10 } else { mm * 10 };
-            aggregator.apply(&decode(&encode(&thp(RmapOp::Remove, mm, vma, before))).unwrap());
+            aggregator.apply(&decode(&encode(&thp(RmapOp::Remove, mm, before))).unwrap());
         }
         aggregator.publish_metrics();
         assert_eq!(metrics.disagreements.with_label_values(&["anon"]).get(), 0);

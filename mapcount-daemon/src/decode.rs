@@ -1,7 +1,8 @@
 //! Ring-buffer records to typed events.
 
 use mapcount_common::{
-    Event, EventType, FolioKind, ForkEvent, Level, RmapOp, SourceEvent, WriteFaultOutcome, vma_class,
+    Event, EventType, FolioKind, ForkEvent, Level, MoveEvent, RmapOp, SourceEvent, TeardownEvent, WriteFaultOutcome,
+    vma_class,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -22,6 +23,8 @@ pub enum Decoded {
     Rmap { op: RmapOp, level: Level, kind: FolioKind, raw: Event },
     WriteFault { outcome: WriteFaultOutcome, kind: Option<FolioKind>, raw: Event },
     Fork(ForkEvent),
+    Move(MoveEvent),
+    Teardown(TeardownEvent),
     Source { op: RmapOp, raw: SourceEvent },
 }
 
@@ -31,6 +34,8 @@ impl Decoded {
         match self {
             Decoded::Rmap { raw, .. } | Decoded::WriteFault { raw, .. } => raw.cpu,
             Decoded::Fork(raw) => raw.cpu,
+            Decoded::Move(raw) => raw.cpu,
+            Decoded::Teardown(raw) => raw.cpu,
             Decoded::Source { raw, .. } => raw.cpu,
         }
     }
@@ -73,6 +78,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             })
         }
         t if t == EventType::Fork as u8 => Ok(Decoded::Fork(read_record(bytes)?)),
+        t if t == EventType::Move as u8 => Ok(Decoded::Move(read_record(bytes)?)),
+        t if t == EventType::Teardown as u8 => Ok(Decoded::Teardown(read_record(bytes)?)),
         t if t == EventType::Source as u8 => {
             let raw: SourceEvent = read_record(bytes)?;
             if !(vma_class::MIXEDMAP..=vma_class::OTHER).contains(&raw.vma_class) {
@@ -133,6 +140,7 @@ fn outcome(v: u8) -> Result<WriteFaultOutcome, DecodeError> {
         3 => WriteFaultOutcome::CopyZeroPage,
         4 => WriteFaultOutcome::Shared,
         5 => WriteFaultOutcome::Other,
+        6 => WriteFaultOutcome::Unshare,
         value => {
             return Err(DecodeError::BadField { field: "outcome", value });
         }
@@ -172,6 +180,7 @@ pub fn outcome_label(outcome: WriteFaultOutcome) -> &'static str {
         WriteFaultOutcome::CopyZeroPage => "copy_zero_page",
         WriteFaultOutcome::Shared => "shared",
         WriteFaultOutcome::Other => "other",
+        WriteFaultOutcome::Unshare => "unshare",
     }
 }
 
@@ -227,12 +236,12 @@ mod tests {
         // A fork record cut short, and an rmap record with the fork type byte.
         let fork = ForkEvent {
             event_type: EventType::Fork as u8,
-            copies: 1,
+            copy: 1,
             _pad: [0; 6],
             src_mm: 1,
-            src_vma: 2,
+            start: 2,
             dst_mm: 3,
-            dst_vma: 4,
+            end: 4,
             timestamp_ns: 5,
             tgid: 6,
             cpu: 0,

@@ -3,9 +3,15 @@
 //! Mappings are counted the way the kernel counts them since 6.10 (one per
 //! PTE, one per PMD or PUD), per address space, so that "mapped by somebody
 //! else" has an exact answer. The kernel's own counters arrive with every
-//! event; the table checks itself against them.
+//! event; the table checks itself against them, both ways.
+//!
+//! A mapping is filed by address space and by the user address of the
+//! folio's first page there (`Event::base`), not by VMA: VMA splits and
+//! merges (mprotect, mlock, madvise) re-home page-table entries without an
+//! rmap call, and a VMA pointer goes stale while the address does not.
+//! mremap moves the address, and is followed (`FolioTable::move_range`).
 
-use std::hash::BuildHasher as _;
+use std::{collections::BTreeMap, hash::BuildHasher as _};
 
 use hashbrown::HashTable;
 use mapcount_common::{FolioKind, Level, RmapOp};
@@ -21,11 +27,20 @@ const CONFIRM_AFTER: u8 = 3;
 /// sharers fit in a byte).
 pub const MAX_MAPPINGS_PER_FOLIO: usize = 64;
 
-/// The mappings one address space (through one VMA) holds on a folio.
+/// Pages a PMD maps.
+const PMD_PAGES: u32 = 512;
+const PMD_ORDER: u8 = 9;
+
+/// The index files mappings by 2 MiB region of the address space: fork and
+/// mremap ask for an address range, teardown for a whole address space.
+const REGION_SHIFT: u32 = 21;
+
+/// The mappings one address space holds on a folio at one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     pub mm: u64,
-    pub vma: u64,
+    /// User address of the folio's first page in this mapping.
+    pub base: u64,
     pub ptes: u32,
     pub pmds: u16,
     pub puds: u16,
@@ -138,13 +153,41 @@ impl FolioState {
         most > 0 && most < self.pages()
     }
 
-    /// VMAs mapping the folio: refcount grows per mapping, so per VMA.
+    /// Places mapping the folio (address space and address; one per VMA in
+    /// practice): refcount grows per mapping, so per VMA.
     pub fn vmas(&self) -> usize {
         self.mappings.iter().filter(|m| m.total() > 0).count()
     }
 
-    fn maps_through(&self, vma: u64) -> bool {
-        self.mappings.iter().any(|m| m.vma == vma && m.total() > 0)
+    /// Whether the index's entry for `mm` and `region` is still current.
+    fn filed_at(&self, mm: u64, region: u64) -> bool {
+        self.mappings.iter().any(|m| m.mm == mm && m.base >> REGION_SHIFT == region && m.total() > 0)
+    }
+
+    /// Drops `excess` mappings the kernel does not have: those of other
+    /// address spaces first (most recently added first: fork copies the
+    /// kernel did not make), then those of `mm`, the one the current event
+    /// is about, which is certainly live. Returns how many went.
+    fn drop_phantoms(&mut self, mut excess: u64, mm: u64) -> u64 {
+        let before = excess;
+        for pass_own in [false, true] {
+            for m in self.mappings.iter_mut().rev().filter(|m| (m.mm == mm) == pass_own) {
+                if excess == 0 {
+                    break;
+                }
+                let ptes = u64::from(m.ptes).min(excess);
+                m.ptes -= ptes as u32;
+                excess -= ptes;
+                let pmds = u64::from(m.pmds).min(excess);
+                m.pmds -= pmds as u16;
+                excess -= pmds;
+                let puds = u64::from(m.puds).min(excess);
+                m.puds -= puds as u16;
+                excess -= puds;
+            }
+        }
+        self.mappings.retain(|m| m.total() > 0);
+        before - excess
     }
 
     /// After the mappings changed; `mapcount` is theirs. Sharers only grow
@@ -154,6 +197,29 @@ impl FolioState {
         self.peak_mapcount = self.peak_mapcount.max(narrow(mapcount, u32::MAX));
         if entry_added {
             self.peak_sharers = self.peak_sharers.max(narrow(u64::from(self.sharers()), u8::MAX));
+        }
+    }
+
+    /// A PTE removed from an address space that maps the folio by PMD and
+    /// by no PTE can only follow a PMD split the table did not see (6.1-6.7
+    /// raise every page's `_mapcount` inline in `__split_huge_pmd_locked`;
+    /// 6.8+ report the split as an add of 512 PTEs and a PMD remove, after
+    /// which this never holds). Turn that PMD into its 512 PTEs first.
+    fn infer_pmd_split(&mut self, call: &RmapCall) -> bool {
+        if call.level != Level::Pte || self.order != PMD_ORDER {
+            return false;
+        }
+        let in_mm = |m: &&mut Mapping| m.mm == call.mm;
+        if self.mappings.iter_mut().filter(in_mm).any(|m| m.ptes > 0) {
+            return false;
+        }
+        match self.mappings.iter_mut().filter(in_mm).find(|m| m.pmds > 0) {
+            Some(m) => {
+                m.pmds -= 1;
+                m.ptes += PMD_PAGES;
+                true
+            }
+            None => false,
         }
     }
 
@@ -169,6 +235,12 @@ pub struct Applied {
     /// The daemon's own count disagreed with the kernel's before this
     /// event: (own, kernel).
     pub disagreement: Option<(u64, u64)>,
+    /// Mappings the daemon held that the kernel had not (found by that
+    /// disagreement), dropped.
+    pub phantoms: u64,
+    /// A PTE went from an address space that held the folio only by PMD:
+    /// the PMD was split without an rmap call (6.1-6.7 do it inline).
+    pub pmd_split_inferred: bool,
     /// The last mapping went: the folio left the table with these facts.
     pub retired: Option<Retired>,
     /// A new folio pushed another out of the full table.
@@ -184,11 +256,33 @@ pub struct Retired {
     pub ever_partially_mapped: bool,
 }
 
+impl Retired {
+    fn of(state: &FolioState) -> Self {
+        Retired {
+            kind: state.kind,
+            order: state.order,
+            peak_sharers: u32::from(state.peak_sharers),
+            peak_mapcount: u64::from(state.peak_mapcount),
+            ever_partially_mapped: state.ever_partially_mapped,
+        }
+    }
+}
+
+/// What an address space's teardown found still filed under it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TornDown {
+    /// Mappings whose removal was never seen, by the folio's kind.
+    pub phantoms: Vec<(FolioKind, u64)>,
+    /// Folios left with no mapping at all.
+    pub retired: Vec<Retired>,
+}
+
 /// One rmap call, as the table needs it.
 pub struct RmapCall {
     pub folio: u64,
     pub mm: u64,
-    pub vma: u64,
+    /// `Event::base`: where the folio's first page is in this mapping.
+    pub base: u64,
     pub op: RmapOp,
     pub level: Level,
     pub nr_pages: u32,
@@ -199,10 +293,16 @@ pub struct RmapCall {
     pub kernel_mapcount: Option<u64>,
     pub refcount: i32,
     pub shared_hint: u8,
+    /// The calling task uses `mm` itself (`event_flags::OWN_MM`); not so
+    /// when fork maps a page into the child.
+    pub own_mm: bool,
 }
 
 /// Index of a folio's entry in `FolioTable::slots`.
 type Slot = u32;
+
+/// Slots of the folios one address space maps, by 2 MiB region.
+type RegionIndex = BTreeMap<u64, Vec<Slot>>;
 
 /// The live folios. Entries sit in a slab (`slots`) and a hash table of
 /// slot numbers finds them by address: 4 bytes per hash bucket instead of
@@ -213,12 +313,12 @@ pub struct FolioTable {
     slots: Vec<Option<FolioState>>,
     /// Empty slots, reused before the slab grows.
     free: Vec<Slot>,
-    /// VMA → slots of folios mapped through it, for carrying mappings
-    /// across fork. Entries go stale (the folio left, the VMA was split):
-    /// a VMA's list is pruned when fork reads it, and the whole index is
-    /// rebuilt when it grows to four times the table.
-    by_vma: HashMap<u64, Vec<Slot>>,
-    by_vma_len: usize,
+    /// Address space → region → slots of folios mapped there: what fork,
+    /// mremap and teardown look up. Entries go stale (the folio left, the
+    /// mapping moved): a region's list is pruned when it is read, and the
+    /// whole index is rebuilt when it grows to four times the table.
+    by_mm: HashMap<u64, RegionIndex>,
+    by_mm_len: usize,
     capacity: usize,
     next_serial: u64,
     /// Address space → the tgid seen using it, for the debug view.
@@ -235,8 +335,8 @@ impl FolioTable {
             by_folio: HashTable::new(),
             slots: Vec::new(),
             free: Vec::new(),
-            by_vma: HashMap::default(),
-            by_vma_len: 0,
+            by_mm: HashMap::default(),
+            by_mm_len: 0,
             // Slot numbers are 32 bits.
             capacity: capacity.clamp(1, Slot::MAX as usize),
             next_serial: 1,
@@ -323,35 +423,65 @@ impl FolioTable {
         state
     }
 
-    fn index(&mut self, vma: u64, slot: Slot) {
-        let list = self.by_vma.entry(vma).or_default();
+    /// Files `slot` under a mapping of `mm` at `base`.
+    fn index(&mut self, mm: u64, base: u64, slot: Slot) {
+        let list = self.by_mm.entry(mm).or_default().entry(base >> REGION_SHIFT).or_default();
         if list.last() == Some(&slot) {
-            return; // the slot just freed and reused, in the same VMA
+            return; // the slot just freed and reused, in the same region
         }
         list.push(slot);
-        self.by_vma_len += 1;
-        if self.by_vma_len > 4 * self.len().max(1024) {
+        self.by_mm_len += 1;
+        if self.by_mm_len > 4 * self.len().max(1024) {
             self.rebuild_index();
         }
     }
 
     fn rebuild_index(&mut self) {
-        self.by_vma.clear();
+        self.by_mm.clear();
         for (slot, state) in self.slots.iter().enumerate() {
             let Some(state) = state else { continue };
             for m in state.mappings.iter().filter(|m| m.total() > 0) {
-                self.by_vma.entry(m.vma).or_default().push(slot as Slot);
+                self.by_mm.entry(m.mm).or_default().entry(m.base >> REGION_SHIFT).or_default().push(slot as Slot);
             }
         }
-        for list in self.by_vma.values_mut() {
+        self.by_mm_len = 0;
+        for regions in self.by_mm.values_mut() {
+            for list in regions.values_mut() {
+                list.sort_unstable();
+                list.dedup();
+                self.by_mm_len += list.len();
+            }
+        }
+    }
+
+    /// Slots of folios that `mm` maps at a base in `[start, end)`, pruned of
+    /// stale entries on the way.
+    fn slots_in(&mut self, mm: u64, start: u64, end: u64) -> Vec<Slot> {
+        let Some(regions) = self.by_mm.get_mut(&mm) else { return Vec::new() };
+        if end <= start {
+            return Vec::new();
+        }
+        let slots = &self.slots;
+        let mut found = Vec::new();
+        let mut pruned = 0;
+        for (&region, list) in regions.range_mut(start >> REGION_SHIFT..=(end - 1) >> REGION_SHIFT) {
+            let listed = list.len();
+            list.retain(|&slot| slots[slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region)));
             list.sort_unstable();
             list.dedup();
+            pruned += listed - list.len();
+            found.extend_from_slice(list);
         }
-        self.by_vma_len = self.by_vma.values().map(Vec::len).sum();
+        regions.retain(|_, list| !list.is_empty());
+        self.by_mm_len -= pruned;
+        found
     }
 
     pub fn apply(&mut self, call: &RmapCall) -> Applied {
         let mut applied = Applied::default();
+        if call.op == RmapOp::AddNew && !call.own_mm && call.order == 0 {
+            applied.phantoms += self.replace_fork_copy(call);
+        }
         let found = self.find(call.folio);
         let known = found.is_some() && call.op != RmapOp::AddNew;
         let slot = if known {
@@ -388,8 +518,9 @@ impl FolioTable {
             // The kernel reads its counter in the probe and changes it after
             // the probe returns; a task preempted in between, on another CPU,
             // lets other tasks' changes overtake it. Such differences come
-            // and go within an event or two. A missed mapping stays: only a
-            // difference seen at CONFIRM_AFTER consecutive events counts.
+            // and go within an event or two. A missed mapping (or a phantom)
+            // stays: only a difference seen at CONFIRM_AFTER consecutive
+            // events counts.
             let own = state.mapcount();
             if own == kernel {
                 state.differing_events = 0;
@@ -398,9 +529,15 @@ impl FolioTable {
                 if state.differing_events >= CONFIRM_AFTER {
                     applied.disagreement = Some((own, kernel));
                     state.differing_events = 0;
-                    // Adopt the kernel's count for mappings the daemon cannot place.
+                    // Adopt the kernel's count: mappings the daemon cannot
+                    // place become unknown, mappings the kernel lacks go.
                     let placed = own - u64::from(state.unknown);
-                    state.unknown = narrow(kernel.saturating_sub(placed), u32::MAX);
+                    if kernel >= placed {
+                        state.unknown = narrow(kernel - placed, u32::MAX);
+                    } else {
+                        state.unknown = 0;
+                        applied.phantoms = state.drop_phantoms(placed - kernel, call.mm);
+                    }
                 }
             }
         }
@@ -411,21 +548,15 @@ impl FolioTable {
         state.peak_refcount = state.peak_refcount.max(call.refcount);
         state.shared_hint = call.shared_hint;
 
-        let mut new_vma = false;
+        let mut new_entry = false;
         match call.op {
             RmapOp::Add | RmapOp::AddNew => {
-                let existing = state.mappings.iter().position(|m| m.mm == call.mm && m.vma == call.vma);
+                let existing = state.mappings.iter().position(|m| m.mm == call.mm && m.base == call.base);
                 let slot = match existing {
                     Some(i) => Some(i),
                     None if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO => {
-                        state.mappings.push(Mapping {
-                            mm: call.mm,
-                            vma: call.vma,
-                            ptes: 0,
-                            pmds: 0,
-                            puds: 0,
-                        });
-                        new_vma = true;
+                        state.mappings.push(Mapping { mm: call.mm, base: call.base, ptes: 0, pmds: 0, puds: 0 });
+                        new_entry = true;
                         Some(state.mappings.len() - 1)
                     }
                     None => None,
@@ -436,12 +567,13 @@ impl FolioTable {
                 }
             }
             RmapOp::Remove => {
-                // The VMA may have been split or moved since the mapping
-                // was made: fall back to any mapping of the same mm.
+                applied.pmd_split_inferred = state.infer_pmd_split(call);
+                // Filed at this address, else (a KSM or driver page whose
+                // VMA changed since) anywhere in the same address space.
                 let existing = state
                     .mappings
                     .iter()
-                    .position(|m| m.mm == call.mm && m.vma == call.vma && holds(m, call))
+                    .position(|m| m.mm == call.mm && m.base == call.base && holds(m, call))
                     .or_else(|| state.mappings.iter().position(|m| m.mm == call.mm && holds(m, call)));
                 match existing {
                     Some(i) => add_to(&mut state.mappings[i], call, -1),
@@ -456,67 +588,156 @@ impl FolioTable {
         // After a remove too: a folio first seen at its unmap, or one whose
         // count was just adopted from the kernel.
         let mapcount = state.mapcount();
-        state.note_peaks(mapcount, new_vma);
+        state.note_peaks(mapcount, new_entry);
         if state.partially_mapped() {
             state.ever_partially_mapped = true;
         }
         if mapcount == 0 {
             let state = self.remove(slot);
-            applied.retired = Some(Retired {
-                kind: state.kind,
-                order: state.order,
-                peak_sharers: u32::from(state.peak_sharers),
-                peak_mapcount: u64::from(state.peak_mapcount),
-                ever_partially_mapped: state.ever_partially_mapped,
-            });
-        } else if new_vma {
-            self.index(call.vma, slot);
+            applied.retired = Some(Retired::of(&state));
+        } else if new_entry {
+            self.index(call.mm, call.base, slot);
         }
         applied
     }
 
-    /// Fork copied `src_vma` of `src_mm` into `dst_vma` of `dst_mm`: every
-    /// mapping through the source VMA now exists in the child too. Returns
-    /// how many folios gained a sharer.
-    pub fn fork(&mut self, src_mm: u64, src_vma: u64, dst_mm: u64, dst_vma: u64) -> usize {
-        let Some(mut candidates) = self.by_vma.remove(&src_vma) else { return 0 };
-        // Prune what went stale since the last read. Any mm: a VMA's address
-        // may be reused by another address space, whose folios stay listed.
-        // A slot freed and reused by a folio of the same VMA is listed once
-        // per use: drop the repeats too.
-        let listed = candidates.len();
-        let slots = &self.slots;
-        candidates.retain(|&slot| slots[slot as usize].as_ref().is_some_and(|s| s.maps_through(src_vma)));
-        candidates.sort_unstable();
-        candidates.dedup();
-        self.by_vma_len -= listed - candidates.len();
-
-        let mut copied = Vec::new();
-        for &slot in &candidates {
+    /// A fresh small folio mapped into an address space by another task:
+    /// fork found the parent's page pinned (`folio_try_dup_anon_rmap_*`
+    /// returns -EBUSY) and gave the child a copy (`copy_present_page`)
+    /// instead of a second mapping of the original. The table copied the
+    /// original when the VMA's fork began: that mapping is a phantom.
+    /// (khugepaged's collapses map large folios, and userfaultfd fills
+    /// empty addresses: neither has anything at the address.)
+    fn replace_fork_copy(&mut self, call: &RmapCall) -> u64 {
+        let mut dropped = 0;
+        for slot in self.slots_in(call.mm, call.base, call.base + 1) {
             let state = self.state(slot);
-            let Some(source) = state.mappings.iter().find(|m| m.mm == src_mm && m.vma == src_vma).copied()
-            else {
+            if state.folio == call.folio || state.order != 0 {
                 continue;
-            };
-            if state.mappings.iter().any(|m| m.mm == dst_mm && m.vma == dst_vma) {
-                continue; // the same folio twice in the list
             }
-            let child = Mapping { mm: dst_mm, vma: dst_vma, ..source };
-            if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
-                state.mappings.push(child);
-            } else {
-                state.unknown = state.unknown.saturating_add(narrow(child.total(), u32::MAX));
+            for m in state.mappings.iter_mut().filter(|m| m.mm == call.mm && m.base == call.base) {
+                dropped += m.total();
+                *m = Mapping { ptes: 0, pmds: 0, puds: 0, ..*m };
             }
-            state.note_peaks(state.mapcount(), true);
-            copied.push(slot);
+            state.mappings.retain(|m| m.total() > 0);
+            if state.mapcount() == 0 {
+                self.remove(slot);
+            }
         }
-        if !candidates.is_empty() {
-            self.by_vma.insert(src_vma, candidates);
+        dropped
+    }
+
+    /// Fork copied the VMA at `[start, end)` of `src_mm` into `dst_mm`: the
+    /// mappings the kernel duplicated (`copy_huge`: PMD and PUD entries as
+    /// well as PTEs) now exist in the child too. Returns how many folios
+    /// gained a sharer.
+    pub fn fork(&mut self, src_mm: u64, dst_mm: u64, start: u64, end: u64, copy_huge: bool) -> usize {
+        let candidates = self.slots_in(src_mm, start, end);
+        let mut copied = Vec::new();
+        for slot in candidates {
+            let state = self.state(slot);
+            let mut gained = false;
+            for i in 0..state.mappings.len() {
+                let source = state.mappings[i];
+                if source.mm != src_mm || source.base < start || source.base >= end {
+                    continue;
+                }
+                let child = Mapping {
+                    mm: dst_mm,
+                    base: source.base,
+                    ptes: source.ptes,
+                    pmds: if copy_huge { source.pmds } else { 0 },
+                    puds: if copy_huge { source.puds } else { 0 },
+                };
+                if child.total() == 0 || state.mappings.iter().any(|m| m.mm == dst_mm && m.base == source.base) {
+                    continue;
+                }
+                if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
+                    state.mappings.push(child);
+                    copied.push((slot, child.base));
+                } else {
+                    state.unknown = state.unknown.saturating_add(narrow(child.total(), u32::MAX));
+                }
+                gained = true;
+            }
+            if gained {
+                state.note_peaks(state.mapcount(), true);
+            }
         }
-        for &slot in &copied {
-            self.index(dst_vma, slot);
+        let folios = {
+            let mut slots: Vec<Slot> = copied.iter().map(|&(slot, _)| slot).collect();
+            slots.dedup();
+            slots.len()
+        };
+        for (slot, base) in copied {
+            self.index(dst_mm, base, slot);
         }
-        copied.len()
+        folios
+    }
+
+    /// `move_page_tables`: the entries of `mm` at `[old, old + len)` now sit
+    /// at `new`. Returns how many mappings moved.
+    pub fn move_range(&mut self, mm: u64, old: u64, new: u64, len: u64) -> usize {
+        let end = old.saturating_add(len);
+        let mut moved = Vec::new();
+        for slot in self.slots_in(mm, old, end) {
+            let state = self.state(slot);
+            for i in 0..state.mappings.len() {
+                let m = state.mappings[i];
+                if m.mm != mm || m.base < old || m.base >= end {
+                    continue;
+                }
+                let base = m.base - old + new;
+                // The same folio already filed at the destination (moved
+                // back and forth): one entry holds both.
+                if let Some(j) = state.mappings.iter().position(|o| o.mm == mm && o.base == base) {
+                    let (ptes, pmds, puds) = (m.ptes, m.pmds, m.puds);
+                    let target = &mut state.mappings[j];
+                    target.ptes = target.ptes.saturating_add(ptes);
+                    target.pmds = target.pmds.saturating_add(pmds);
+                    target.puds = target.puds.saturating_add(puds);
+                    state.mappings[i] = Mapping { ptes: 0, pmds: 0, puds: 0, ..m };
+                } else {
+                    state.mappings[i].base = base;
+                    moved.push((slot, base));
+                }
+            }
+            state.mappings.retain(|m| m.total() > 0);
+        }
+        let count = moved.len();
+        for (slot, base) in moved {
+            self.index(mm, base, slot);
+        }
+        count
+    }
+
+    /// `exit_mmap` returned: nothing is mapped by `mm` any more. What the
+    /// table still files under it are mappings whose removal it missed.
+    pub fn teardown(&mut self, mm: u64) -> TornDown {
+        let mut torn = TornDown::default();
+        self.mm_tgid.remove(&mm);
+        let Some(regions) = self.by_mm.remove(&mm) else { return torn };
+        let mut slots: Vec<Slot> = regions.into_values().flatten().collect();
+        self.by_mm_len -= slots.len();
+        slots.sort_unstable();
+        slots.dedup();
+        for slot in slots {
+            let Some(state) = self.slots[slot as usize].as_mut() else { continue };
+            let phantoms: u64 = state.mappings.iter().filter(|m| m.mm == mm).map(Mapping::total).sum();
+            if phantoms == 0 {
+                continue;
+            }
+            state.mappings.retain(|m| m.mm != mm);
+            match torn.phantoms.iter_mut().find(|(kind, _)| *kind == state.kind) {
+                Some((_, count)) => *count += phantoms,
+                None => torn.phantoms.push((state.kind, phantoms)),
+            }
+            if state.mapcount() == 0 {
+                let state = self.remove(slot);
+                torn.retired.push(Retired::of(&state));
+            }
+        }
+        torn
     }
 }
 
@@ -552,6 +773,9 @@ fn add_to(m: &mut Mapping, call: &RmapCall, sign: i64) {
 mod tests {
     use super::*;
 
+    const PAGE: u64 = 4096;
+    const THP: u64 = 2 << 20;
+
     impl FolioTable {
         fn folio(&self, folio: u64) -> &FolioState {
             self.iter().find(|s| s.folio == folio).expect("folio in the table")
@@ -561,7 +785,7 @@ mod tests {
     fn call(
         folio: u64,
         mm: u64,
-        vma: u64,
+        base: u64,
         op: RmapOp,
         level: Level,
         nr: u32,
@@ -570,7 +794,7 @@ mod tests {
         RmapCall {
             folio,
             mm,
-            vma,
+            base,
             op,
             level,
             nr_pages: nr,
@@ -579,6 +803,7 @@ mod tests {
             kernel_mapcount: kernel,
             refcount: 1,
             shared_hint: 0,
+            own_mm: true,
         }
     }
 
@@ -588,56 +813,162 @@ mod tests {
     fn fork_carries_mappings_to_children() {
         let mut table = FolioTable::new(16);
         for folio in 1..=4 {
-            table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+            table.apply(&call(folio, 100, folio * THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
         }
         for child in 1..=3 {
-            assert_eq!(table.fork(100, 1000, 100 + child, 1000 + child), 4);
+            assert_eq!(table.fork(100, 100 + child, THP, 5 * THP, true), 4);
         }
         for state in table.iter() {
             assert_eq!((state.sharers(), state.mapcount()), (4, 4));
         }
         // A child exits: the kernel said 4 before, and the daemon agrees.
-        let applied = table.apply(&call(1, 102, 1002, RmapOp::Remove, Level::Pmd, 512, Some(4)));
+        let applied = table.apply(&call(1, 102, THP, RmapOp::Remove, Level::Pmd, 512, Some(4)));
         assert_eq!(applied.disagreement, None);
         assert_eq!(table.folio(1).sharers(), 3);
     }
 
-    /// Folios come and go in one VMA, reusing one slot: fork reads one
+    /// Folios come and go at one address, reusing one slot: fork reads one
     /// entry for the live folio, not one per folio that ever lived there.
     #[test]
     fn reused_slots_are_listed_once() {
         let mut table = FolioTable::new(16);
         for folio in 1..=1000 {
-            table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
-            table.apply(&call(folio, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(1)));
+            table.apply(&call(folio, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+            table.apply(&call(folio, 100, THP, RmapOp::Remove, Level::Pte, 1, Some(1)));
         }
-        table.apply(&call(5000, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
-        table.apply(&call(5001, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
-        assert_eq!(table.by_vma[&1000].len(), 2);
-        assert_eq!(table.fork(100, 1000, 101, 1001), 2);
-        assert_eq!(table.by_vma[&1000].len(), 2);
+        table.apply(&call(5000, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.apply(&call(5001, 100, THP + PAGE, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        let listed = |table: &FolioTable| table.by_mm[&100][&1].len();
+        assert_eq!(listed(&table), 2);
+        assert_eq!(table.fork(100, 101, THP, 2 * THP, true), 2);
+        assert_eq!(listed(&table), 2);
         assert_eq!(table.folio(5001).sharers(), 2);
     }
 
     #[test]
-    fn a_vma_without_mappings_copies_nothing() {
+    fn a_range_without_mappings_copies_nothing() {
         let mut table = FolioTable::new(16);
-        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
-        assert_eq!(table.fork(100, 2000, 101, 2001), 0);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        assert_eq!(table.fork(100, 101, 4 * THP, 5 * THP, true), 0);
         assert_eq!(table.folio(1).sharers(), 1);
+    }
+
+    /// mremap moves the entries without an rmap call: a fork of the new
+    /// range finds them there, and one of the old range does not.
+    #[test]
+    fn moved_mappings_fork_from_their_new_address() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        assert_eq!(table.move_range(100, THP, 8 * THP, THP), 1);
+        assert_eq!(table.fork(100, 101, THP, 2 * THP, true), 0);
+        assert_eq!(table.fork(100, 101, 8 * THP, 9 * THP, true), 1);
+        assert_eq!(table.folio(1).sharers(), 2);
+        // The unmap comes from the new address.
+        let applied = table.apply(&call(1, 100, 8 * THP, RmapOp::Remove, Level::Pmd, 512, Some(2)));
+        assert_eq!(applied.disagreement, None);
+        assert_eq!(table.folio(1).sharers(), 1);
+    }
+
+    /// mprotect splits a VMA in two and merges it back: addresses do not
+    /// change, so a fork of the merged VMA copies every folio in it.
+    #[test]
+    fn split_and_merged_vmas_fork_whole() {
+        let mut table = FolioTable::new(64);
+        for page in 0..32 {
+            table.apply(&call(10 + page, 100, THP + page * PAGE, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        }
+        assert_eq!(table.fork(100, 101, THP, THP + 32 * PAGE, true), 32);
+    }
+
+    /// Fork into a non-anonymous VMA leaves PMDs to be refaulted
+    /// (`copy_huge_pmd`): a file THP gains no sharer; its PTEs would.
+    #[test]
+    fn file_pmds_are_not_copied_at_fork() {
+        let mut table = FolioTable::new(16);
+        let mut file = call(1, 100, THP, RmapOp::Add, Level::Pmd, 512, Some(0));
+        file.kind = FolioKind::File;
+        table.apply(&file);
+        assert_eq!(table.fork(100, 101, THP, 2 * THP, false), 0);
+        assert_eq!(table.folio(1).sharers(), 1);
+    }
+
+    /// A child whose mappings the daemon copied at fork but the kernel did
+    /// not (a pinned page, copied into a new folio) exits: its mappings are
+    /// phantoms, counted and dropped; the parent's stay.
+    #[test]
+    fn teardown_drops_what_is_left() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.apply(&call(2, 101, 2 * THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.fork(100, 101, THP, 2 * THP, true);
+        let torn = table.teardown(101);
+        assert_eq!(torn.phantoms, vec![(FolioKind::Anon, 2)]);
+        assert_eq!(torn.retired.len(), 1, "folio 2 had no other mapping");
+        assert_eq!(table.folio(1).sharers(), 1);
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.teardown(101), TornDown::default());
+    }
+
+    /// Fork met a pinned page: the child gets a copy, mapped by the parent
+    /// task into the child's address space where the table had put the
+    /// original. The original keeps only the parent.
+    #[test]
+    fn pinned_pages_are_copied_at_fork() {
+        let mut table = FolioTable::new(16);
+        let mut small = call(1, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
+        small.order = 0;
+        table.apply(&small);
+        table.fork(100, 101, THP, 2 * THP, true);
+        assert_eq!(table.folio(1).sharers(), 2);
+        let mut copy = call(2, 101, THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
+        (copy.order, copy.own_mm) = (0, false);
+        let applied = table.apply(&copy);
+        assert_eq!(applied.phantoms, 1);
+        assert_eq!((table.folio(1).sharers(), table.folio(2).sharers()), (1, 1));
+    }
+
+    /// The daemon holds more than the kernel, event after event: the
+    /// excess goes, from the other address spaces first.
+    #[test]
+    fn overcounts_are_dropped() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        table.fork(100, 101, THP, 2 * THP, true); // the kernel did not copy it
+        table.apply(&call(1, 100, THP, RmapOp::Add, Level::Pte, 1, Some(1)));
+        table.apply(&call(1, 100, THP, RmapOp::Add, Level::Pte, 1, Some(2)));
+        let applied = table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pte, 1, Some(3)));
+        assert_eq!(applied.disagreement, Some((4, 3)));
+        assert_eq!(applied.phantoms, 1);
+        assert_eq!((table.folio(1).sharers(), table.folio(1).mapcount()), (1, 2));
+    }
+
+    /// 6.1-6.7 split a PMD inline: the first PTE remove turns the PMD into
+    /// 512 PTEs, and half an unmap leaves the folio partially mapped.
+    #[test]
+    fn inline_pmd_split_is_inferred() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, None));
+        let first = table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pte, 1, None));
+        assert!(first.pmd_split_inferred);
+        for _ in 1..256 {
+            let applied = table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pte, 1, None));
+            assert!(!applied.pmd_split_inferred);
+        }
+        assert_eq!(table.folio(1).mapcount(), 256);
+        assert!(table.folio(1).partially_mapped());
     }
 
     /// Unmapping half of a PTE-mapped THP leaves it partially mapped.
     #[test]
     fn partial_unmap_is_detected() {
         let mut table = FolioTable::new(16);
-        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
         // Split the PMD into 512 PTEs, then unmap the second half.
-        table.apply(&call(1, 100, 1000, RmapOp::Add, Level::Pte, 512, Some(1)));
-        table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(513)));
+        table.apply(&call(1, 100, THP, RmapOp::Add, Level::Pte, 512, Some(1)));
+        table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pmd, 512, Some(513)));
         assert!(!table.folio(1).partially_mapped(), "all 512 pages still mapped");
-        let applied = table.apply(&call(1, 100, 1001, RmapOp::Remove, Level::Pte, 256, Some(512)));
-        assert_eq!(applied.disagreement, None, "the split VMA falls back to the same mm");
+        let applied = table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pte, 256, Some(512)));
+        assert_eq!(applied.disagreement, None);
         assert!(table.folio(1).partially_mapped());
         assert_eq!(table.folio(1).mapcount(), 256);
     }
@@ -680,8 +1011,8 @@ mod tests {
     fn reordered_events_cancel_out() {
         let mut table = FolioTable::new(16);
         table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
-        table.fork(100, 1000, 200, 2000);
-        table.fork(100, 1000, 300, 3000);
+        table.fork(100, 200, 0, THP, true);
+        table.fork(100, 300, 0, THP, true);
         // True order: 300 unmaps (3 -> 2), then 200 (2 -> 1); delivered 200 first.
         let first = table.apply(&call(1, 200, 2000, RmapOp::Remove, Level::Pmd, 512, Some(2)));
         let second = table.apply(&call(1, 300, 3000, RmapOp::Remove, Level::Pmd, 512, Some(3)));

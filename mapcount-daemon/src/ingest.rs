@@ -11,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use mapcount_common::{Event, EventType, ForkEvent, KernelLayout};
+use mapcount_common::{Event, EventType, ForkEvent, KernelLayout, MoveEvent, TeardownEvent};
 use tokio::io::unix::AsyncFd;
 
 use crate::{aggregate::Aggregator, decode::decode, probes::Wakeup, record};
@@ -51,9 +51,12 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32, wakeup: Wakeup) -> Re
         Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
         Wakeup::EveryRecord => 0,
     };
+    // The daemon's own address space is left out in the kernel.
+    let observer_tgid: u32 = std::process::id();
     EbpfLoader::new()
         .override_global("LAYOUT", layout, true)
         .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+        .override_global("OBSERVER_TGID", &observer_tgid, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(crate::EBPF_OBJECT)
         .map_err(IngestError::Load)
@@ -200,6 +203,8 @@ fn timestamp(record: &[u8]) -> u64 {
             at(std::mem::offset_of!(Event, timestamp_ns))
         }
         Some(&t) if t == EventType::Fork as u8 => at(std::mem::offset_of!(ForkEvent, timestamp_ns)),
+        Some(&t) if t == EventType::Move as u8 => at(std::mem::offset_of!(MoveEvent, timestamp_ns)),
+        Some(&t) if t == EventType::Teardown as u8 => at(std::mem::offset_of!(TeardownEvent, timestamp_ns)),
         _ => 0,
     }
 }

@@ -250,6 +250,86 @@ const FIELDS: &[FieldSpec] = &[
         set: |l, v| l.fs_type_name = v,
         then: None,
     },
+    FieldSpec {
+        slot: "folio.index",
+        strukt: "folio",
+        candidates: &["index", "__folio_index"],
+        need: Need::Required,
+        set: |l, v| l.folio_index = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_start",
+        strukt: "vm_area_struct",
+        candidates: &["vm_start"],
+        need: Need::Required,
+        set: |l, v| l.vma_start = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_end",
+        strukt: "vm_area_struct",
+        candidates: &["vm_end"],
+        need: Need::Required,
+        set: |l, v| l.vma_end = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_pgoff",
+        strukt: "vm_area_struct",
+        candidates: &["vm_pgoff"],
+        need: Need::Required,
+        set: |l, v| l.vma_pgoff = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_area_struct.vm_ops",
+        strukt: "vm_area_struct",
+        candidates: &["vm_ops"],
+        need: Need::Required,
+        set: |l, v| l.vma_ops = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "vm_fault.flags",
+        strukt: "vm_fault",
+        candidates: &["flags"],
+        need: Need::Optional,
+        set: |l, v| l.vmf_flags = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "pagetable_move_control.old",
+        strukt: "pagetable_move_control",
+        candidates: &["old"],
+        need: Need::Optional,
+        set: |l, v| l.pmc_old = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "pagetable_move_control.old_addr",
+        strukt: "pagetable_move_control",
+        candidates: &["old_addr"],
+        need: Need::Optional,
+        set: |l, v| l.pmc_old_addr = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "pagetable_move_control.new_addr",
+        strukt: "pagetable_move_control",
+        candidates: &["new_addr"],
+        need: Need::Optional,
+        set: |l, v| l.pmc_new_addr = v,
+        then: None,
+    },
+    FieldSpec {
+        slot: "pagetable_move_control.len_in",
+        strukt: "pagetable_move_control",
+        candidates: &["len_in"],
+        need: Need::Optional,
+        set: |l, v| l.pmc_len = v,
+        then: None,
+    },
 ];
 
 /// What stays empty when an optional field is absent.
@@ -262,6 +342,13 @@ pub fn consequence(slot: &str) -> &'static str {
         "folio._nr_pages_mapped" => "pages mapped by PTE of large folios (gone with CONFIG_NO_PAGE_MAPCOUNT)",
         "folio._pincount" => "pins of large folios",
         "folio._mm_ids" => "the kernel's own maybe-shared bit (6.15+)",
+        "vm_fault.flags" => "outcome=\"unshare\" (unshare faults are counted as writes)",
+        "pagetable_move_control.old"
+        | "pagetable_move_control.old_addr"
+        | "pagetable_move_control.new_addr"
+        | "pagetable_move_control.len_in" => {
+            "none: before 6.15 move_page_tables takes its arguments one by one"
+        }
         "file.f_path.dentry"
         | "dentry.d_name.name"
         | "file.f_inode"
@@ -298,7 +385,15 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     let mut layout = KernelLayout::ABSENT;
     let mut fields = Vec::with_capacity(FIELDS.len() + 2);
     for spec in FIELDS {
-        let strukt = find_struct(btf, spec.strukt)?.ok_or(LayoutError::MissingStruct(spec.strukt))?;
+        let strukt = match find_struct(btf, spec.strukt)? {
+            Some(strukt) => strukt,
+            // A struct of newer kernels only (pagetable_move_control).
+            None if spec.need == Need::Optional => {
+                fields.push(ResolvedField { slot: spec.slot, member: None, offset: None });
+                continue;
+            }
+            None => return Err(LayoutError::MissingStruct(spec.strukt)),
+        };
         let mut found = None;
         for &candidate in spec.candidates {
             if let Some(bits) = member_bit_offset(btf, &strukt, candidate)? {
@@ -330,6 +425,15 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     layout.pg_head_bit = enum_value(btf, "pageflags", "PG_head")?;
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
     layout.pg_swapcache_bit = enum_value(btf, "pageflags", "PG_swapcache")?;
+    // Since 5.18; its absence only merges unshare faults into the writes.
+    if let Ok(unshare) = enum_value(btf, "fault_flag", "FAULT_FLAG_UNSHARE") {
+        layout.fault_flag_unshare = unshare;
+        fields.push(ResolvedField {
+            slot: "fault_flag.FAULT_FLAG_UNSHARE (value)",
+            member: Some("FAULT_FLAG_UNSHARE"),
+            offset: Some(unshare),
+        });
+    }
     fields.push(ResolvedField {
         slot: "pageflags.PG_swapcache (bit)",
         member: Some("PG_swapcache"),

@@ -341,6 +341,15 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         &[],
         move || vec![for_scrape.sum(counter::PRODUCED)],
     )))?;
+    let for_scrape = Arc::clone(&counters);
+    metrics.registry.register(Box::new(ReadAtScrape::new(
+        "mapcount_rmap_calls_left_out_total",
+        "rmap calls and write faults the kernel side leaves out on purpose, by reason: \
+         mapcountd's own address space (observer), hugetlb VMAs (hugetlb).",
+        Some("reason"),
+        &["observer", "hugetlb"],
+        move || vec![for_scrape.sum(counter::OBSERVER_SKIPPED), for_scrape.sum(counter::HUGETLB_SKIPPED)],
+    )))?;
     let mut events = ingest::take_events(&mut ebpf)?;
 
     let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), args.folio_table_size)));

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub peak_mapcount: HistogramVec,
     pub partial_lifetimes: IntCounterVec,
     pub disagreements: IntCounterVec,
+    pub phantoms: IntCounterVec,
+    pub pmd_splits_inferred: IntCounter,
+    pub moves: IntCounter,
     pub table_entries: IntGauge,
     pub table_evictions: IntCounter,
     // Daemon health.
@@ -179,6 +182,19 @@ impl Metrics {
                 "Events where the daemon's count of a folio's mappings differed from the kernel's own counter (should stay 0).",
                 &["kind"],
             ),
+            phantoms: counter(
+                "mapcount_phantom_mappings_total",
+                "Mappings the table held that the kernel did not, dropped; by folio kind and how they were found: at the address space's teardown (teardown) or by the kernel's own count (selfcheck). Should stay 0.",
+                &["kind", "found"],
+            ),
+            pmd_splits_inferred: single(must(IntCounter::new(
+                "mapcount_pmd_splits_inferred_total",
+                "PMD mappings turned into 512 PTE mappings at the first PTE-level event after a split no rmap call reported (6.1-6.7 split PMDs inline).",
+            ))),
+            moves: single(must(IntCounter::new(
+                "mapcount_page_table_moves_total",
+                "Ranges of page-table entries moved without rmap calls (move_page_tables: mremap, exec's stack), followed by the table.",
+            ))),
             table_entries,
             table_evictions: single(must(IntCounter::new(
                 "mapcount_folio_table_evictions_total",

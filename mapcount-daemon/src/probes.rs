@@ -210,6 +210,52 @@ pub const PROBES: &[ProbeSpec] = &[
         need: Need::Optional,
         feeds: "outcome=\"reuse\" of pages shared before fork",
     },
+    // Entries moved by mremap, reported at return (kprobe mode keeps the
+    // arguments from entry).
+    // Write faults on PMD-mapped anonymous THPs: reused in place, or split
+    // and handed to do_wp_page (not counted here then).
+    ProbeSpec {
+        name: "write_fault_pmd",
+        candidates: &[entry!("do_huge_pmd_wp_page", "pmd_write_fault_entry_kprobe", "pmd_write_fault_entry_fentry")],
+        need: Need::Optional,
+        feeds: "write faults on PMD-mapped THPs (order=\"9\" rows of mapcount_cow_faults_total)",
+    },
+    ProbeSpec {
+        name: "write_fault_pmd_return",
+        candidates: &[ret!(
+            "do_huge_pmd_wp_page",
+            "pmd_write_fault_return_kretprobe",
+            "pmd_write_fault_return_fexit"
+        )],
+        need: Need::Optional,
+        feeds: "write faults on PMD-mapped THPs (order=\"9\" rows of mapcount_cow_faults_total)",
+    },
+    ProbeSpec {
+        name: "move",
+        candidates: &[entry!("move_page_tables", "move_entry", "move_entry_fentry")],
+        need: Need::Optional,
+        feeds: "sharing across fork after mremap (mappings stay at the old address)",
+    },
+    ProbeSpec {
+        name: "move_return",
+        candidates: &[ret!("move_page_tables", "move_return", "move_fexit")],
+        need: Need::Optional,
+        feeds: "sharing across fork after mremap (mappings stay at the old address)",
+    },
+    // Teardown: at exit_mmap's return, what is still filed under the mm is a
+    // phantom. kprobe mode keeps the argument from entry to return.
+    ProbeSpec {
+        name: "teardown",
+        candidates: &[entry!("exit_mmap", "teardown_entry", "teardown_entry_fentry")],
+        need: Need::Optional,
+        feeds: "mapcount_phantom_mappings_total{found=\"teardown\"}",
+    },
+    ProbeSpec {
+        name: "teardown_return",
+        candidates: &[ret!("exit_mmap", "teardown_return", "teardown_fexit")],
+        need: Need::Optional,
+        feeds: "mapcount_phantom_mappings_total{found=\"teardown\"}",
+    },
 ];
 
 /// Function names the kernel has out of line, from `/proc/kallsyms`.

@@ -9,7 +9,7 @@ use std::io::{self, BufRead, Write};
 
 pub const MAGIC: &[u8; 8] = b"MAPCOUNT";
 /// Bumped whenever a record layout in `mapcount-common` changes.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {

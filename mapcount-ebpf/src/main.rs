@@ -20,13 +20,14 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
     },
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
-    Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, OFFSET_ABSENT, RmapOp,
-    SOURCE_NAME_LEN, SourceEvent, WriteFaultOutcome, counter, event_flags, shared_hint, vm_flags, vma_class,
+    Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT, RmapOp,
+    SOURCE_NAME_LEN, SourceEvent, TeardownEvent, WriteFaultOutcome, counter, event_flags, fork_copy, shared_hint,
+    vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -38,6 +39,17 @@ static LAYOUT: KernelLayout = KernelLayout::ABSENT;
 /// wake-up at every record the daemon has not seen yet.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
+
+/// Set by the daemon: its own thread group id. Its address space is left
+/// out (its ring buffer alone is thousands of driver-page mappings, and its
+/// heap and stacks come and go with every scrape).
+#[unsafe(no_mangle)]
+static OBSERVER_TGID: u32 = 0;
+
+/// The daemon's `mm`, learnt at its first rmap call or write fault: events
+/// on its address space from other contexts (reclaim, exit) are left out too.
+#[map]
+static OBSERVER_MM: Array<u64> = Array::with_max_entries(1, 0);
 
 /// With batched wake-ups, how often a CPU asks the ring buffer how full it
 /// is: every this many records it produces (a helper call saved on the
@@ -79,12 +91,15 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 struct WriteFaultWindow {
     start_ns: u64,
     vmf: u64,
-    vma: u64,
     mm: u64,
     vma_shared: u8,
     saw_new_anon: u8,
     saw_reuse: u8,
-    _pad: [u8; 5],
+    /// `FAULT_FLAG_UNSHARE` was set: not a write.
+    unshare: u8,
+    /// PFNMAP or MIXEDMAP: a NULL `vmf->page` is a raw pfn, not the zero page.
+    raw_pfn_vma: u8,
+    _pad: [u8; 3],
 }
 
 /// Keyed by thread id (the low half of `bpf_get_current_pid_tgid`). A
@@ -320,8 +335,15 @@ fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
     let mapping: u64 = snapshot.field(layout!(folio_mapping)).unwrap_or(0);
     let head_bit = layout!(pg_head_bit);
     let large = head_bit < 64 && flags & (1u64 << head_bit) != 0;
+    // PG_swapcache is PG_owner_priv_1, which file folios use as PG_checked:
+    // folio_test_swapcache() also wants PG_swapbacked.
     let swapcache_bit = layout!(pg_swapcache_bit);
-    if swapcache_bit < 64 && flags & (1u64 << swapcache_bit) != 0 {
+    let swapbacked_bit = layout!(pg_swapbacked_bit);
+    if swapcache_bit < 64
+        && swapbacked_bit < 64
+        && flags & (1u64 << swapcache_bit) != 0
+        && flags & (1u64 << swapbacked_bit) != 0
+    {
         event.flags |= event_flags::SWAPCACHE;
     }
 
@@ -332,7 +354,6 @@ fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
     } else if mapping == 0 {
         FolioKind::NoMapping as u8
     } else {
-        let swapbacked_bit = layout!(pg_swapbacked_bit);
         if swapbacked_bit < 64 && flags & (1u64 << swapbacked_bit) != 0 {
             FolioKind::Shmem as u8
         } else {
@@ -363,6 +384,73 @@ fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
 #[inline(always)]
 fn vma_mm(vma: u64) -> u64 {
     read_at(vma, layout!(vma_mm)).unwrap_or(0)
+}
+
+/// What an rmap record needs of the VMA, from one snapshot of it.
+#[derive(Clone, Copy)]
+struct VmaFacts {
+    mm: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    pgoff: u64,
+}
+
+#[inline(always)]
+fn vma_facts(vma: u64) -> VmaFacts {
+    let mut snapshot = Snapshot::EMPTY;
+    snapshot.take(vma);
+    VmaFacts {
+        mm: snapshot.field(layout!(vma_mm)).unwrap_or(0),
+        flags: snapshot.field(layout!(vma_flags)).unwrap_or(0),
+        start: snapshot.field(layout!(vma_start)).unwrap_or(0),
+        end: snapshot.field(layout!(vma_end)).unwrap_or(0),
+        pgoff: snapshot.field(layout!(vma_pgoff)).unwrap_or(0),
+    }
+}
+
+/// Whether an event on `mm` is mapcountd's own (see [`OBSERVER_TGID`]).
+/// Learns the daemon's mm when the daemon itself is running.
+#[inline(always)]
+fn is_observer(mm: u64) -> bool {
+    let observer_tgid = unsafe { core::ptr::read_volatile(&raw const OBSERVER_TGID) };
+    if observer_tgid == 0 {
+        return false;
+    }
+    let Some(known) = OBSERVER_MM.get_ptr_mut(0) else { return false };
+    let (current_mm, tgid) = current_mm_and_tgid();
+    if tgid == observer_tgid && current_mm != 0 {
+        unsafe { *known = current_mm };
+        return mm == 0 || mm == current_mm;
+    }
+    mm != 0 && mm == unsafe { *known }
+}
+
+/// Filters applied before a record is reserved (so that produced = received
+/// + lost still holds): the observer's own address space, and hugetlb.
+#[inline(always)]
+fn left_out(vma: &VmaFacts) -> bool {
+    if is_observer(vma.mm) {
+        count(counter::OBSERVER_SKIPPED);
+        return true;
+    }
+    if vma.flags & vm_flags::HUGETLB != 0 {
+        count(counter::HUGETLB_SKIPPED);
+        return true;
+    }
+    false
+}
+
+/// `Event::base`: where the folio's first page is mapped in this VMA. The
+/// kernel's own rule (`vma_address`) from the folio's index; a folio that
+/// index places outside the VMA (driver pages, KSM pages in a second
+/// process) is filed at the VMA's start, the same for its add and remove.
+#[inline(always)]
+fn folio_base(vma: &VmaFacts, index: u64, order: u8) -> u64 {
+    const PAGE_SHIFT: u32 = 12;
+    let base = vma.start.wrapping_add(index.wrapping_sub(vma.pgoff) << PAGE_SHIFT);
+    let size = 1u64 << ((order as u32 & 31) + PAGE_SHIFT);
+    if base.wrapping_add(size) <= vma.start || base >= vma.end { vma.start } else { base }
 }
 
 /// The running task's mm and thread group id. `bpf_get_current_task_btf`
@@ -443,33 +531,55 @@ fn now() -> u64 {
 
 #[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
+    let facts = vma_facts(vma);
+    if left_out(&facts) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
-    submit_rmap(entry, folio_event(timestamp_ns, folio, &snapshot), vma, op, level, nr_pages);
+    let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
+    let event = folio_event(timestamp_ns, folio, &snapshot);
+    submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
 
 /// A page-based (6.1-6.7) rmap call: a compound call maps the whole PMD.
 #[inline(always)]
 fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
     let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
+    let facts = vma_facts(vma);
+    if left_out(&facts) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     let folio = folio_of_page(page, &mut snapshot);
-    submit_rmap(entry, folio_event(timestamp_ns, folio, &snapshot), vma, op, level, nr_pages);
+    let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
+    let event = folio_event(timestamp_ns, folio, &snapshot);
+    submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
 
 /// Completes an rmap record from `folio_event` with the call and submits it.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn submit_rmap(entry: Reserved<Event>, mut event: Event, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
+fn submit_rmap(
+    entry: Reserved<Event>,
+    mut event: Event,
+    vma: u64,
+    facts: &VmaFacts,
+    index: u64,
+    op: RmapOp,
+    level: Level,
+    nr_pages: u32,
+) {
     event.event_type = EventType::Rmap as u8;
     event.op = op as u8;
     event.level = level as u8;
     event.nr_pages = nr_pages;
-    event.mm = vma_mm(vma);
-    event.vma = vma;
+    event.mm = facts.mm;
+    event.base = folio_base(facts, index, event.order);
     let (current_mm, tgid) = current_mm_and_tgid();
     if event.mm != 0 && event.mm == current_mm {
         event.flags |= event_flags::OWN_MM;
@@ -607,10 +717,15 @@ fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
 
 #[inline(always)]
 fn new_anon_return(folio: u64, vma: u64) {
+    let facts = vma_facts(vma);
+    if left_out(&facts) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
+    let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
     // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
     let (level, nr_pages) = if event.order >= PMD_ORDER {
@@ -618,7 +733,7 @@ fn new_anon_return(folio: u64, vma: u64) {
     } else {
         (Level::Pte, 1u32 << (event.order & 31))
     };
-    submit_rmap(entry, event, vma, RmapOp::AddNew, level, nr_pages);
+    submit_rmap(entry, event, vma, &facts, index, RmapOp::AddNew, level, nr_pages);
 }
 
 #[kprobe]
@@ -681,15 +796,23 @@ fn write_fault_entry(vmf: u64) {
     let mut vma_snapshot = Snapshot::EMPTY;
     vma_snapshot.take(vma);
     let flags: u64 = vma_snapshot.field(layout!(vma_flags)).unwrap_or(0);
+    let mm = vma_snapshot.field(layout!(vma_mm)).unwrap_or(0);
+    if is_observer(mm) {
+        count(counter::OBSERVER_SKIPPED);
+        return;
+    }
+    let fault_flags: u32 = read_at(vmf, layout!(vmf_flags)).unwrap_or(0);
+    let unshare_flag = layout!(fault_flag_unshare);
     let window = WriteFaultWindow {
         start_ns: now(),
         vmf,
-        vma,
-        mm: vma_snapshot.field(layout!(vma_mm)).unwrap_or(0),
+        mm,
         vma_shared: (flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
         saw_new_anon: 0,
         saw_reuse: 0,
-        _pad: [0; 5],
+        unshare: (unshare_flag != OFFSET_ABSENT && fault_flags & unshare_flag != 0) as u8,
+        raw_pfn_vma: (flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
+        _pad: [0; 3],
     };
     let tid = thread_id();
     match WRITE_FAULTS.get_ptr_mut(tid) {
@@ -713,10 +836,16 @@ fn write_fault_return() {
     // vmf->page is the page the fault was about (NULL for the zero page);
     // vmf lives in the caller's frame, still valid while do_wp_page returns.
     let page: u64 = read_at(window.vmf, layout!(vmf_page)).unwrap_or(0);
-    let outcome = if window.vma_shared != 0 {
+    let outcome = if window.unshare != 0 {
+        WriteFaultOutcome::Unshare
+    } else if window.vma_shared != 0 {
         WriteFaultOutcome::Shared
     } else if window.saw_new_anon != 0 {
-        if page != 0 { WriteFaultOutcome::Copy } else { WriteFaultOutcome::CopyZeroPage }
+        if page != 0 || window.raw_pfn_vma != 0 {
+            WriteFaultOutcome::Copy
+        } else {
+            WriteFaultOutcome::CopyZeroPage
+        }
     } else if window.saw_reuse != 0 {
         WriteFaultOutcome::Reuse
     } else {
@@ -735,7 +864,6 @@ fn write_fault_return() {
     event.event_type = EventType::WriteFault as u8;
     event.outcome = outcome as u8;
     event.mm = window.mm;
-    event.vma = window.vma;
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (pid_tgid >> 32) as u32;
     entry.submit(event);
@@ -776,26 +904,108 @@ pub fn write_fault_return_fexit(_ctx: FExitContext) -> u32 {
     0
 }
 
-// ---- fork -------------------------------------------------------------------
+// ---- write faults on a PMD --------------------------------------------------
+//
+// do_huge_pmd_wp_page(vmf): a write fault on a PMD-mapped anonymous THP.
+// It reuses the THP in place, or (since 6.13) replaces the huge zero page
+// with a new THP, or splits the PMD and returns VM_FAULT_FALLBACK, after
+// which do_wp_page handles the fault at PTE level. Same window as above.
 
-/// copy_page_range(dst_vma, src_vma): one VMA of a fork. The entries are
-/// copied when the kernel's vma_needs_copy() says so.
+const VM_FAULT_FALLBACK: u64 = 0x800;
+/// VM_FAULT_OOM | SIGBUS | HWPOISON | HWPOISON_LARGE | SIGSEGV | RETRY.
+const VM_FAULT_NOT_DONE: u64 = 0x1 | 0x2 | 0x10 | 0x20 | 0x40 | 0x400;
+
+#[inline(always)]
+fn pmd_write_fault_return(ret: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = open_write_fault(pid_tgid as u32) else { return };
+    let window = unsafe { *slot };
+    unsafe { (*slot).start_ns = 0 }; // closed
+    if ret & VM_FAULT_FALLBACK != 0 {
+        return; // the PTE-level fault that follows is the one to count
+    }
+    let outcome = if window.unshare != 0 {
+        WriteFaultOutcome::Unshare
+    } else if ret & VM_FAULT_NOT_DONE != 0 {
+        WriteFaultOutcome::Other
+    } else if window.saw_new_anon != 0 {
+        // At PMD level only the huge zero page is replaced by a new THP.
+        WriteFaultOutcome::CopyZeroPage
+    } else {
+        WriteFaultOutcome::Reuse
+    };
+    let Some(entry) = reserve::<Event>() else { return };
+    let returned_ns = now();
+    let anon_thp = outcome == WriteFaultOutcome::Reuse || outcome == WriteFaultOutcome::Unshare;
+    entry.submit(Event {
+        event_type: EventType::WriteFault as u8,
+        outcome: outcome as u8,
+        level: Level::Pmd as u8,
+        // The THP itself is not at hand (vmf->page is not set at PMD level):
+        // a reused one is an anonymous PMD-sized folio by construction.
+        kind: if anon_thp { FolioKind::Anon as u8 } else { 0 },
+        order: if anon_thp { PMD_ORDER } else { 0 },
+        mm: window.mm,
+        cpu: this_cpu(),
+        timestamp_ns: returned_ns,
+        duration_ns: returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        ..Event::ZERO
+    });
+}
+
+entry_probe!(pmd_write_fault_entry_kprobe, pmd_write_fault_entry_fentry, |a| write_fault_entry(a.raw(0)));
+
+#[kretprobe]
+pub fn pmd_write_fault_return_kretprobe(ctx: RetProbeContext) -> u32 {
+    pmd_write_fault_return(ctx.ret::<u32>() as u64);
+    0
+}
+
+#[fexit]
+pub fn pmd_write_fault_return_fexit(ctx: FExitContext) -> u32 {
+    pmd_write_fault_return(ctx.ret::<u32>().unwrap_or(0) as u64);
+    0
+}
+
+// ---- fork ----------------------------------------------------------------
+
+/// copy_page_range(dst_vma, src_vma): one VMA of a fork. What the kernel
+/// duplicates, decided as it does (see `fork_copy`).
 #[inline(always)]
 fn fork_copy(dst_vma: u64, src_vma: u64) {
+    let mut dst = Snapshot::EMPTY;
+    dst.take(dst_vma);
+    let dst_mm = dst.field(layout!(vma_mm)).unwrap_or(0);
+    let dst_flags: u64 = dst.field(layout!(vma_flags)).unwrap_or(0);
+    let dst_ops: u64 = dst.field(layout!(vma_ops)).unwrap_or(0);
     let Some(entry) = reserve::<ForkEvent>() else { return };
     let mut src = Snapshot::EMPTY;
     src.take(src_vma);
     let flags: u64 = src.field(layout!(vma_flags)).unwrap_or(0);
     let anon_vma: u64 = src.field(layout!(vma_anon_vma)).unwrap_or(0);
-    let copies = anon_vma != 0 || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0;
+    // vma_needs_copy(), 6.1 to 7.x: the child's uffd-wp, then the source's
+    // raw-pfn and hugetlb flags, then its anon_vma. (7.x folds the flags
+    // into VM_COPY_ON_FORK, which adds guard regions: those hold no pages.)
+    let entries = dst_flags & vm_flags::UFFD_WP != 0
+        || flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP | vm_flags::HUGETLB) != 0
+        || anon_vma != 0;
+    let mut copy = 0;
+    if entries {
+        copy |= fork_copy::ENTRIES;
+        // copy_huge_pmd(): "Skip if can be re-fill on fault".
+        if dst_ops == 0 {
+            copy |= fork_copy::HUGE_ENTRIES;
+        }
+    }
     entry.submit(ForkEvent {
         event_type: EventType::Fork as u8,
-        copies: copies as u8,
+        copy,
         _pad: [0; 6],
         src_mm: src.field(layout!(vma_mm)).unwrap_or(0),
-        src_vma,
-        dst_mm: vma_mm(dst_vma),
-        dst_vma,
+        start: src.field(layout!(vma_start)).unwrap_or(0),
+        dst_mm,
+        end: src.field(layout!(vma_end)).unwrap_or(0),
         timestamp_ns: now(),
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         cpu: this_cpu(),
@@ -803,6 +1013,145 @@ fn fork_copy(dst_vma: u64, src_vma: u64) {
 }
 
 entry_probe!(fork_copy_kprobe, fork_copy_fentry, |a| fork_copy(a.raw(0), a.raw(1)));
+
+// ---- entries that move ------------------------------------------------------
+
+/// A `move_page_tables` call: what it was asked to move.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MoveCall {
+    mm: u64,
+    old_addr: u64,
+    new_addr: u64,
+    len: u64,
+}
+
+/// move_page_tables(): up to 6.14 (vma, old_addr, new_vma, new_addr, len,
+/// ...); since 6.15 one `struct pagetable_move_control *` (LAYOUT.pmc_*).
+#[inline(always)]
+fn move_call<A: Args>(args: &A) -> MoveCall {
+    let (vma, old_addr, new_addr, len) = if layout!(pmc_old_addr) != OFFSET_ABSENT {
+        let pmc = args.raw(0);
+        (
+            read_at(pmc, layout!(pmc_old)).unwrap_or(0),
+            read_at(pmc, layout!(pmc_old_addr)).unwrap_or(0),
+            read_at(pmc, layout!(pmc_new_addr)).unwrap_or(0),
+            read_at(pmc, layout!(pmc_len)).unwrap_or(0),
+        )
+    } else {
+        (args.raw(0), args.raw(1), args.raw(3), args.raw(4))
+    };
+    MoveCall { mm: vma_mm(vma), old_addr, new_addr, len }
+}
+
+/// move_page_tables() returned `moved` bytes. Reported at return: a PMD
+/// that could not move whole was split inside the call, and those rmap
+/// calls name the old addresses.
+#[inline(always)]
+fn page_tables_moved(call: &MoveCall, moved: u64) {
+    if moved == 0 {
+        return;
+    }
+    if is_observer(call.mm) {
+        count(counter::OBSERVER_SKIPPED);
+        return;
+    }
+    let Some(entry) = reserve::<MoveEvent>() else { return };
+    entry.submit(MoveEvent {
+        event_type: EventType::Move as u8,
+        _pad: [0; 3],
+        cpu: this_cpu(),
+        mm: call.mm,
+        old_addr: call.old_addr,
+        new_addr: call.new_addr,
+        len: if moved < call.len { moved } else { call.len },
+        timestamp_ns: now(),
+    });
+}
+
+/// Kept from entry to return in both modes: since 6.15 the call may
+/// realign `pmc`'s addresses before it returns.
+#[map]
+static MOVE_CALLS: HashMap<u32, MoveCall> = HashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn move_entry_common<A: Args>(args: &A) {
+    if MOVE_CALLS.insert(thread_id(), move_call(args), 0).is_err() {
+        count(counter::TASK_STATE_FULL);
+    }
+}
+
+#[inline(always)]
+fn move_return_common(moved: u64) {
+    let tid = thread_id();
+    if let Some(&call) = unsafe { MOVE_CALLS.get(tid) } {
+        let _ = MOVE_CALLS.remove(tid);
+        page_tables_moved(&call, moved);
+    }
+}
+
+entry_probe!(move_entry, move_entry_fentry, |a| move_entry_common(a));
+
+#[kretprobe]
+pub fn move_return(ctx: RetProbeContext) -> u32 {
+    move_return_common(ctx.ret::<u64>());
+    0
+}
+
+#[fexit]
+pub fn move_fexit(ctx: FExitContext) -> u32 {
+    move_return_common(ctx.ret::<u64>().unwrap_or(0));
+    0
+}
+
+// ---- teardown ---------------------------------------------------------------
+
+/// exit_mmap(mm) returned: its page tables and their rmap calls are done.
+#[inline(always)]
+fn teardown(mm: u64) {
+    let Some(entry) = reserve::<TeardownEvent>() else { return };
+    entry.submit(TeardownEvent {
+        event_type: EventType::Teardown as u8,
+        _pad: [0; 3],
+        cpu: this_cpu(),
+        mm,
+        timestamp_ns: now(),
+    });
+}
+
+/// exit_mmap's argument, kept from kprobe to kretprobe.
+#[map]
+static TEARDOWN_CALLS: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+#[kprobe]
+pub fn teardown_entry(ctx: ProbeContext) -> u32 {
+    if TEARDOWN_CALLS.insert(thread_id(), Args::raw(&ctx, 0), 0).is_err() {
+        count(counter::TASK_STATE_FULL);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn teardown_return(_ctx: RetProbeContext) -> u32 {
+    let tid = thread_id();
+    if let Some(&mm) = unsafe { TEARDOWN_CALLS.get(tid) } {
+        let _ = TEARDOWN_CALLS.remove(tid);
+        teardown(mm);
+    }
+    0
+}
+
+/// fexit sees the argument at return: nothing to keep at entry.
+#[fentry]
+pub fn teardown_entry_fentry(_ctx: FEntryContext) -> u32 {
+    0
+}
+
+#[fexit]
+pub fn teardown_fexit(ctx: FExitContext) -> u32 {
+    teardown(Args::raw(&ctx, 0));
+    0
+}
 
 #[cfg(not(test))]
 #[panic_handler]

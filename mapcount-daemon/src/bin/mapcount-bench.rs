@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use mapcount_common::{Event, EventType, FolioKind, ForkEvent, Level, RmapOp, WriteFaultOutcome};
+use mapcount_common::{Event, EventType, FolioKind, ForkEvent, Level, RmapOp, WriteFaultOutcome, fork_copy};
 use mapcount_daemon::{
     aggregate::Aggregator,
     decode::{encode, kind_label},
@@ -52,14 +52,14 @@ impl Stream {
 /// from a kernel.
 fn synthetic_stream(records: &mut Stream, folios: u64) {
     // `mapcount` is the kernel's stored value: mappings before the call, minus one.
-    let rmap = |op: RmapOp, folio: u64, mm: u64, mapcount: i32| Event {
+    let rmap = |op: RmapOp, folio: u64, mm: u64, base: u64, mapcount: i32| Event {
         event_type: EventType::Rmap as u8,
         op: op as u8,
         level: Level::Pte as u8,
         kind: FolioKind::Anon as u8,
         folio,
         mm,
-        vma: mm * 16,
+        base,
         nr_pages: 1,
         mapcount,
         refcount: mapcount + 2,
@@ -70,16 +70,17 @@ fn synthetic_stream(records: &mut Stream, folios: u64) {
         let (parent, child) = (1 + i % 64, 1000 + i % 64);
         let forked = i % 8 == 0;
         let others = i32::from(forked); // the child's mapping
-        records.push(&encode(&rmap(RmapOp::AddNew, folio, parent, 0)));
+        let base = 0x7f00_0000_0000 + (i % (1 << 20)) * 4096;
+        records.push(&encode(&rmap(RmapOp::AddNew, folio, parent, base, 0)));
         if forked {
             records.push(&encode(&ForkEvent {
                 event_type: EventType::Fork as u8,
-                copies: 1,
+                copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
                 _pad: [0; 6],
                 src_mm: parent,
-                src_vma: parent * 16,
+                start: base,
                 dst_mm: child,
-                dst_vma: child * 16,
+                end: base + 4096,
                 timestamp_ns: 0,
                 tgid: 1,
                 cpu: 0,
@@ -96,11 +97,11 @@ fn synthetic_stream(records: &mut Stream, folios: u64) {
             mapcount: others - 1,
             ..Event::ZERO
         }));
-        records.push(&encode(&rmap(RmapOp::Add, folio, parent, others)));
-        records.push(&encode(&rmap(RmapOp::Remove, folio, parent, others + 1)));
-        records.push(&encode(&rmap(RmapOp::Remove, folio, parent, others)));
+        records.push(&encode(&rmap(RmapOp::Add, folio, parent, base, others)));
+        records.push(&encode(&rmap(RmapOp::Remove, folio, parent, base, others + 1)));
+        records.push(&encode(&rmap(RmapOp::Remove, folio, parent, base, others)));
         if forked {
-            records.push(&encode(&rmap(RmapOp::Remove, folio, child, 0)));
+            records.push(&encode(&rmap(RmapOp::Remove, folio, child, base, 0)));
         }
     }
 }
@@ -196,7 +197,7 @@ fn main() {
             kind: FolioKind::Anon as u8,
             folio: 0xffff_ea00_0000_0000 + i * 64,
             mm: 1 + i % 64,
-            vma: (1 + i % 64) * 16 + (i % 1024),
+            base: 0x7f00_0000_0000 + i * 4096,
             nr_pages: 1,
             mapcount: 0,
             refcount: 1,

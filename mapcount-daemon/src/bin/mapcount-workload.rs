@@ -371,13 +371,14 @@ fn compare(live: &str, replayed: &str) -> ExitCode {
         return ExitCode::FAILURE;
     };
     // Not derived from events: attach state, build and kernel facts, and
-    // the kernel-side loss counters read at scrape time.
+    // the kernel-side counters read at scrape time (losses, left-out calls).
     let skip = [
         "mapcount_probe_attached",
         "mapcount_build_info",
         "mapcount_kernel_info",
         "mapcount_events_lost_total",
         "mapcount_events_produced_total",
+        "mapcount_rmap_calls_left_out_total",
     ];
     let derived = |s: &Scrape| -> Vec<(String, f64)> {
         let mut v: Vec<_> =
@@ -761,7 +762,7 @@ mod scenarios {
 
     pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> Result<(), String> {
         type Scenario = fn(&MetricsSource, &mut Checker) -> Result<(), String>;
-        let scenarios: [(&str, Scenario); 7] = [
+        let scenarios: [(&str, Scenario); 11] = [
             ("a_shared_thp", shared_thp),
             ("b_partial", partial),
             ("c_cow_large", large_folio_cow),
@@ -769,6 +770,10 @@ mod scenarios {
             ("e_ksm", ksm),
             ("f_driver", driver_pages),
             ("g_refcount", refcount),
+            ("h_mremap_fork", mremap_fork),
+            ("i_mprotect_fork", mprotect_fork),
+            ("j_file_pmd_fork", file_pmd_fork),
+            ("k_pmd_reuse", pmd_reuse),
         ];
         let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
         for (name, scenario) in scenarios {
@@ -787,7 +792,136 @@ mod scenarios {
         // then copies entries the daemon filed under another VMA. Seen as
         // 0 in most runs and at most 2 in others over the whole scenario set.
         checker.range("crosscheck/disagreements", 0, disagreements, 0.0, 2.0);
+        // Every scenario's processes have exited: nothing of theirs may be
+        // left in the table (the kernel tore their address spaces down).
+        let phantoms = after.sum("mapcount_phantom_mappings_total", &[])
+            - base.sum("mapcount_phantom_mappings_total", &[]);
+        checker.exact("crosscheck/phantom_mappings", 0, phantoms);
         Ok(())
+    }
+
+    /// Order-9 anonymous folios of this process that the kernel says are
+    /// mapped `count` times at these addresses (kpagecount of the first page).
+    fn thps_mapped(addresses: &[usize], count: u64) -> Result<usize, String> {
+        let mut found = 0;
+        for &address in addresses {
+            if kpagecount(address)? == count {
+                found += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Order-9 anonymous folios of this process with `sharers` sharers, in the daemon's view.
+    fn thps_with_sharers(metrics: &MetricsSource, sharers: u32) -> Result<usize, String> {
+        metrics.settled_scrape()?;
+        let rows = metrics.folios_of(my_pid())?;
+        Ok(rows.iter().filter(|r| r.kind == "anon" && r.order == 9 && r.sharers == sharers).count())
+    }
+
+    /// h. Two THPs moved by mremap (one to a 2 MiB boundary: the PMD moves;
+    /// one a page past it: split, then 512 PTEs move), then 3 children
+    /// forked. No rmap call sees the move. The kernel (kpagecount) and the
+    /// daemon must both see 4 mappings of each.
+    fn mremap_fork(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let p = map_thp_aligned(2 * THP);
+        for i in 0..2 {
+            write_each_page(unsafe { p.add(i * THP) }, THP / PAGE, 7);
+        }
+        // A destination area, reserved, then mapped over by mremap.
+        let area = map_thp_aligned(4 * THP);
+        let targets = [area, unsafe { area.add(2 * THP + PAGE) }];
+        for (i, &target) in targets.iter().enumerate() {
+            let moved = unsafe {
+                libc::mremap(
+                    p.add(i * THP).cast(),
+                    THP,
+                    THP,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    target.cast::<libc::c_void>(),
+                )
+            };
+            if moved == libc::MAP_FAILED {
+                return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+            }
+        }
+        let children = Waiters::spawn(3, |_| {});
+        let addresses: Vec<usize> = targets.iter().map(|&t| t as usize).collect();
+        let known = thps_mapped(&addresses, 4)?;
+        checker.exact("h_mremap_fork/kernel_thps_mapped_4_times", 2, known as f64);
+        checker.exact("h_mremap_fork/thps_with_4_sharers", known, thps_with_sharers(metrics, 4)? as f64);
+        children.release();
+        unmap(area, 4 * THP / PAGE + 1);
+        Ok(())
+    }
+
+    /// i. One of two THPs made read-only in its second half (the VMA and
+    /// the PMD split), then writable again (the VMAs merge back), then 3
+    /// children forked: 4 sharers each, as the kernel counts.
+    fn mprotect_fork(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let p = map_thp_aligned(2 * THP);
+        for i in 0..2 {
+            write_each_page(unsafe { p.add(i * THP) }, THP / PAGE, 8);
+        }
+        let half = unsafe { p.add(THP / 2) };
+        if unsafe { libc::mprotect(half.cast(), THP / 2, libc::PROT_READ) } != 0 {
+            return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
+        }
+        unsafe { libc::mprotect(half.cast(), THP / 2, libc::PROT_READ | libc::PROT_WRITE) };
+        let children = Waiters::spawn(3, |_| {});
+        let known = thps_mapped(&[p as usize, p as usize + THP], 4)?;
+        checker.exact("i_mprotect_fork/kernel_thps_mapped_4_times", 2, known as f64);
+        checker.exact("i_mprotect_fork/thps_with_4_sharers", known, thps_with_sharers(metrics, 4)? as f64);
+        children.release();
+        unmap(p, 2 * THP / PAGE);
+        Ok(())
+    }
+
+    /// j. A shmem THP mapped by PMD in a private mapping that also holds an
+    /// anonymous page (so fork copies the VMA), then a child forked: the
+    /// kernel leaves file PMDs to be faulted in again (`copy_huge_pmd`), so
+    /// the THP keeps one mapping.
+    fn file_pmd_fork(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let shmem = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+        let old = fs::read_to_string(shmem).unwrap_or_default();
+        sysfs_write(shmem, "always")?;
+        let name = CString::new("mapcount-file-pmd").unwrap();
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        unsafe { libc::ftruncate(fd, 2 * THP as i64) };
+        let data = vec![5u8; 2 * THP];
+        unsafe { libc::pwrite(fd, data.as_ptr().cast(), 2 * THP, 0) };
+        let area = map_thp_aligned(2 * THP);
+        let p = unsafe {
+            libc::mmap(area.cast(), 2 * THP, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0)
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let p = p.cast::<u8>();
+        let _ = unsafe { ptr::read_volatile(p) }; // the first THP, by PMD
+        unsafe { ptr::write_volatile(p.add(THP), 1) }; // an anonymous copy: an anon_vma
+        let flags = kpageflags(p as usize)?;
+        let result = if flags & (1 << 22) == 0 {
+            checker.not_applicable("j_file_pmd_fork", "the kernel gave the file no THP");
+            Ok(())
+        } else {
+            let children = Waiters::spawn(1, |_| {});
+            let known = kpagecount(p as usize)?;
+            checker.exact("j_file_pmd_fork/kernel_mappings_after_fork", 1, known as f64);
+            metrics.settled_scrape()?;
+            let rows = metrics.folios_of(my_pid())?;
+            let thp = rows.iter().filter(|r| r.kind == "shmem" && r.order == 9);
+            let single = thp.clone().filter(|r| r.sharers == 1).count();
+            checker.exact("j_file_pmd_fork/thp_with_1_sharer", 1, single as f64);
+            checker.exact("j_file_pmd_fork/thp_with_2_sharers", 0, thp.filter(|r| r.sharers == 2).count() as f64);
+            children.release();
+            Ok(())
+        };
+        unsafe { libc::munmap(p.cast(), 2 * THP) };
+        unsafe { libc::close(fd) };
+        let _ =
+            sysfs_write(shmem, old.split('[').nth(1).and_then(|s| s.split(']').next()).unwrap_or("never"));
+        result
     }
 
     /// a. 4 x 2 MiB of THP, 3 forked children: 4 order-9 folios, 4 sharers each.
@@ -818,13 +952,9 @@ mod scenarios {
         metrics.settled_scrape()?;
         let rows = metrics.folios_of(my_pid())?;
         let partial9 = rows.iter().filter(|r| r.kind == "anon" && r.order == 9 && r.partial).count();
-        if at_least((6, 8)) {
-            checker.exact("b_partial/order9_partially_mapped", 1, partial9 as f64);
-        } else {
-            // 6.1-6.7 split the PMD by writing per-page _mapcount inline:
-            // no rmap call shows the 512 PTE mappings being made.
-            checker.not_applicable("b_partial/order9_partially_mapped", "PMD split is invisible before 6.8");
-        }
+        // 6.1-6.7 split the PMD inline, without an rmap call: the table
+        // infers it at the first PTE remove.
+        checker.exact("b_partial/order9_partially_mapped", 1, partial9 as f64);
         unmap(p, THP / 2 / PAGE);
 
         let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
@@ -1151,9 +1281,61 @@ mod scenarios {
         Ok(())
     }
 
+    /// k. A THP whose fork child has exited, written by the parent: a write
+    /// fault at PMD level (`do_huge_pmd_wp_page`), outside any do_wp_page.
+    /// Whether the kernel reused or copied it is read from the page frame
+    /// before and after (pagemap); the daemon must count the same.
+    fn pmd_reuse(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let p = map_thp_aligned(THP);
+        write_each_page(p, THP / PAGE, 4);
+        Waiters::spawn(1, |_| {}).release();
+        let frame_before = pfn(p as usize)?;
+        let thp = kpageflags(p as usize)? & (1 << 22) != 0;
+        let before = metrics.settled_scrape()?;
+        unsafe { ptr::write_volatile(p, 5) };
+        let after = metrics.settled_scrape()?;
+        let reused = usize::from(pfn(p as usize)? == frame_before);
+        let outcome = |s: &Scrape, o: &str| {
+            s.sum("mapcount_cow_faults_total", &[("outcome", o), ("kind", "anon"), ("order", "9")])
+        };
+        if thp {
+            let reported = outcome(&after, "reuse") - outcome(&before, "reuse");
+            checker.exact("k_pmd_reuse/order9_reuses", reused, reported);
+        } else {
+            checker.not_applicable("k_pmd_reuse/order9_reuses", "the kernel gave no THP");
+        }
+        unmap(p, THP / PAGE);
+        Ok(())
+    }
+
+    /// The page frame number of the page at `address` (pagemap).
+    fn pfn(address: usize) -> Result<u64, String> {
+        let mut f = fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+        let mut buf = [0u8; 8];
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((address / PAGE) as u64 * 8))
+            .map_err(|e| e.to_string())?;
+        f.read_exact(&mut buf).map_err(|e| format!("pagemap: {e}"))?;
+        let entry = u64::from_le_bytes(buf);
+        let pfn = entry & ((1 << 55) - 1);
+        if entry >> 63 == 0 || pfn == 0 {
+            return Err("page not present or PFN hidden".to_owned());
+        }
+        Ok(pfn)
+    }
+
+    /// The kernel's page flags (`/proc/kpageflags`) of the page at `address`.
+    fn kpageflags(address: usize) -> Result<u64, String> {
+        kpage_file("/proc/kpageflags", address)
+    }
+
     /// The kernel's page_count() of the page at `address`: pagemap gives the
     /// PFN, kpagecount the count.
     fn kpagecount(address: usize) -> Result<u64, String> {
+        kpage_file("/proc/kpagecount", address)
+    }
+
+    /// The entry of a `/proc/kpage*` file for the page at `address`.
+    fn kpage_file(file: &str, address: usize) -> Result<u64, String> {
         let read_u64 = |path: &str, index: u64| -> Result<u64, String> {
             let mut f = fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
             let mut buf = [0u8; 8];
@@ -1166,6 +1348,6 @@ mod scenarios {
         if entry >> 63 == 0 || pfn == 0 {
             return Err("page not present or PFN hidden".to_owned());
         }
-        read_u64("/proc/kpagecount", pfn)
+        read_u64(file, pfn)
     }
 }
