@@ -110,6 +110,21 @@ fn locate(spec: &KernelSpec, root: &Path) -> anyhow::Result<Option<Kernel>> {
     Ok(vmlinuz.map(|vmlinuz| Kernel { name: spec.name.to_owned(), vmlinuz, modules }))
 }
 
+/// Downloads a source package of the kernel generation `name` (the same
+/// suites as its image) into `dir`; returns the .deb.
+pub fn download_source(name: &str, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let spec = find(name)?;
+    if let Some(deb) = fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_"))))
+    {
+        return Ok(deb);
+    }
+    let apt = PrivateApt::new(&cache_dir().join("apt"), spec.name, spec.suites)?;
+    apt.download(package, dir)
+}
+
 struct PrivateApt {
     options: Vec<String>,
 }

@@ -4,6 +4,7 @@ mod bench;
 mod install;
 mod kernels;
 mod prometheus;
+mod selftests;
 mod setup;
 mod vm;
 
@@ -310,6 +311,37 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         }
     }
 
+    // The kernel's own mm selftests, once per kernel in the first mode.
+    let mut selftest_reports = Vec::new();
+    if let Some(mode) = modes.first() {
+        for kernel in &kernels {
+            let started = std::time::Instant::now();
+            let image = vm::Image::build(&bin, kernel, vm::Mode::Selftests, None)?;
+            let timeout = selftests::TEST_TIMEOUT * selftests::TESTS.len() as u64 + 300;
+            let output = vm::boot(kernel, &image, vm::Boot::new(mode, timeout))?;
+            let log = cache_dir().join(format!("vm-selftests-{}-{mode}.log", kernel.name));
+            std::fs::write(&log, &output)?;
+            let (rows, mut results) = selftests::parse(&output);
+            results.push(vm::Accounting::parse(&output).check("events/balanced_per_cpu"));
+            for r in &results {
+                tally.add(r.passed);
+            }
+            let edges: Vec<String> = output
+                .lines()
+                .filter(|l| l.starts_with("MAPCOUNT-SELFTEST-"))
+                .map(|l| l.trim().to_owned())
+                .collect();
+            selftest_reports.push((kernel.name.clone(), mode.clone(), started.elapsed(), rows, edges));
+            cells.push(Cell {
+                kernel: kernel.name.clone(),
+                mode: format!("{mode}, mm selftests"),
+                elapsed: started.elapsed(),
+                results,
+                log,
+            });
+        }
+    }
+
     for cell in &cells {
         println!(
             "\nVM checks, kernel {} in {} mode ({:.1} s, console log {}):",
@@ -322,6 +354,15 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         for r in &cell.results {
             let verdict = if r.passed { "passed" } else { "FAILED" };
             println!("  {:<34} {:>8} {:>10} {:>14}  {verdict}", r.name, r.known, r.reported, r.accepted);
+        }
+    }
+    for (kernel, mode, elapsed, rows, edges) in &selftest_reports {
+        println!("\nmm selftests (Debian's 6.12 source) on kernel {kernel}, {mode} mode, {:.0} s:", elapsed.as_secs_f64());
+        for row in rows {
+            println!("  {row}");
+        }
+        for edge in edges {
+            println!("  {edge}");
         }
     }
     if !vm_only && let Some(kernel) = kernels.iter().find(|k| k.name == "6.12") {

@@ -26,6 +26,8 @@ pub enum Mode {
     /// The kernel-side budget: start-up, loop timings under each tracer,
     /// and the event rates the daemon takes without loss.
     Bench,
+    /// The kernel's mm selftests under mapcountd (`selftests.rs`).
+    Selftests,
 }
 
 /// `cargo xtask bench` in the guest. Every figure comes from this one boot.
@@ -158,6 +160,7 @@ extra=""
 # 64 MiB of ring buffer: the refcount scenario makes a million rmap calls
 # in seconds on 6.1, which has no batched rmap functions.
 [ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom --ringbuf.size=67108864"
+[ "$MODE" = selftests ] && extra="--ringbuf.size=67108864"
 # Overload: a ring buffer the storm overflows, a folio table it fills.
 [ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
 mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug $extra >/tmp/mapcountd.log 2>&1 &
@@ -228,6 +231,46 @@ if [ "$MODE" = test ]; then
     echo "MAPCOUNT-SIGINT exit=$? progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:')"
     sed 's/^/metrics: /' /tmp/final.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
+elif [ "$MODE" = selftests ]; then
+    echo 16 > /proc/sys/vm/nr_hugepages
+    # THP for every size the kernel offers, as a test host would run.
+    echo always > /sys/kernel/mm/transparent_hugepage/enabled
+    metric() {
+        wget -q -O - http://127.0.0.1:9730/metrics | grep "^$1" | awk '{s+=$2} END {printf "%d", s}'
+    }
+    # Until the daemon has taken what the last command did.
+    settle() {
+        last=$(metric mapcount_events_total)
+        for i in $(seq 1 60); do
+            sleep 0.5
+            now=$(metric mapcount_events_total)
+            [ $((now - last)) -lt 64 ] && break
+            last=$now
+        done
+    }
+    settle
+    echo "MAPCOUNT-SELFTEST-BEGIN anon_folios=$(metric 'mapcount_folios{kind="anon"')"
+    for t in $SELFTESTS; do
+        settle
+        d0=$(metric mapcount_mapcount_disagreements_total)
+        p0=$(metric mapcount_phantom_mappings_total)
+        start=$(cut -d. -f1 /proc/uptime)
+        (cd /selftests && timeout $SELFTEST_TIMEOUT ./$t >/tmp/selftest.log 2>&1)
+        rc=$?
+        end=$(cut -d. -f1 /proc/uptime)
+        settle
+        d1=$(metric mapcount_mapcount_disagreements_total)
+        p1=$(metric mapcount_phantom_mappings_total)
+        alive=0; kill -0 $daemon 2>/dev/null && alive=1
+        echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) seconds=$((end - start)) daemon_alive=$alive"
+        grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
+    done
+    echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
+    grep 'disagree' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
+    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
 elif [ "$MODE" = soak ]; then
     seconds=$(sed -n 's/.*mapcount\.soak=\([0-9]*\).*/\1/p' /proc/cmdline)
     mapcount-workload storm --seconds $seconds &
@@ -270,6 +313,7 @@ impl Image {
             Mode::Demo => "demo",
             Mode::Soak => "soak",
             Mode::Bench => "bench",
+            Mode::Selftests => "selftests",
         };
         let root = cache_dir().join(format!("initramfs-{}-{name}", kernel.name));
         let _ = fs::remove_dir_all(&root);
@@ -287,6 +331,19 @@ impl Image {
         let mut binaries = vec![bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool];
         if mode == Mode::Bench {
             binaries.push(which("bpftrace")?);
+        }
+        if mode == Mode::Selftests {
+            let tests = crate::selftests::build()?;
+            fs::create_dir_all(root.join("selftests"))?;
+            for test in crate::selftests::TESTS {
+                fs::copy(tests.join(test), root.join("selftests").join(test))?;
+                set_executable(&root.join("selftests").join(test))?;
+            }
+            let list = crate::selftests::TESTS.join(" ");
+            let script = format!("{PREAMBLE}{}", INIT.replace("$MODE", name))
+                .replace("$SELFTESTS", &list)
+                .replace("$SELFTEST_TIMEOUT", &crate::selftests::TEST_TIMEOUT.to_string());
+            fs::write(root.join("init"), script)?;
         }
         if let Some(prometheus) = prometheus {
             crate::prometheus::stage(&root)?;

@@ -1,0 +1,114 @@
+//! The kernel's own mm selftests, as workloads nobody here wrote: built
+//! from Debian's `linux-source-6.12` and run in the VM under mapcountd.
+//! Their own verdicts are theirs; what mapcount must show after each is
+//! 0 disagreements with the kernel's counters, 0 phantom mappings at
+//! teardown, and a daemon still alive.
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::Context as _;
+
+use crate::{cache_dir, kernels, run_cmd, vm::CheckResult};
+
+/// The tests run, in order, and what each exercises.
+pub const TESTS: &[&str] = &[
+    "cow",                  // COW of every THP/mTHP size, GUP pins, unshare, KSM
+    "ksm_functional_tests", // KSM merge, unmerge (unshare faults), fork
+    "split_huge_page_test", // THP split of anonymous, file and shmem folios
+    "khugepaged",           // collapse of PTE-mapped pages into THPs
+    "mremap_test",          // moving mappings of every size and alignment
+    "uffd-unit-tests",      // userfaultfd: missing, wp, minor, move
+    "hugetlb-madvise",      // hugetlb map, fault, madvise, unmap
+    "hugepage-mmap",
+    "map_hugetlb",
+];
+
+/// Seconds one test may run under TCG before the guest stops it.
+pub const TEST_TIMEOUT: u64 = 240;
+
+/// Builds the tests once (cached); returns the directory holding them.
+pub fn build() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("selftests-mm-6.12");
+    let bin = dir.join("bin");
+    if TESTS.iter().all(|t| bin.join(t).exists()) {
+        return Ok(bin);
+    }
+    fs::create_dir_all(&dir)?;
+    println!("selftests: downloading linux-source-6.12");
+    let deb = kernels::download_source("6.12", "linux-source-6.12", &dir)?;
+    let src = dir.join("linux-source-6.12");
+    if !src.join("Makefile").exists() {
+        println!("selftests: unpacking the kernel source");
+        let script = format!(
+            "cd '{}' && dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/src/linux-source-6.12.tar.xz | tar -xJ",
+            dir.display(),
+            deb.display()
+        );
+        run_cmd(Command::new("sh").args(["-c", &script]))?;
+    }
+    println!("selftests: building the mm tests");
+    run_cmd(Command::new("make").current_dir(&src).args(["-s", "-j2", "headers"]))?;
+    let mm = src.join("tools/testing/selftests/mm");
+    let mut make = Command::new("make");
+    // Debian's 6.12.117 khugepaged.c uses KSFT_SKIP without kselftest.h.
+    make.current_dir(&mm).arg("-s").arg("-j2").arg(format!("USERCFLAGS=-include {}/../kselftest.h", mm.display()));
+    for test in TESTS {
+        make.arg(mm.join(test));
+    }
+    run_cmd(&mut make)?;
+    fs::create_dir_all(&bin)?;
+    for test in TESTS {
+        fs::copy(mm.join(test), bin.join(test)).with_context(|| format!("copy selftest {test}"))?;
+    }
+    Ok(bin)
+}
+
+/// `MAPCOUNT-SELFTEST` lines: one row of the report and three checks per test.
+pub fn parse(console: &str) -> (Vec<String>, Vec<CheckResult>) {
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    let mut seen = 0;
+    for line in console.lines() {
+        let Some(rest) = line.strip_prefix("MAPCOUNT-SELFTEST ") else { continue };
+        seen += 1;
+        let field =
+            |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned();
+        let test = field("test=");
+        rows.push(format!(
+            "{:<22} exit {:>3}  ok {:>3}  not ok {:>3}  skip {:>3}  disagreements {:>4}  phantoms {:>4}  {:>4} s",
+            test,
+            field("exit="),
+            field("ok="),
+            field("not_ok="),
+            field("skip="),
+            field("disagreements="),
+            field("phantoms="),
+            field("seconds="),
+        ));
+        for (check, key) in [("disagreements", "disagreements="), ("phantom_mappings", "phantoms=")] {
+            let value = field(key);
+            results.push(CheckResult {
+                name: format!("selftest/{test}/{check}"),
+                known: "0".to_owned(),
+                reported: value.clone(),
+                accepted: "0..=0".to_owned(),
+                passed: value == "0",
+            });
+        }
+        let alive = field("daemon_alive=");
+        results.push(CheckResult {
+            name: format!("selftest/{test}/daemon_alive"),
+            known: "1".to_owned(),
+            reported: alive.clone(),
+            accepted: "1".to_owned(),
+            passed: alive == "1",
+        });
+    }
+    if seen != TESTS.len() {
+        results.push(CheckResult::failed(
+            "selftest/all_ran",
+            &format!("{seen} of {} tests reported", TESTS.len()),
+        ));
+    }
+    (rows, results)
+}
