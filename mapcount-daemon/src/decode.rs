@@ -1,8 +1,8 @@
 //! Ring-buffer records to typed events.
 
 use mapcount_common::{
-    Event, EventType, FolioKind, ForkEvent, Level, MoveEvent, RmapOp, SourceEvent, TeardownEvent, WriteFaultOutcome,
-    vma_class,
+    Event, EventType, FolioKind, ForkEvent, Level, MoveEvent, RmapOp, SourceEvent, TeardownEvent,
+    WriteFaultOutcome, vma_class,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

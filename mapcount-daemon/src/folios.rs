@@ -441,7 +441,12 @@ impl FolioTable {
         for (slot, state) in self.slots.iter().enumerate() {
             let Some(state) = state else { continue };
             for m in state.mappings.iter().filter(|m| m.total() > 0) {
-                self.by_mm.entry(m.mm).or_default().entry(m.base >> REGION_SHIFT).or_default().push(slot as Slot);
+                self.by_mm
+                    .entry(m.mm)
+                    .or_default()
+                    .entry(m.base >> REGION_SHIFT)
+                    .or_default()
+                    .push(slot as Slot);
             }
         }
         self.by_mm_len = 0;
@@ -555,7 +560,13 @@ impl FolioTable {
                 let slot = match existing {
                     Some(i) => Some(i),
                     None if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO => {
-                        state.mappings.push(Mapping { mm: call.mm, base: call.base, ptes: 0, pmds: 0, puds: 0 });
+                        state.mappings.push(Mapping {
+                            mm: call.mm,
+                            base: call.base,
+                            ptes: 0,
+                            pmds: 0,
+                            puds: 0,
+                        });
                         new_entry = true;
                         Some(state.mappings.len() - 1)
                     }
@@ -649,7 +660,9 @@ impl FolioTable {
                     pmds: if copy_huge { source.pmds } else { 0 },
                     puds: if copy_huge { source.puds } else { 0 },
                 };
-                if child.total() == 0 || state.mappings.iter().any(|m| m.mm == dst_mm && m.base == source.base) {
+                if child.total() == 0
+                    || state.mappings.iter().any(|m| m.mm == dst_mm && m.base == source.base)
+                {
                     continue;
                 }
                 if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {

@@ -216,7 +216,11 @@ pub const PROBES: &[ProbeSpec] = &[
     // and handed to do_wp_page (not counted here then).
     ProbeSpec {
         name: "write_fault_pmd",
-        candidates: &[entry!("do_huge_pmd_wp_page", "pmd_write_fault_entry_kprobe", "pmd_write_fault_entry_fentry")],
+        candidates: &[entry!(
+            "do_huge_pmd_wp_page",
+            "pmd_write_fault_entry_kprobe",
+            "pmd_write_fault_entry_fentry"
+        )],
         need: Need::Optional,
         feeds: "write faults on PMD-mapped THPs (order=\"9\" rows of mapcount_cow_faults_total)",
     },

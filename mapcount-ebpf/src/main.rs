@@ -25,9 +25,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
-    Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT, RmapOp,
-    SOURCE_NAME_LEN, SourceEvent, TeardownEvent, WriteFaultOutcome, counter, event_flags, fork_copy, shared_hint,
-    vm_flags, vma_class,
+    Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT,
+    RmapOp, SOURCE_NAME_LEN, SourceEvent, TeardownEvent, WriteFaultOutcome, counter, event_flags, fork_copy,
+    shared_hint, vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).

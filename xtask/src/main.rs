@@ -357,7 +357,10 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         }
     }
     for (kernel, mode, elapsed, rows, edges) in &selftest_reports {
-        println!("\nmm selftests (Debian's 6.12 source) on kernel {kernel}, {mode} mode, {:.0} s:", elapsed.as_secs_f64());
+        println!(
+            "\nmm selftests (Debian's 6.12 source) on kernel {kernel}, {mode} mode, {:.0} s:",
+            elapsed.as_secs_f64()
+        );
         for row in rows {
             println!("  {row}");
         }

@@ -51,7 +51,10 @@ pub fn build() -> anyhow::Result<PathBuf> {
     let mm = src.join("tools/testing/selftests/mm");
     let mut make = Command::new("make");
     // Debian's 6.12.117 khugepaged.c uses KSFT_SKIP without kselftest.h.
-    make.current_dir(&mm).arg("-s").arg("-j2").arg(format!("USERCFLAGS=-include {}/../kselftest.h", mm.display()));
+    make.current_dir(&mm)
+        .arg("-s")
+        .arg("-j2")
+        .arg(format!("USERCFLAGS=-include {}/../kselftest.h", mm.display()));
     for test in TESTS {
         make.arg(mm.join(test));
     }

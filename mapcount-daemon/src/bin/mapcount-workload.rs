@@ -892,7 +892,14 @@ mod scenarios {
         unsafe { libc::pwrite(fd, data.as_ptr().cast(), 2 * THP, 0) };
         let area = map_thp_aligned(2 * THP);
         let p = unsafe {
-            libc::mmap(area.cast(), 2 * THP, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0)
+            libc::mmap(
+                area.cast(),
+                2 * THP,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                fd,
+                0,
+            )
         };
         if p == libc::MAP_FAILED {
             return Err(format!("mmap: {}", std::io::Error::last_os_error()));
@@ -913,7 +920,11 @@ mod scenarios {
             let thp = rows.iter().filter(|r| r.kind == "shmem" && r.order == 9);
             let single = thp.clone().filter(|r| r.sharers == 1).count();
             checker.exact("j_file_pmd_fork/thp_with_1_sharer", 1, single as f64);
-            checker.exact("j_file_pmd_fork/thp_with_2_sharers", 0, thp.filter(|r| r.sharers == 2).count() as f64);
+            checker.exact(
+                "j_file_pmd_fork/thp_with_2_sharers",
+                0,
+                thp.filter(|r| r.sharers == 2).count() as f64,
+            );
             children.release();
             Ok(())
         };
