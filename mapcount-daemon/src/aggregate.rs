@@ -373,7 +373,22 @@ impl Aggregator {
         }
         let mut counts = [[Counts::default(); ORDERS]; KINDS];
         let mut worst: Option<(i32, usize)> = None;
+        // In the order of VMSTAT_COUNTERS.
+        let mut vmstat = [0i64; 5];
         for f in self.table.iter() {
+            let pages = f.pages_mapped() as i64;
+            match f.kind {
+                FolioKind::Anon | FolioKind::Ksm => vmstat[0] += pages,
+                FolioKind::File | FolioKind::Shmem | FolioKind::NoMapping => vmstat[1] += pages,
+            }
+            if f.pmd_mapped() {
+                match f.kind {
+                    FolioKind::Anon => vmstat[2] += 1,
+                    FolioKind::Shmem => vmstat[3] += 1,
+                    FolioKind::File => vmstat[4] += 1,
+                    _ => {}
+                }
+            }
             let c = &mut counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
             c.folios += 1;
             c.partial += i64::from(f.partially_mapped());
@@ -414,6 +429,9 @@ impl Aggregator {
         };
         m.headroom_vmas.set(vmas_left);
         m.table_entries.set(self.table.len() as i64);
+        for (counter, value) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat) {
+            m.table_vmstat.with_label_values(&[counter]).set(value);
+        }
     }
 
     /// Text for the debug view: the folios one process maps, by serial.

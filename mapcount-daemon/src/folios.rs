@@ -153,6 +153,22 @@ impl FolioState {
         most > 0 && most < self.pages()
     }
 
+    /// Pages of the folio mapped at all, as the kernel's statistics count
+    /// them: all of them under a PMD or PUD, else as many as the address
+    /// space that maps most of them maps (fork gives every sharer the same).
+    /// Mappings the table cannot place count nothing.
+    pub fn pages_mapped(&self) -> u64 {
+        if self.mappings.iter().any(|m| m.pmds > 0 || m.puds > 0) {
+            return self.pages();
+        }
+        self.mappings.iter().map(|m| u64::from(m.ptes)).max().unwrap_or(0).min(self.pages())
+    }
+
+    /// Mapped by a PMD somewhere.
+    pub fn pmd_mapped(&self) -> bool {
+        self.mappings.iter().any(|m| m.pmds > 0)
+    }
+
     /// Places mapping the folio (address space and address; one per VMA in
     /// practice): refcount grows per mapping, so per VMA.
     pub fn vmas(&self) -> usize {

@@ -18,7 +18,7 @@ use mapcount_daemon::{
     config::Config,
     http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
-    metrics::{Metrics, ReadAtScrape},
+    metrics::{Metrics, ReadAtScrape, VMSTAT_COUNTERS},
     privileges,
     probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus, Wakeup},
     record,
@@ -350,6 +350,13 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         &["observer", "hugetlb"],
         move || vec![for_scrape.sum(counter::OBSERVER_SKIPPED), for_scrape.sum(counter::HUGETLB_SKIPPED)],
     )))?;
+    metrics.registry.register(Box::new(ReadAtScrape::gauge(
+        "mapcount_kernel_vmstat",
+        "The kernel's own counters of mapped memory, from /proc/vmstat, in its units (pages; THPs for the *_transparent_hugepages and *_pmdmapped counters): compare with mapcount_table_vmstat.",
+        Some("counter"),
+        VMSTAT_COUNTERS,
+        read_vmstat,
+    )))?;
     let mut events = ingest::take_events(&mut ebpf)?;
 
     let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), args.folio_table_size)));
@@ -517,4 +524,18 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
         println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");
     }
     Ok(if core_missing == 0 && kprobes_possible { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter
+/// this kernel lacks.
+fn read_vmstat() -> Vec<u64> {
+    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    VMSTAT_COUNTERS
+        .iter()
+        .map(|counter| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(counter)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
 }

@@ -37,6 +37,7 @@ pub struct Metrics {
     pub phantoms: IntCounterVec,
     pub pmd_splits_inferred: IntCounter,
     pub moves: IntCounter,
+    pub table_vmstat: IntGaugeVec,
     pub table_entries: IntGauge,
     pub table_evictions: IntCounter,
     // Daemon health.
@@ -195,6 +196,11 @@ impl Metrics {
                 "mapcount_page_table_moves_total",
                 "Ranges of page-table entries moved without rmap calls (move_page_tables: mremap, exec's stack), followed by the table.",
             ))),
+            table_vmstat: gauge(
+                "mapcount_table_vmstat",
+                "What the folio table holds in the units of the kernel's vmstat counter of the same name (mapcount_kernel_vmstat): pages of anonymous and KSM folios mapped, pages of file, shmem and driver folios mapped, PMD-mapped anonymous, shmem and file THPs. The difference stays constant while processes that predate mapcountd keep their mappings.",
+                &["counter"],
+            ),
             table_entries,
             table_evictions: single(must(IntCounter::new(
                 "mapcount_folio_table_evictions_total",
@@ -247,7 +253,19 @@ pub struct ReadAtScrape<F> {
     desc: Desc,
     labels: &'static [&'static str],
     read: F,
+    /// A gauge (a level the kernel keeps) rather than a counter.
+    gauge: bool,
 }
+
+/// The kernel's own counters of mapped memory (`/proc/vmstat`) that the
+/// table's totals are checked against, in the order of their values.
+pub const VMSTAT_COUNTERS: &[&str] = &[
+    "nr_anon_pages",
+    "nr_mapped",
+    "nr_anon_transparent_hugepages",
+    "nr_shmem_pmdmapped",
+    "nr_file_pmdmapped",
+];
 
 impl<F> ReadAtScrape<F>
 where
@@ -265,7 +283,18 @@ where
         let variable_labels = label.map(|l| vec![l.to_owned()]).unwrap_or_default();
         let desc = Desc::new(name.to_owned(), help.to_owned(), variable_labels, Default::default())
             .expect("valid metric description");
-        Self { desc, labels, read }
+        Self { desc, labels, read, gauge: false }
+    }
+
+    /// The same for a gauge.
+    pub fn gauge(
+        name: &str,
+        help: &str,
+        label: Option<&str>,
+        labels: &'static [&'static str],
+        read: F,
+    ) -> Self {
+        Self { gauge: true, ..Self::new(name, help, label, labels, read) }
     }
 }
 
@@ -280,6 +309,14 @@ where
     fn collect(&self) -> Vec<MetricFamily> {
         let opts = Opts::new(self.desc.fq_name.clone(), self.desc.help.clone());
         let values = (self.read)();
+        if self.gauge {
+            let label = self.desc.variable_labels.first().map_or("counter", String::as_str);
+            let gauge = IntGaugeVec::new(opts, &[label]).expect("valid metric");
+            for (value_label, value) in self.labels.iter().zip(values) {
+                gauge.with_label_values(&[*value_label]).set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+            return gauge.collect();
+        }
         match self.desc.variable_labels.first() {
             Some(label) => {
                 let counter = IntCounterVec::new(opts, &[label.as_str()]).expect("valid metric");

@@ -107,6 +107,22 @@ pub fn parse(console: &str) -> (Vec<String>, Vec<CheckResult>) {
             passed: alive == "1",
         });
     }
+    let redis = console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-REDIS "));
+    match redis {
+        Some(rest) => {
+            let field = |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-");
+            let copies: u64 = field("copies=").parse().unwrap_or(0);
+            let copied_mib = copies as f64 * 4096.0 / (1 << 20) as f64;
+            rows.push(format!(
+                "redis BGSAVE under writes: Redis's copy-on-write {} MB, mapcount's copies {copies} ({copied_mib:.1} MiB), save {}",
+                field("redis_cow_mb="),
+                field("status=")
+            ));
+            results.push(redis_check(field("redis_cow_mb=").parse().ok(), copied_mib));
+        }
+        None => results.push(CheckResult::failed("redis/cow_agrees", "no MAPCOUNT-REDIS line")),
+    }
+    results.extend(drift_checks(console, &mut rows));
     if seen != TESTS.len() {
         results.push(CheckResult::failed(
             "selftest/all_ran",
@@ -114,4 +130,74 @@ pub fn parse(console: &str) -> (Vec<String>, Vec<CheckResult>) {
         ));
     }
     (rows, results)
+}
+
+/// Redis reports its fork child's `Private_Dirty` in whole MB (rounded
+/// down) as the copy-on-write it caused: every page the parent copied
+/// while the child lived, plus pages the child itself allocated or wrote
+/// (its own output buffers), which are not copies. So mapcount's copies
+/// may fall short of Redis's figure by what the child allocated, never
+/// exceed it by more than the rounding.
+const REDIS_CHILD_OWN_MIB: f64 = 8.0;
+
+fn redis_check(redis_mb: Option<f64>, copied_mib: f64) -> CheckResult {
+    let (known, passed, accepted) = match redis_mb {
+        Some(mb) => {
+            let low = (mb - REDIS_CHILD_OWN_MIB).max(0.0);
+            (mb.to_string(), copied_mib >= low && copied_mib < mb + 1.0, format!("{low}..{}", mb + 1.0))
+        }
+        None => ("none".to_owned(), false, "-".to_owned()),
+    };
+    CheckResult {
+        name: "redis/cow_mib_agrees".to_owned(),
+        known,
+        reported: format!("{copied_mib:.1}"),
+        accepted,
+        passed: passed && copied_mib > 0.0,
+    }
+}
+
+/// How far the table's totals may move against the kernel's between the
+/// start and the end of the selftests, in each counter's units. The
+/// difference is what processes older than mapcountd map (the guest's
+/// shell); the shell's commands map its busybox pages once more while a
+/// scrape runs, which the kernel counts once.
+fn drift_bound(counter: &str) -> i64 {
+    if counter.ends_with("pages") || counter == "nr_mapped" { 512 } else { 2 }
+}
+
+/// `MAPCOUNT-DRIFT phase=begin|end counter=C kernel=K table=T` lines.
+fn drift_checks(console: &str, rows: &mut Vec<String>) -> Vec<CheckResult> {
+    let mut at = std::collections::BTreeMap::<String, [Option<i64>; 2]>::new();
+    for line in console.lines() {
+        let Some(rest) = line.strip_prefix("MAPCOUNT-DRIFT ") else { continue };
+        let field = |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("");
+        let (Ok(kernel), Ok(table)) = (field("kernel=").parse::<i64>(), field("table=").parse::<i64>())
+        else {
+            continue;
+        };
+        let phase = usize::from(field("phase=") == "end");
+        at.entry(field("counter=").to_owned()).or_default()[phase] = Some(kernel - table);
+    }
+    let mut results = Vec::new();
+    for (counter, [begin, end]) in at {
+        let (Some(begin), Some(end)) = (begin, end) else {
+            results.push(CheckResult::failed(&format!("drift/{counter}"), "begin or end missing"));
+            continue;
+        };
+        let moved = end - begin;
+        let bound = drift_bound(&counter);
+        rows.push(format!("{counter:<32} kernel - table: {begin} before, {end} after"));
+        results.push(CheckResult {
+            name: format!("drift/{counter}"),
+            known: "0".to_owned(),
+            reported: moved.to_string(),
+            accepted: format!("-{bound}..={bound}"),
+            passed: moved.abs() <= bound,
+        });
+    }
+    if results.is_empty() {
+        results.push(CheckResult::failed("drift/vmstat", "no MAPCOUNT-DRIFT lines"));
+    }
+    results
 }

@@ -13,7 +13,8 @@ use crate::run_cmd;
 /// openssl, curl and setpriv for the TLS and privilege tests, dpkg-dev
 /// (dpkg-shlibdeps) for the package's dependencies, debootstrap for the
 /// install test's root file system, bpftrace for the kernel-side
-/// comparison in `cargo xtask bench`.
+/// comparison in `cargo xtask bench`, make for the kernel's mm selftests,
+/// Redis as a real application forking under load.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -31,6 +32,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "dpkg-dev",
     "debootstrap",
     "bpftrace",
+    "make",
+    "redis-server",
+    "redis-tools",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

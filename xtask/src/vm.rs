@@ -248,7 +248,18 @@ elif [ "$MODE" = selftests ]; then
             last=$now
         done
     }
+    # The kernel's counters against the table's: the difference is what
+    # processes older than mapcountd map, and must not move.
+    drift() {
+        wget -q -O /tmp/drift.prom http://127.0.0.1:9730/metrics
+        for c in nr_anon_pages nr_mapped nr_anon_transparent_hugepages nr_shmem_pmdmapped nr_file_pmdmapped; do
+            k=$(grep "^mapcount_kernel_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            t=$(grep "^mapcount_table_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            echo "MAPCOUNT-DRIFT phase=$1 counter=$c kernel=$k table=$t"
+        done
+    }
     settle
+    drift begin
     echo "MAPCOUNT-SELFTEST-BEGIN anon_folios=$(metric 'mapcount_folios{kind="anon"')"
     for t in $SELFTESTS; do
         settle
@@ -266,6 +277,35 @@ elif [ "$MODE" = selftests ]; then
         grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
     done
     echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
+    # A real application: Redis forks a child for BGSAVE while a client
+    # writes. Redis reports the child's copy-on-write size (its smaps
+    # Private_Dirty); mapcount counts the copies made meanwhile.
+    echo never > /sys/kernel/mm/transparent_hugepage/enabled
+    mkdir -p /tmp/redis
+    redis-server --port 6379 --dir /tmp/redis --save '' --appendonly no --rdbcompression no \
+        --logfile /tmp/redis.log >/dev/null 2>&1 &
+    redis=$!
+    for i in $(seq 1 150); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
+    redis-cli DEBUG POPULATE 200000 key 512 >/dev/null
+    settle
+    copies_before=$(metric 'mapcount_cow_faults_total{.*outcome="copy"')
+    redis-cli BGSAVE >/dev/null
+    redis-benchmark -q -t set -n 100000000 -r 200000 -d 512 -P 8 >/dev/null 2>&1 &
+    writer=$!
+    for i in $(seq 1 1200); do
+        redis-cli INFO persistence | grep -q 'rdb_bgsave_in_progress:0' && break
+        sleep 0.5
+    done
+    kill $writer; wait $writer 2>/dev/null
+    settle
+    copies_after=$(metric 'mapcount_cow_faults_total{.*outcome="copy"')
+    redis_mb=$(sed -n 's/.*RDB: \([0-9]*\) MB of memory used by copy-on-write.*/\1/p' /tmp/redis.log | tail -1)
+    echo "MAPCOUNT-REDIS copies=$((copies_after - copies_before)) redis_cow_mb=${redis_mb:-none} status=$(redis-cli INFO persistence | sed -n 's/^rdb_last_bgsave_status:\([a-z]*\).*/\1/p')"
+    grep -iE 'copy-on-write|CoW|Background saving' /tmp/redis.log | sed 's/^/redis: /'
+    redis-cli SHUTDOWN NOSAVE >/dev/null 2>&1
+    wait $redis 2>/dev/null
+    settle
+    drift end
     grep 'disagree' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
     kill -TERM $daemon
     wait $daemon
@@ -331,6 +371,11 @@ impl Image {
         let mut binaries = vec![bin_dir.join("mapcountd"), bin_dir.join("mapcount-workload"), bpftool];
         if mode == Mode::Bench {
             binaries.push(which("bpftrace")?);
+        }
+        if mode == Mode::Selftests {
+            for program in ["redis-server", "redis-cli", "redis-benchmark"] {
+                binaries.push(which(program)?);
+            }
         }
         if mode == Mode::Selftests {
             let tests = crate::selftests::build()?;
