@@ -367,8 +367,9 @@ pub struct KernelLayout {
     pub vma_ops: u32,
     /// `struct vm_fault` → `flags` (`enum fault_flag`).
     pub vmf_flags: u32,
-    /// The value of `FAULT_FLAG_UNSHARE` (not an offset).
+    /// The values of `FAULT_FLAG_UNSHARE` and `FAULT_FLAG_WRITE` (not offsets).
     pub fault_flag_unshare: u32,
+    pub fault_flag_write: u32,
     /// `struct pagetable_move_control` (6.15+: `move_page_tables` takes
     /// one): `old`, `old_addr`, `new_addr`, `len_in`. Absent before, where
     /// the function takes (vma, old_addr, new_vma, new_addr, len).
@@ -415,6 +416,7 @@ impl KernelLayout {
         vma_ops: OFFSET_ABSENT,
         vmf_flags: OFFSET_ABSENT,
         fault_flag_unshare: OFFSET_ABSENT,
+        fault_flag_write: OFFSET_ABSENT,
         pmc_old: OFFSET_ABSENT,
         pmc_old_addr: OFFSET_ABSENT,
         pmc_new_addr: OFFSET_ABSENT,
@@ -461,7 +463,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 39 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 40 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.

@@ -45,7 +45,13 @@ fn permission_hint(error: &aya::EbpfError) -> &'static str {
 }
 
 /// Loads the embedded object with this kernel's layout. Nothing is attached yet.
-pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32, wakeup: Wakeup) -> Result<Ebpf, IngestError> {
+/// `whole_fault_windows`: see `probes::whole_fault_windows`.
+pub fn load(
+    layout: &KernelLayout,
+    ring_buffer_bytes: u32,
+    wakeup: Wakeup,
+    whole_fault_windows: bool,
+) -> Result<Ebpf, IngestError> {
     // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
     let wakeup_bytes: u64 = match wakeup {
         Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
@@ -57,6 +63,7 @@ pub fn load(layout: &KernelLayout, ring_buffer_bytes: u32, wakeup: Wakeup) -> Re
         .override_global("LAYOUT", layout, true)
         .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
         .override_global("OBSERVER_TGID", &observer_tgid, true)
+        .override_global("WHOLE_FAULT_WINDOWS", &u32::from(whole_fault_windows), true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(crate::EBPF_OBJECT)
         .map_err(IngestError::Load)

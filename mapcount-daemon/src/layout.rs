@@ -425,6 +425,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     layout.pg_head_bit = enum_value(btf, "pageflags", "PG_head")?;
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
     layout.pg_swapcache_bit = enum_value(btf, "pageflags", "PG_swapcache")?;
+    // Write faults over the whole handle_mm_fault call need it (do_wp_page inlined).
+    if let Ok(write) = enum_value(btf, "fault_flag", "FAULT_FLAG_WRITE") {
+        layout.fault_flag_write = write;
+    }
     // Since 5.18; its absence only merges unshare faults into the writes.
     if let Ok(unshare) = enum_value(btf, "fault_flag", "FAULT_FLAG_UNSHARE") {
         layout.fault_flag_unshare = unshare;

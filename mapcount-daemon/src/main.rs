@@ -279,9 +279,15 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
         tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
     }
 
-    let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes, args.wakeup)?;
-    let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
+    let whole_fault_windows = probes::whole_fault_windows(&symbols);
+    if whole_fault_windows {
+        tracing::info!(
+            "do_wp_page is not out of line in this kernel: write faults are classified over handle_mm_fault"
+        );
+    }
+    let mut ebpf = ingest::load(&resolved.layout, args.ring_buffer_bytes, args.wakeup, whole_fault_windows)?;
+    let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     // aya's own BTF parse, for fentry targets; without it every probe uses kprobes.
     let aya_btf = match aya::Btf::from_sys_fs() {
         Ok(btf) => Some(btf),
@@ -510,6 +516,18 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
         let feeds = if found.is_none() { spec.feeds } else { "" };
         println!("{:<22} {:<30} {:<8} {:<8} {feeds}", spec.name, function, mode, need);
     }
+    let whole_fault = match &symbols {
+        Some(symbols) => probes::whole_fault_windows(symbols),
+        None => !layout::has_function(&btf, "do_wp_page"),
+    };
+    println!(
+        "\nwrite faults: {}",
+        if whole_fault {
+            "do_wp_page is inlined: classified over handle_mm_fault (a COW is a cleared present PTE and a new anonymous folio)"
+        } else {
+            "classified inside do_wp_page"
+        }
+    );
     println!(
         "\nmode: fentry where BTF describes the function and ftrace can trace it{}; else kprobe",
         if traceable.is_none() { " (tracefs not readable: assumed)" } else { "" }
@@ -518,7 +536,7 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
         println!("this kernel has no kprobe PMU (CONFIG_KPROBES=n): kprobes cannot attach");
     }
     if load {
-        let mut ebpf = ingest::load(&resolved.layout, 1 << 16, Wakeup::Batch)?;
+        let mut ebpf = ingest::load(&resolved.layout, 1 << 16, Wakeup::Batch, false)?;
         let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
         let loaded = probes::load_kprobes(&mut ebpf)?;
         println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");

@@ -172,13 +172,21 @@ pub const PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         name: "write_fault",
-        candidates: &[entry!("do_wp_page", "write_fault_entry_kprobe", "write_fault_entry_fentry")],
+        // Where do_wp_page is inlined into its caller (small kernel builds),
+        // the window spans handle_mm_fault, which cannot disappear.
+        candidates: &[
+            entry!("do_wp_page", "write_fault_entry_kprobe", "write_fault_entry_fentry"),
+            entry!("handle_mm_fault", "fault_window_entry_kprobe", "fault_window_entry_fentry"),
+        ],
         need: Need::Core,
         feeds: COW,
     },
     ProbeSpec {
         name: "write_fault_return",
-        candidates: &[ret!("do_wp_page", "write_fault_return_kretprobe", "write_fault_return_fexit")],
+        candidates: &[
+            ret!("do_wp_page", "write_fault_return_kretprobe", "write_fault_return_fexit"),
+            ret!("handle_mm_fault", "fault_window_return_kretprobe", "fault_window_return_fexit"),
+        ],
         need: Need::Core,
         feeds: COW,
     },
@@ -214,6 +222,12 @@ pub const PROBES: &[ProbeSpec] = &[
     // arguments from entry).
     // Write faults on PMD-mapped anonymous THPs: reused in place, or split
     // and handed to do_wp_page (not counted here then).
+    ProbeSpec {
+        name: "write_fault_clear_flush",
+        candidates: &[entry!("ptep_clear_flush", "clear_flush_marker", "clear_flush_marker_fentry")],
+        need: Need::Optional,
+        feeds: "outcome=\"copy\" where do_wp_page is inlined (copies are then not told from first touches)",
+    },
     ProbeSpec {
         name: "write_fault_pmd",
         candidates: &[entry!(
@@ -261,6 +275,12 @@ pub const PROBES: &[ProbeSpec] = &[
         feeds: "mapcount_phantom_mappings_total{found=\"teardown\"}",
     },
 ];
+
+/// Whether write faults are classified over the whole `handle_mm_fault`
+/// call: the kernel has no `do_wp_page` out of line.
+pub fn whole_fault_windows(symbols: &KernelSymbols) -> bool {
+    symbols.find("do_wp_page").is_none() && symbols.find("handle_mm_fault").is_some()
+}
 
 /// Function names the kernel has out of line, from `/proc/kallsyms`.
 pub struct KernelSymbols {

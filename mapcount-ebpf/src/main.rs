@@ -40,6 +40,13 @@ static LAYOUT: KernelLayout = KernelLayout::ABSENT;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 0;
 
+/// Set by the daemon: 1 when the kernel has no `do_wp_page` of its own
+/// (inlined into its caller) and write faults are classified over the
+/// whole `handle_mm_fault` call instead (see `fault_window_entry`). The
+/// rmap handlers then also note removes and adds inside the window.
+#[unsafe(no_mangle)]
+static WHOLE_FAULT_WINDOWS: u32 = 0;
+
 /// Set by the daemon: its own thread group id. Its address space is left
 /// out (its ring buffer alone is thousands of driver-page mappings, and its
 /// heap and stacks come and go with every scrape).
@@ -99,7 +106,21 @@ struct WriteFaultWindow {
     unshare: u8,
     /// PFNMAP or MIXEDMAP: a NULL `vmf->page` is a raw pfn, not the zero page.
     raw_pfn_vma: u8,
-    _pad: [u8; 3],
+    /// Opened at `handle_mm_fault` (WHOLE_FAULT_WINDOWS), not `do_wp_page`.
+    whole_fault: u8,
+    /// Seen inside a whole-fault window: a present PTE cleared and flushed
+    /// (only a COW replaces a present PTE), an rmap remove (of the old
+    /// folio), an rmap add of an existing folio (a first touch of a file
+    /// page, not a write-protect fault).
+    saw_clear_flush: u8,
+    saw_remove: u8,
+    saw_map: u8,
+    /// The fault was counted at PMD level already.
+    counted: u8,
+    _pad: [u8; 6],
+    /// The folio the fault was about, where a whole-fault window saw it
+    /// (the removed old folio of a copy, the moved one of a reuse).
+    folio: u64,
 }
 
 /// Keyed by thread id (the low half of `bpf_get_current_pid_tgid`). A
@@ -535,6 +556,7 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     if left_out(&facts) {
         return;
     }
+    note_in_fault_window(op, folio);
     let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
@@ -556,6 +578,7 @@ fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     let folio = folio_of_page(page, &mut snapshot);
+    note_in_fault_window(op, folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
     submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
@@ -812,9 +835,28 @@ fn write_fault_entry(vmf: u64) {
         saw_reuse: 0,
         unshare: (unshare_flag != OFFSET_ABSENT && fault_flags & unshare_flag != 0) as u8,
         raw_pfn_vma: (flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
-        _pad: [0; 3],
+        whole_fault: 0,
+        saw_clear_flush: 0,
+        saw_remove: 0,
+        saw_map: 0,
+        counted: 0,
+        _pad: [0; 6],
+        folio: 0,
     };
+    store_window(window);
+}
+
+#[inline(always)]
+fn store_window(window: WriteFaultWindow) {
     let tid = thread_id();
+    // Inside a whole-fault window, a PMD write fault (do_huge_pmd_wp_page)
+    // is part of it: keep the window.
+    if let Some(open) = open_write_fault(tid)
+        && unsafe { (*open).whole_fault } != 0
+        && window.whole_fault == 0
+    {
+        return;
+    }
     match WRITE_FAULTS.get_ptr_mut(tid) {
         Some(slot) => unsafe { *slot = window },
         None => {
@@ -920,9 +962,17 @@ fn pmd_write_fault_return(ret: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(slot) = open_write_fault(pid_tgid as u32) else { return };
     let window = unsafe { *slot };
-    unsafe { (*slot).start_ns = 0 }; // closed
     if ret & VM_FAULT_FALLBACK != 0 {
-        return; // the PTE-level fault that follows is the one to count
+        // The PTE-level fault that follows is the one to count.
+        if window.whole_fault == 0 {
+            unsafe { (*slot).start_ns = 0 }; // closed
+        }
+        return;
+    }
+    if window.whole_fault != 0 {
+        unsafe { (*slot).counted = 1 }; // handle_mm_fault closes it
+    } else {
+        unsafe { (*slot).start_ns = 0 }; // closed
     }
     let outcome = if window.unshare != 0 {
         WriteFaultOutcome::Unshare
@@ -967,6 +1017,162 @@ pub fn pmd_write_fault_return_fexit(ctx: FExitContext) -> u32 {
     pmd_write_fault_return(ctx.ret::<u32>().unwrap_or(0) as u64);
     0
 }
+
+// ---- write faults where do_wp_page is inlined ------------------------------
+//
+// A kernel built with a small configuration may inline do_wp_page into its
+// caller. The window then spans handle_mm_fault(vma, address, flags, regs)
+// for write and unshare faults, and what happens inside tells the outcome:
+// only a COW clears and flushes a present PTE (ptep_clear_flush) before
+// mapping a new anonymous folio; with an rmap remove of the old folio it
+// is a copy, without one the old page was the zero page (no rmap). A new
+// anonymous folio without a flush, or an add of an existing folio, is a
+// first touch, not a write-protect fault, and is not counted. Reuse is seen
+// by the same markers as in do_wp_page.
+
+#[inline(always)]
+fn whole_fault_windows() -> bool {
+    let value = unsafe { core::ptr::read_volatile(&raw const WHOLE_FAULT_WINDOWS) };
+    value != 0
+}
+
+#[inline(always)]
+fn fault_window_entry(vma: u64, fault_flags: u64) {
+    let write = layout!(fault_flag_write);
+    let unshare = layout!(fault_flag_unshare);
+    let unshare_bit = if unshare == OFFSET_ABSENT { 0 } else { unshare as u64 };
+    if write == OFFSET_ABSENT || fault_flags & (write as u64 | unshare_bit) == 0 {
+        return;
+    }
+    let facts = vma_facts(vma);
+    if is_observer(facts.mm) {
+        count(counter::OBSERVER_SKIPPED);
+        return;
+    }
+    store_window(WriteFaultWindow {
+        start_ns: now(),
+        vmf: 0,
+        mm: facts.mm,
+        vma_shared: (facts.flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
+        saw_new_anon: 0,
+        saw_reuse: 0,
+        unshare: (fault_flags & unshare_bit != 0) as u8,
+        raw_pfn_vma: (facts.flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
+        whole_fault: 1,
+        saw_clear_flush: 0,
+        saw_remove: 0,
+        saw_map: 0,
+        counted: 0,
+        _pad: [0; 6],
+        folio: 0,
+    });
+}
+
+/// Inside a whole-fault window: an rmap call of this thread.
+#[inline(always)]
+fn note_in_fault_window(op: RmapOp, folio: u64) {
+    if !whole_fault_windows() {
+        return;
+    }
+    if let Some(window) = open_write_fault(thread_id()) {
+        unsafe {
+            match op {
+                RmapOp::Remove => {
+                    (*window).saw_remove = 1;
+                    (*window).folio = folio;
+                }
+                RmapOp::Add => (*window).saw_map = 1,
+                RmapOp::AddNew => {}
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn fault_window_return(ret: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(slot) = open_write_fault(pid_tgid as u32) else { return };
+    let window = unsafe { *slot };
+    unsafe { (*slot).start_ns = 0 }; // closed
+    if window.whole_fault == 0 || window.counted != 0 {
+        return;
+    }
+    let copied = window.saw_new_anon != 0 && window.saw_clear_flush != 0;
+    let outcome = if ret & VM_FAULT_NOT_DONE != 0 {
+        if !copied && window.saw_reuse == 0 {
+            return; // nothing says a write-protect fault was under way
+        }
+        WriteFaultOutcome::Other
+    } else if window.unshare != 0 {
+        WriteFaultOutcome::Unshare
+    } else if window.vma_shared != 0 {
+        if window.saw_map != 0 || window.saw_new_anon != 0 {
+            return; // a first touch
+        }
+        WriteFaultOutcome::Shared
+    } else if window.saw_new_anon != 0 {
+        if !copied {
+            return; // a first touch: nothing present was replaced
+        }
+        if window.saw_remove != 0 || window.raw_pfn_vma != 0 {
+            WriteFaultOutcome::Copy
+        } else {
+            WriteFaultOutcome::CopyZeroPage
+        }
+    } else if window.saw_reuse != 0 {
+        WriteFaultOutcome::Reuse
+    } else if window.saw_map != 0 {
+        return; // a first touch of a file page
+    } else {
+        WriteFaultOutcome::Other
+    };
+    let Some(entry) = reserve::<Event>() else { return };
+    let returned_ns = now();
+    let mut event = if window.folio != 0 {
+        let mut snapshot = Snapshot::EMPTY;
+        snapshot.take(window.folio);
+        folio_event(returned_ns, window.folio, &snapshot)
+    } else {
+        Event { cpu: this_cpu(), timestamp_ns: returned_ns, ..Event::ZERO }
+    };
+    event.event_type = EventType::WriteFault as u8;
+    event.outcome = outcome as u8;
+    event.mm = window.mm;
+    event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
+    event.tgid = (pid_tgid >> 32) as u32;
+    entry.submit(event);
+}
+
+// handle_mm_fault(vma, address, flags, regs)
+entry_probe!(fault_window_entry_kprobe, fault_window_entry_fentry, |a| fault_window_entry(
+    a.raw(0),
+    a.raw(2)
+));
+
+#[kretprobe]
+pub fn fault_window_return_kretprobe(ctx: RetProbeContext) -> u32 {
+    fault_window_return(ctx.ret::<u32>() as u64);
+    0
+}
+
+#[fexit]
+pub fn fault_window_return_fexit(ctx: FExitContext) -> u32 {
+    fault_window_return(ctx.ret::<u32>().unwrap_or(0) as u64);
+    0
+}
+
+/// ptep_clear_flush(): a present PTE replaced (inside a window: a COW).
+#[inline(always)]
+fn mark_clear_flush() {
+    if let Some(window) = open_write_fault(thread_id()) {
+        unsafe { (*window).saw_clear_flush = 1 };
+    }
+}
+
+entry_probe!(clear_flush_marker, clear_flush_marker_fentry, |a| {
+    let _ = a;
+    mark_clear_flush()
+});
 
 // ---- fork ----------------------------------------------------------------
 
