@@ -257,6 +257,9 @@ impl Aggregator {
                         "daemon and kernel disagree on a folio's mapcount"
                     );
                 }
+                if applied.preexisting_corrected {
+                    m.preexisting_corrections.with_label_values(&[kind_label(kind)]).inc();
+                }
                 if applied.phantoms > 0 {
                     m.phantoms.with_label_values(&[kind_label(kind), "selfcheck"]).inc_by(applied.phantoms);
                 }

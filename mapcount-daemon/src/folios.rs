@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, hash::BuildHasher as _};
 
 use hashbrown::HashTable;
 use mapcount_common::{FolioKind, Level, RmapOp};
-use rustc_hash::{FxBuildHasher, FxHashMap as HashMap};
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 use smallvec::SmallVec;
 
 /// Consecutive events of a folio whose counts must differ from the
@@ -83,6 +83,12 @@ pub struct FolioState {
     pub ever_partially_mapped: bool,
     /// Consecutive events at which the kernel's count differed (see `apply`).
     differing_events: u8,
+    /// The daemon saw every mapping of the folio being made (it was new,
+    /// or first mapped after the daemon started). Only such a folio's
+    /// differences from the kernel are disagreements; the others hold
+    /// mappings made before the daemon started, which fork duplicates
+    /// without the daemon knowing whose they are.
+    complete: bool,
 }
 
 /// Counts kept narrower than the kernel's: saturate instead of wrapping.
@@ -107,6 +113,7 @@ impl FolioState {
             shared_hint: 0,
             ever_partially_mapped: false,
             differing_events: 0,
+            complete: false,
         }
     }
 
@@ -251,6 +258,9 @@ pub struct Applied {
     /// The daemon's own count disagreed with the kernel's before this
     /// event: (own, kernel).
     pub disagreement: Option<(u64, u64)>,
+    /// The same for a folio mapped before the daemon saw it: the kernel's
+    /// count was adopted, and this is expected, not a fault of the table.
+    pub preexisting_corrected: bool,
     /// Mappings the daemon held that the kernel had not (found by that
     /// disagreement), dropped.
     pub phantoms: u64,
@@ -339,6 +349,9 @@ pub struct FolioTable {
     next_serial: u64,
     /// Address space → the tgid seen using it, for the debug view.
     mm_tgid: HashMap<u64, u32>,
+    /// Children whose fork is under way: the table copied their parent's
+    /// mappings, and their own task has not run yet.
+    forking: HashSet<u64>,
 }
 
 fn hash(folio: u64) -> u64 {
@@ -357,6 +370,7 @@ impl FolioTable {
             capacity: capacity.clamp(1, Slot::MAX as usize),
             next_serial: 1,
             mm_tgid: HashMap::default(),
+            forking: HashSet::default(),
         }
     }
 
@@ -500,7 +514,9 @@ impl FolioTable {
 
     pub fn apply(&mut self, call: &RmapCall) -> Applied {
         let mut applied = Applied::default();
-        if call.op == RmapOp::AddNew && !call.own_mm && call.order == 0 {
+        if call.own_mm {
+            self.forking.remove(&call.mm);
+        } else if call.op == RmapOp::AddNew && call.order == 0 && self.forking.contains(&call.mm) {
             applied.phantoms += self.replace_fork_copy(call);
         }
         let found = self.find(call.folio);
@@ -513,6 +529,7 @@ impl FolioTable {
             let serial = self.next_serial;
             self.next_serial += 1;
             let mut state = FolioState::new(call.folio, serial, call.kind, call.order);
+            state.complete = call.op == RmapOp::AddNew || call.kernel_mapcount == Some(0);
             if call.op != RmapOp::AddNew {
                 let unknown = call.kernel_mapcount.unwrap_or(match call.op {
                     RmapOp::Remove => mappings_of(call),
@@ -548,7 +565,11 @@ impl FolioTable {
             } else {
                 state.differing_events += 1;
                 if state.differing_events >= CONFIRM_AFTER {
-                    applied.disagreement = Some((own, kernel));
+                    if state.complete {
+                        applied.disagreement = Some((own, kernel));
+                    } else {
+                        applied.preexisting_corrected = true;
+                    }
                     state.differing_events = 0;
                     // Adopt the kernel's count: mappings the daemon cannot
                     // place become unknown, mappings the kernel lacks go.
@@ -628,30 +649,44 @@ impl FolioTable {
         applied
     }
 
-    /// A fresh small folio mapped into an address space by another task:
-    /// fork found the parent's page pinned (`folio_try_dup_anon_rmap_*`
-    /// returns -EBUSY) and gave the child a copy (`copy_present_page`)
-    /// instead of a second mapping of the original. The table copied the
-    /// original when the VMA's fork began: that mapping is a phantom.
-    /// (khugepaged's collapses map large folios, and userfaultfd fills
-    /// empty addresses: neither has anything at the address.)
+    /// A fresh small folio mapped into a child's address space by the
+    /// forking task: fork found the parent's page pinned
+    /// (`folio_try_dup_anon_rmap_*` returns -EBUSY) and gave the child a
+    /// copy (`copy_present_page`) instead of a mapping of the original; a
+    /// pinned THP is split first and each page copied. The table copied the
+    /// original when the VMA's fork began: that page of it is a phantom.
     fn replace_fork_copy(&mut self, call: &RmapCall) -> u64 {
-        let mut dropped = 0;
-        for slot in self.slots_in(call.mm, call.base, call.base + 1) {
+        const PAGE: u64 = 4096;
+        let address = call.base;
+        let start = address.saturating_sub(u64::from(PMD_PAGES) * PAGE - PAGE);
+        for slot in self.slots_in(call.mm, start, address + 1) {
             let state = self.state(slot);
-            if state.folio == call.folio || state.order != 0 {
+            if state.folio == call.folio {
                 continue;
             }
-            for m in state.mappings.iter_mut().filter(|m| m.mm == call.mm && m.base == call.base) {
-                dropped += m.total();
-                *m = Mapping { ptes: 0, pmds: 0, puds: 0, ..*m };
+            let size = state.pages() * PAGE;
+            let Some(m) = state
+                .mappings
+                .iter_mut()
+                .find(|m| m.mm == call.mm && m.base <= address && address < m.base + size && m.total() > 0)
+            else {
+                continue;
+            };
+            if m.ptes == 0 && m.pmds > 0 {
+                m.pmds -= 1; // split before the pages were copied
+                m.ptes += PMD_PAGES;
             }
+            if m.ptes == 0 {
+                continue;
+            }
+            m.ptes -= 1;
             state.mappings.retain(|m| m.total() > 0);
             if state.mapcount() == 0 {
                 self.remove(slot);
             }
+            return 1;
         }
-        dropped
+        0
     }
 
     /// Fork copied the VMA at `[start, end)` of `src_mm` into `dst_mm`: the
@@ -659,6 +694,7 @@ impl FolioTable {
     /// well as PTEs) now exist in the child too. Returns how many folios
     /// gained a sharer.
     pub fn fork(&mut self, src_mm: u64, dst_mm: u64, start: u64, end: u64, copy_huge: bool) -> usize {
+        self.forking.insert(dst_mm);
         let candidates = self.slots_in(src_mm, start, end);
         let mut copied = Vec::new();
         for slot in candidates {
@@ -745,6 +781,7 @@ impl FolioTable {
     pub fn teardown(&mut self, mm: u64) -> TornDown {
         let mut torn = TornDown::default();
         self.mm_tgid.remove(&mm);
+        self.forking.remove(&mm);
         let Some(regions) = self.by_mm.remove(&mm) else { return torn };
         let mut slots: Vec<Slot> = regions.into_values().flatten().collect();
         self.by_mm_len -= slots.len();
@@ -954,6 +991,29 @@ mod tests {
         let applied = table.apply(&copy);
         assert_eq!(applied.phantoms, 1);
         assert_eq!((table.folio(1).sharers(), table.folio(2).sharers()), (1, 1));
+    }
+
+    /// A pinned THP at fork: split, and each of its pages copied for the
+    /// child. The child's copy of the THP goes page by page.
+    #[test]
+    fn pinned_thps_are_copied_page_by_page_at_fork() {
+        let mut table = FolioTable::new(1024);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        table.fork(100, 101, THP, 2 * THP, true);
+        for page in 0..512 {
+            let mut copy = call(10 + page, 101, THP + page * PAGE, RmapOp::AddNew, Level::Pte, 1, Some(1));
+            (copy.order, copy.own_mm) = (0, false);
+            assert_eq!(table.apply(&copy).phantoms, 1, "page {page}");
+        }
+        assert_eq!(table.folio(1).sharers(), 1);
+        assert_eq!(table.folio(1).mapcount(), 1);
+        // Once the child runs, its own faults are not fork copies.
+        let mut own = call(2000, 101, 4 * THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
+        own.order = 0;
+        table.apply(&own);
+        let mut later = call(2001, 101, THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
+        (later.order, later.own_mm) = (0, false);
+        assert_eq!(table.apply(&later).phantoms, 0);
     }
 
     /// The daemon holds more than the kernel, event after event: the

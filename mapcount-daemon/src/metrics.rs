@@ -35,6 +35,7 @@ pub struct Metrics {
     pub partial_lifetimes: IntCounterVec,
     pub disagreements: IntCounterVec,
     pub phantoms: IntCounterVec,
+    pub preexisting_corrections: IntCounterVec,
     pub pmd_splits_inferred: IntCounter,
     pub moves: IntCounter,
     pub table_vmstat: IntGaugeVec,
@@ -187,6 +188,11 @@ impl Metrics {
                 "mapcount_phantom_mappings_total",
                 "Mappings the table held that the kernel did not, dropped; by folio kind and how they were found: at the address space's teardown (teardown) or by the kernel's own count (selfcheck). Should stay 0.",
                 &["kind", "found"],
+            ),
+            preexisting_corrections: counter(
+                "mapcount_preexisting_corrections_total",
+                "Folios mapped before mapcountd saw them whose count the table took from the kernel's: mappings made before it started, and their copies at fork (the kernel duplicates them without saying whose they are). Expected; not disagreements.",
+                &["kind"],
             ),
             pmd_splits_inferred: single(must(IntCounter::new(
                 "mapcount_pmd_splits_inferred_total",

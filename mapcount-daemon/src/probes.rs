@@ -212,8 +212,8 @@ pub const PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         name: "write_fault_move_anon",
         candidates: &[
-            entry!("folio_move_anon_rmap", "reuse_marker", "move_anon_marker_fentry"),
-            entry!("page_move_anon_rmap", "reuse_marker", "move_anon_marker_fentry"),
+            entry!("folio_move_anon_rmap", "move_anon_marker", "move_anon_marker_fentry"),
+            entry!("page_move_anon_rmap", "move_anon_marker", "move_anon_marker_fentry"),
         ],
         need: Need::Optional,
         feeds: "outcome=\"reuse\" of pages shared before fork",

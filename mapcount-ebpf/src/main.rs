@@ -927,12 +927,22 @@ entry_probe!(reuse_marker, reuse_marker_fentry, |a| {
     let _ = a;
     mark_reuse()
 });
-// fentry programs attach to exactly one function: a second marker.
-#[fentry]
-pub fn move_anon_marker_fentry(_ctx: FEntryContext) -> u32 {
-    mark_reuse();
-    0
+/// folio_move_anon_rmap(folio, vma) / page_move_anon_rmap(page, vma):
+/// a reuse, and (for a window over handle_mm_fault, which has no
+/// vmf->page to read) the folio it was about.
+#[inline(always)]
+fn mark_reuse_of(folio_or_page: u64) {
+    if let Some(window) = open_write_fault(thread_id()) {
+        unsafe {
+            (*window).saw_reuse = 1;
+            if (*window).whole_fault != 0 {
+                (*window).folio = page_folio(folio_or_page);
+            }
+        }
+    }
 }
+
+entry_probe!(move_anon_marker, move_anon_marker_fentry, |a| mark_reuse_of(a.raw(0)));
 
 #[kretprobe]
 pub fn write_fault_return_kretprobe(_ctx: RetProbeContext) -> u32 {

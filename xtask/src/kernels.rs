@@ -65,6 +65,56 @@ pub struct Kernel {
     pub modules: PathBuf,
 }
 
+/// A kernel of the kind MM developers build themselves: Debian's 7.3
+/// source with a small configuration (`xtask/kernel/small.config`), in
+/// which gcc inlines static functions such as do_wp_page into their callers.
+pub const SMALL: &str = "7.3-small";
+
+/// A kernel of the matrix by name: Debian's build, or [`SMALL`] built here.
+pub fn get(name: &str) -> anyhow::Result<Kernel> {
+    if name == SMALL { build_small() } else { fetch(find(name)?) }
+}
+
+fn build_small() -> anyhow::Result<Kernel> {
+    let config = include_str!("../kernel/small.config");
+    let dir = cache_dir().join("kernels").join(SMALL);
+    let kernel =
+        Kernel { name: SMALL.to_owned(), vmlinuz: dir.join("bzImage"), modules: dir.join("modules") };
+    let stamp = dir.join("config.built");
+    if kernel.vmlinuz.exists() && fs::read_to_string(&stamp).is_ok_and(|built| built == config) {
+        return Ok(kernel);
+    }
+    fs::create_dir_all(&kernel.modules)?;
+    println!("kernel {SMALL}: downloading linux-source-7.3");
+    let deb = download_source("7.3", "linux-source-7.3", &dir)?;
+    let src = dir.join("linux-source-7.3");
+    if !src.join("Makefile").exists() {
+        println!("kernel {SMALL}: unpacking the source");
+        let script = format!(
+            "cd '{}' && dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/src/linux-source-7.3.tar.xz | tar -xJ",
+            dir.display(),
+            deb.display()
+        );
+        run_cmd(Command::new("sh").args(["-c", &script]))?;
+    }
+    println!("kernel {SMALL}: building (tinyconfig and xtask/kernel/small.config)");
+    fs::write(src.join("small.config"), config)?;
+    let build = "make -s tinyconfig >/dev/null \
+        && ./scripts/kconfig/merge_config.sh -m -O . .config small.config >/dev/null \
+        && make -s olddefconfig \
+        && make -s -j\"$(nproc)\" bzImage";
+    run_cmd(Command::new("sh").current_dir(&src).args(["-c", build]))?;
+    fs::copy(src.join("arch/x86/boot/bzImage"), &kernel.vmlinuz)?;
+    run_cmd(
+        Command::new("objcopy")
+            .args(["-O", "binary", "--only-section=.BTF"])
+            .arg(src.join("vmlinux"))
+            .arg(dir.join("vmlinux.btf")),
+    )?;
+    fs::write(&stamp, config)?;
+    Ok(kernel)
+}
+
 pub fn fetch(spec: &KernelSpec) -> anyhow::Result<Kernel> {
     let dir = cache_dir().join("kernels").join(spec.name);
     let unpacked = dir.join("root");

@@ -14,7 +14,8 @@ use crate::run_cmd;
 /// (dpkg-shlibdeps) for the package's dependencies, debootstrap for the
 /// install test's root file system, bpftrace for the kernel-side
 /// comparison in `cargo xtask bench`, make for the kernel's mm selftests,
-/// Redis as a real application forking under load.
+/// Redis as a real application forking under load, and what building a
+/// small kernel from Debian's source needs (BTF comes from pahole in dwarves).
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -35,6 +36,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "make",
     "redis-server",
     "redis-tools",
+    "flex",
+    "bison",
+    "bc",
+    "libelf-dev",
+    "dwarves",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -238,14 +238,14 @@ elif [ "$MODE" = selftests ]; then
     metric() {
         wget -q -O - http://127.0.0.1:9730/metrics | grep "^$1" | awk '{s+=$2} END {printf "%d", s}'
     }
-    # Until the daemon has taken what the last command did.
+    # Until the daemon has taken every record the kernel had produced when
+    # asked (the asking itself keeps producing records).
     settle() {
-        last=$(metric mapcount_events_total)
-        for i in $(seq 1 60); do
-            sleep 0.5
-            now=$(metric mapcount_events_total)
-            [ $((now - last)) -lt 64 ] && break
-            last=$now
+        produced=$(metric mapcount_events_produced_total)
+        for i in $(seq 1 100); do
+            sleep 0.2
+            taken=$(( $(metric mapcount_events_total) + $(metric mapcount_events_lost_total) ))
+            [ $taken -ge $produced ] && break
         done
     }
     # The kernel's counters against the table's: the difference is what
@@ -275,6 +275,7 @@ elif [ "$MODE" = selftests ]; then
         alive=0; kill -0 $daemon 2>/dev/null && alive=1
         echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) seconds=$((end - start)) daemon_alive=$alive"
         grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
+        tail -n 4 /tmp/selftest.log | sed "s/^/selftest $t (last lines): /"
     done
     echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
     # A real application: Redis forks a child for BGSAVE while a client
