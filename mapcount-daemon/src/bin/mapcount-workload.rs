@@ -379,6 +379,7 @@ fn compare(live: &str, replayed: &str) -> ExitCode {
         "mapcount_events_lost_total",
         "mapcount_events_produced_total",
         "mapcount_rmap_calls_left_out_total",
+        "mapcount_kernel_vmstat",
     ];
     let derived = |s: &Scrape| -> Vec<(String, f64)> {
         let mut v: Vec<_> =
@@ -762,7 +763,7 @@ mod scenarios {
 
     pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> Result<(), String> {
         type Scenario = fn(&MetricsSource, &mut Checker) -> Result<(), String>;
-        let scenarios: [(&str, Scenario); 11] = [
+        let scenarios: [(&str, Scenario); 13] = [
             ("a_shared_thp", shared_thp),
             ("b_partial", partial),
             ("c_cow_large", large_folio_cow),
@@ -774,6 +775,8 @@ mod scenarios {
             ("i_mprotect_fork", mprotect_fork),
             ("j_file_pmd_fork", file_pmd_fork),
             ("k_pmd_reuse", pmd_reuse),
+            ("l_thp_cow", thp_cow),
+            ("m_unshare", unshare),
         ];
         let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
         for (name, scenario) in scenarios {
@@ -1319,9 +1322,87 @@ mod scenarios {
         Ok(())
     }
 
+    /// l. A THP shared with a child, which writes its first page: the child's
+    /// PMD is split (inline on 6.1-6.7) and that page copied. The THP keeps
+    /// the parent's PMD and the child's other 511 pages: 2 sharers, as the
+    /// kernel's kpagecount of its second page says; its first page is
+    /// mapped by the parent alone.
+    fn thp_cow(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let p = map_thp_aligned(THP);
+        write_each_page(p, THP / PAGE, 6);
+        if kpageflags(p as usize)? & (1 << 22) == 0 {
+            checker.not_applicable("l_thp_cow", "the kernel gave no THP");
+            unmap(p, THP / PAGE);
+            return Ok(());
+        }
+        let address = p as usize;
+        let child = Waiters::spawn(1, move |_| unsafe { ptr::write_volatile(address as *mut u8, 7) });
+        // The child has written once it waits; give it time to get there.
+        for _ in 0..100 {
+            if kpagecount(address)? == 1 {
+                break;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        let (first, second) = (kpagecount(address)?, kpagecount(address + PAGE)?);
+        checker.exact("l_thp_cow/kernel_first_page_mappings", 1, first as f64);
+        checker.exact("l_thp_cow/kernel_second_page_mappings", 2, second as f64);
+        checker.exact("l_thp_cow/thps_with_2_sharers", usize::from(second == 2), thps_with_sharers(metrics, 2)? as f64);
+        child.release();
+        checker.exact("l_thp_cow/thps_with_1_sharer_after_exit", 1, thps_with_sharers(metrics, 1)? as f64);
+        unmap(p, THP / PAGE);
+        Ok(())
+    }
+
+    /// m. Pages a child shares with its parent, read by the parent with
+    /// process_vm_readv: a read-only pin (FOLL_PIN) of a page that may be
+    /// shared makes the kernel unshare it in the child first
+    /// (FAULT_FLAG_UNSHARE), which is not a write. The kernel's answer:
+    /// the child's pages that no longer share the parent's frame (pagemap).
+    fn unshare(metrics: &MetricsSource, checker: &mut Checker) -> Result<(), String> {
+        let pages = 16;
+        let p = map_anon(pages, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+        unsafe { libc::madvise(p.cast(), pages * PAGE, libc::MADV_NOHUGEPAGE) };
+        write_each_page(p, pages, 3);
+        let frames: Vec<u64> = (0..pages).map(|i| pfn(p as usize + i * PAGE)).collect::<Result<_, _>>()?;
+        let child = Waiters::spawn(1, |_| {});
+        let pid = child.pids[0];
+        let before = metrics.settled_scrape()?;
+        let mut buffer = vec![0u8; pages * PAGE];
+        let local = libc::iovec { iov_base: buffer.as_mut_ptr().cast(), iov_len: buffer.len() };
+        let remote = libc::iovec { iov_base: p.cast(), iov_len: pages * PAGE };
+        let read = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if read < 0 {
+            return Err(format!("process_vm_readv: {}", std::io::Error::last_os_error()));
+        }
+        let after = metrics.settled_scrape()?;
+        let mut unshared = 0;
+        for (i, frame) in frames.iter().enumerate() {
+            if pid_pfn(pid, p as usize + i * PAGE)? != *frame {
+                unshared += 1;
+            }
+        }
+        let outcome =
+            |s: &Scrape, o: &str| s.sum("mapcount_cow_faults_total", &[("outcome", o)]);
+        checker.exact("m_unshare/unshare_faults", unshared, outcome(&after, "unshare") - outcome(&before, "unshare"));
+        println!("MAPCOUNT-NOTE m_unshare: the kernel unshared {unshared} of {pages} pages");
+        child.release();
+        unmap(p, pages);
+        Ok(())
+    }
+
+    /// The page frame number of the page at `address` in process `pid`.
+    fn pid_pfn(pid: i32, address: usize) -> Result<u64, String> {
+        pagemap_pfn(&format!("/proc/{pid}/pagemap"), address)
+    }
+
     /// The page frame number of the page at `address` (pagemap).
     fn pfn(address: usize) -> Result<u64, String> {
-        let mut f = fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+        pagemap_pfn("/proc/self/pagemap", address)
+    }
+
+    fn pagemap_pfn(path: &str, address: usize) -> Result<u64, String> {
+        let mut f = fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
         let mut buf = [0u8; 8];
         std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((address / PAGE) as u64 * 8))
             .map_err(|e| e.to_string())?;
