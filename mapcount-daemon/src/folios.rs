@@ -691,32 +691,46 @@ impl FolioTable {
 
     /// Fork copied the VMA at `[start, end)` of `src_mm` into `dst_mm`: the
     /// mappings the kernel duplicated (`copy_huge`: PMD and PUD entries as
-    /// well as PTEs) now exist in the child too. Returns how many folios
-    /// gained a sharer.
+    /// well as PTEs) now exist in the child too. A large folio may lie
+    /// across the VMA's edge (madvise(MADV_DONTFORK) on part of it, an
+    /// mprotect): only its pages inside the range are copied, which for a
+    /// partially mapped folio the table can only estimate (its mapped pages
+    /// are taken to be inside first). Returns how many folios gained a
+    /// sharer.
     pub fn fork(&mut self, src_mm: u64, dst_mm: u64, start: u64, end: u64, copy_huge: bool) -> usize {
+        const PAGE: u64 = 4096;
         self.forking.insert(dst_mm);
-        let candidates = self.slots_in(src_mm, start, end);
+        // A folio that starts before the range may still reach into it.
+        let reach = u64::from(PMD_PAGES) * PAGE - PAGE;
+        let candidates = self.slots_in(src_mm, start.saturating_sub(reach), end);
         let mut copied = Vec::new();
         for slot in candidates {
             let state = self.state(slot);
+            let size = state.pages() * PAGE;
             let mut gained = false;
             for i in 0..state.mappings.len() {
                 let source = state.mappings[i];
-                if source.mm != src_mm || source.base < start || source.base >= end {
+                if source.mm != src_mm || source.base >= end || source.base.saturating_add(size) <= start {
                     continue;
                 }
-                let child = Mapping {
-                    mm: dst_mm,
-                    base: source.base,
-                    ptes: source.ptes,
-                    pmds: if copy_huge { source.pmds } else { 0 },
-                    puds: if copy_huge { source.puds } else { 0 },
-                };
-                if child.total() == 0
-                    || state.mappings.iter().any(|m| m.mm == dst_mm && m.base == source.base)
+                let inside = (end.min(source.base + size) - start.max(source.base)) / PAGE;
+                let whole = source.base >= start;
+                let ptes = source.ptes.min(narrow(inside, u32::MAX));
+                let (pmds, puds) = if copy_huge && whole { (source.pmds, source.puds) } else { (0, 0) };
+                if u64::from(ptes) + u64::from(pmds) + u64::from(puds) == 0 {
+                    continue;
+                }
+                // The child's entry exists when another VMA over the same
+                // folio was copied already.
+                if let Some(child) =
+                    state.mappings.iter_mut().find(|m| m.mm == dst_mm && m.base == source.base)
                 {
+                    child.ptes = child.ptes.saturating_add(ptes);
+                    child.pmds = child.pmds.saturating_add(pmds);
+                    child.puds = child.puds.saturating_add(puds);
                     continue;
                 }
+                let child = Mapping { mm: dst_mm, base: source.base, ptes, pmds, puds };
                 if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
                     state.mappings.push(child);
                     copied.push((slot, child.base));
@@ -793,6 +807,15 @@ impl FolioTable {
             if phantoms == 0 {
                 continue;
             }
+            tracing::debug!(
+                kind = ?state.kind,
+                order = state.order,
+                phantoms,
+                mapcount = state.mapcount(),
+                sharers = state.sharers(),
+                complete = state.complete,
+                "mappings left at teardown"
+            );
             state.mappings.retain(|m| m.mm != mm);
             match torn.phantoms.iter_mut().find(|(kind, _)| *kind == state.kind) {
                 Some((_, count)) => *count += phantoms,
@@ -1014,6 +1037,20 @@ mod tests {
         let mut later = call(2001, 101, THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
         (later.order, later.own_mm) = (0, false);
         assert_eq!(table.apply(&later).phantoms, 0);
+    }
+
+    /// madvise(MADV_DONTFORK) on all but the first page of a PTE-mapped
+    /// THP: fork copies the one page in the copied VMA, as the kernel does.
+    #[test]
+    fn fork_copies_only_the_pages_inside_the_vma() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pte, 512, Some(1)));
+        assert_eq!(table.fork(100, 101, THP, THP + PAGE, true), 1);
+        assert_eq!(table.folio(1).mapcount(), 513);
+        // A VMA over the second half, copied as well, adds to the child's entry.
+        assert_eq!(table.fork(100, 101, THP + THP / 2, 2 * THP, true), 0);
+        assert_eq!(table.folio(1).mapcount(), 513 + 256);
+        assert_eq!(table.folio(1).sharers(), 2);
     }
 
     /// The daemon holds more than the kernel, event after event: the

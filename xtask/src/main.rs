@@ -67,7 +67,9 @@ enum Cmd {
     /// Unit tests, the host verifier test, then the VM matrix (kernel x attach mode).
     Test {
         /// Kernels to boot (by short name).
-        #[arg(long, value_delimiter = ',', default_value = "6.1,6.12,7.3,7.3-small")]
+        /// `7.3-small` (not in the default list) builds Debian's 7.3 source
+        /// with a small configuration, where do_wp_page is inlined.
+        #[arg(long, value_delimiter = ',', default_value = "6.1,6.12,7.3")]
         kernel: Vec<String>,
         /// Attach modes to run each kernel in.
         #[arg(long, value_delimiter = ',', default_value = "fentry,kprobe")]
@@ -270,7 +272,9 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test, prometheus.as_deref())?;
         for mode in modes {
             let started = std::time::Instant::now();
-            let boot = || vm::Boot::new(mode, 600);
+            // The small kernel finds one CPU without ACPI tables to read.
+            let cpus = if kernel.name == kernels::SMALL { 1 } else { 2 };
+            let boot = || vm::Boot { cpus, ..vm::Boot::new(mode, 600) };
             let mut output = vm::boot(kernel, &image, boot())?;
             // Multi-threaded TCG sometimes executes code the kernel is
             // patching (text_poke's int3 while a trampoline or kprobe is

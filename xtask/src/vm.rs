@@ -163,7 +163,7 @@ extra=""
 [ "$MODE" = selftests ] && extra="--ringbuf.size=67108864"
 # Overload: a ring buffer the storm overflows, a folio table it fills.
 [ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
-mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug $extra >/tmp/mapcountd.log 2>&1 &
+mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug,mapcount_daemon::folios=debug $extra >/tmp/mapcountd.log 2>&1 &
 daemon=$!
 ready=0
 for i in $(seq 1 300); do
@@ -232,7 +232,8 @@ if [ "$MODE" = test ]; then
     sed 's/^/metrics: /' /tmp/final.prom
     sed 's/^/mapcountd: /' /tmp/mapcountd.log
 elif [ "$MODE" = selftests ]; then
-    echo 16 > /proc/sys/vm/nr_hugepages
+    # map_hugetlb and hugepage-mmap map 256 MiB of huge pages.
+    echo 160 > /proc/sys/vm/nr_hugepages
     # THP for every size the kernel offers, as a test host would run.
     echo always > /sys/kernel/mm/transparent_hugepage/enabled
     metric() {
@@ -282,8 +283,11 @@ elif [ "$MODE" = selftests ]; then
     # writes. Redis reports the child's copy-on-write size (its smaps
     # Private_Dirty); mapcount counts the copies made meanwhile.
     echo never > /sys/kernel/mm/transparent_hugepage/enabled
+    echo 0 > /proc/sys/vm/nr_hugepages
     mkdir -p /tmp/redis
+    # A delay per key keeps the child alive while the client writes.
     redis-server --port 6379 --dir /tmp/redis --save '' --appendonly no --rdbcompression no \
+        --rdb-key-save-delay 20 --enable-debug-command yes \
         --logfile /tmp/redis.log >/dev/null 2>&1 &
     redis=$!
     for i in $(seq 1 150); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
@@ -301,13 +305,15 @@ elif [ "$MODE" = selftests ]; then
     settle
     copies_after=$(metric 'mapcount_cow_faults_total{.*outcome="copy"')
     redis_mb=$(sed -n 's/.*RDB: \([0-9]*\) MB of memory used by copy-on-write.*/\1/p' /tmp/redis.log | tail -1)
-    echo "MAPCOUNT-REDIS copies=$((copies_after - copies_before)) redis_cow_mb=${redis_mb:-none} status=$(redis-cli INFO persistence | sed -n 's/^rdb_last_bgsave_status:\([a-z]*\).*/\1/p')"
+    echo "MAPCOUNT-REDIS keys=$(redis-cli DBSIZE) copies=$((copies_after - copies_before)) redis_cow_mb=${redis_mb:-none} status=$(redis-cli INFO persistence | sed -n 's/^rdb_last_bgsave_status:\([a-z]*\).*/\1/p')"
     grep -iE 'copy-on-write|CoW|Background saving' /tmp/redis.log | sed 's/^/redis: /'
     redis-cli SHUTDOWN NOSAVE >/dev/null 2>&1
     wait $redis 2>/dev/null
     settle
     drift end
     grep 'disagree' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
+    grep 'left at teardown' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
+    wget -q -O - http://127.0.0.1:9730/metrics | sed 's/^/metrics: /'
     kill -TERM $daemon
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"
@@ -385,7 +391,10 @@ impl Image {
                 fs::copy(tests.join(test), root.join("selftests").join(test))?;
                 set_executable(&root.join("selftests").join(test))?;
             }
-            let list = crate::selftests::TESTS.join(" ");
+            // MAPCOUNT_SELFTESTS=cow,mremap_test runs only those.
+            let list = std::env::var("MAPCOUNT_SELFTESTS")
+                .map(|only| only.replace(',', " "))
+                .unwrap_or_else(|_| crate::selftests::TESTS.join(" "));
             let script = format!("{PREAMBLE}{}", INIT.replace("$MODE", name))
                 .replace("$SELFTESTS", &list)
                 .replace("$SELFTEST_TIMEOUT", &crate::selftests::TEST_TIMEOUT.to_string());

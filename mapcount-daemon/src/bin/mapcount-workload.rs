@@ -1347,7 +1347,11 @@ mod scenarios {
         let (first, second) = (kpagecount(address)?, kpagecount(address + PAGE)?);
         checker.exact("l_thp_cow/kernel_first_page_mappings", 1, first as f64);
         checker.exact("l_thp_cow/kernel_second_page_mappings", 2, second as f64);
-        checker.exact("l_thp_cow/thps_with_2_sharers", usize::from(second == 2), thps_with_sharers(metrics, 2)? as f64);
+        checker.exact(
+            "l_thp_cow/thps_with_2_sharers",
+            usize::from(second == 2),
+            thps_with_sharers(metrics, 2)? as f64,
+        );
         child.release();
         checker.exact("l_thp_cow/thps_with_1_sharer_after_exit", 1, thps_with_sharers(metrics, 1)? as f64);
         unmap(p, THP / PAGE);
@@ -1382,9 +1386,12 @@ mod scenarios {
                 unshared += 1;
             }
         }
-        let outcome =
-            |s: &Scrape, o: &str| s.sum("mapcount_cow_faults_total", &[("outcome", o)]);
-        checker.exact("m_unshare/unshare_faults", unshared, outcome(&after, "unshare") - outcome(&before, "unshare"));
+        let outcome = |s: &Scrape, o: &str| s.sum("mapcount_cow_faults_total", &[("outcome", o)]);
+        checker.exact(
+            "m_unshare/unshare_faults",
+            unshared,
+            outcome(&after, "unshare") - outcome(&before, "unshare"),
+        );
         println!("MAPCOUNT-NOTE m_unshare: the kernel unshared {unshared} of {pages} pages");
         child.release();
         unmap(p, pages);
