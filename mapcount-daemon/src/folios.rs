@@ -755,29 +755,51 @@ impl FolioTable {
     }
 
     /// `move_page_tables`: the entries of `mm` at `[old, old + len)` now sit
-    /// at `new`. Returns how many mappings moved.
+    /// at `new`. A large folio only partly inside the range is split in
+    /// two entries (mremap of half a THP): the pages inside move, filed at
+    /// where the folio's first page would be at the destination; for a
+    /// partially mapped folio, how many of its mapped pages were inside is
+    /// an estimate. Returns how many mappings moved.
     pub fn move_range(&mut self, mm: u64, old: u64, new: u64, len: u64) -> usize {
+        const PAGE: u64 = 4096;
         let end = old.saturating_add(len);
+        let reach = u64::from(PMD_PAGES) * PAGE - PAGE;
         let mut moved = Vec::new();
-        for slot in self.slots_in(mm, old, end) {
+        for slot in self.slots_in(mm, old.saturating_sub(reach), end) {
             let state = self.state(slot);
+            let size = state.pages() * PAGE;
             for i in 0..state.mappings.len() {
                 let m = state.mappings[i];
-                if m.mm != mm || m.base < old || m.base >= end {
+                if m.mm != mm || m.base >= end || m.base.saturating_add(size) <= old || m.total() == 0 {
                     continue;
                 }
-                let base = m.base - old + new;
-                // The same folio already filed at the destination (moved
-                // back and forth): one entry holds both.
-                if let Some(j) = state.mappings.iter().position(|o| o.mm == mm && o.base == base) {
-                    let (ptes, pmds, puds) = (m.ptes, m.pmds, m.puds);
-                    let target = &mut state.mappings[j];
-                    target.ptes = target.ptes.saturating_add(ptes);
-                    target.pmds = target.pmds.saturating_add(pmds);
-                    target.puds = target.puds.saturating_add(puds);
-                    state.mappings[i] = Mapping { ptes: 0, pmds: 0, puds: 0, ..m };
+                let base = (m.base.wrapping_sub(old)).wrapping_add(new);
+                let whole = m.base >= old && m.base + size <= end;
+                let part = if whole {
+                    m
                 } else {
-                    state.mappings[i].base = base;
+                    // A PMD cannot move in part: the kernel split it first.
+                    let m = &mut state.mappings[i];
+                    if m.pmds > 0 && m.ptes == 0 {
+                        m.pmds -= 1;
+                        m.ptes += PMD_PAGES;
+                    }
+                    let inside = (end.min(m.base + size) - old.max(m.base)) / PAGE;
+                    let ptes = m.ptes.min(narrow(inside, u32::MAX));
+                    m.ptes -= ptes;
+                    Mapping { mm, base, ptes, pmds: 0, puds: 0 }
+                };
+                if whole {
+                    state.mappings[i] = Mapping { ptes: 0, pmds: 0, puds: 0, ..m };
+                }
+                // The same folio already filed at the destination (moved
+                // back and forth, or its other part): one entry holds both.
+                if let Some(target) = state.mappings.iter_mut().find(|o| o.mm == mm && o.base == base) {
+                    target.ptes = target.ptes.saturating_add(part.ptes);
+                    target.pmds = target.pmds.saturating_add(part.pmds);
+                    target.puds = target.puds.saturating_add(part.puds);
+                } else if part.total() > 0 {
+                    state.mappings.push(Mapping { base, ..part });
                     moved.push((slot, base));
                 }
             }
@@ -1037,6 +1059,24 @@ mod tests {
         let mut later = call(2001, 101, THP, RmapOp::AddNew, Level::Pte, 1, Some(1));
         (later.order, later.own_mm) = (0, false);
         assert_eq!(table.apply(&later).phantoms, 0);
+    }
+
+    /// mremap of the second half of a PTE-mapped THP: that half is filed
+    /// at its new place, and a fork of the destination VMA copies it.
+    #[test]
+    fn half_a_thp_moves_and_forks() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pte, 512, Some(1)));
+        let dest = 8 * THP;
+        assert_eq!(table.move_range(100, THP + THP / 2, dest, THP / 2), 1);
+        assert_eq!(table.folio(1).mapcount(), 512);
+        assert_eq!(table.fork(100, 101, dest, dest + THP / 2, true), 1);
+        assert_eq!(table.fork(100, 101, THP, THP + THP / 2, true), 1);
+        assert_eq!(table.folio(1).mapcount(), 1024);
+        // The child unmaps the moved half from its new place.
+        let applied = table.apply(&call(1, 101, dest - THP / 2, RmapOp::Remove, Level::Pte, 256, Some(1024)));
+        assert_eq!(applied.disagreement, None);
+        assert_eq!(table.folio(1).mapcount(), 768);
     }
 
     /// madvise(MADV_DONTFORK) on all but the first page of a PTE-mapped

@@ -544,16 +544,28 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
     Ok(if core_missing == 0 && kprobes_possible { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter
-/// this kernel lacks.
+/// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter this
+/// kernel lacks. mapcountd's own pages are taken out, as the kernel side
+/// leaves its address space out of the table (its heap grows with the
+/// table).
 fn read_vmstat() -> Vec<u64> {
-    let text = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let own_pages = |names: &[&str]| names.iter().map(|n| field(&status, n)).sum::<u64>() / 4;
     VMSTAT_COUNTERS
         .iter()
         .map(|counter| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(counter)?.strip_prefix(' ')?.trim().parse().ok())
-                .unwrap_or(0)
+            let kernel = field(&vmstat, &format!("{counter} "));
+            match *counter {
+                "nr_anon_pages" => kernel.saturating_sub(own_pages(&["RssAnon:"])),
+                "nr_mapped" => kernel.saturating_sub(own_pages(&["RssFile:", "RssShmem:"])),
+                _ => kernel,
+            }
         })
         .collect()
 }
