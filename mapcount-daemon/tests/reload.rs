@@ -3,6 +3,7 @@
 //! the running configuration. Runs the real daemon.
 
 use std::{
+    io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     process::{Command, Stdio},
     thread::sleep,
@@ -26,12 +27,22 @@ fn sighup_reloads_the_configuration() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(&address).is_err() {
-        assert!(Instant::now() < deadline, "mapcountd did not listen");
+    // The socket listens from the start; /-/ready is answered once the
+    // programs are loaded, just before the signal handlers are set up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = || -> bool {
+        let Ok(mut stream) = TcpStream::connect(&address) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut response = String::new();
+        stream.write_all(b"GET /-/ready HTTP/1.0\r\n\r\n").is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.split_whitespace().nth(1) == Some("200")
+    };
+    while !ready() {
+        assert!(Instant::now() < deadline, "mapcountd did not become ready");
         sleep(Duration::from_millis(100));
     }
-    sleep(Duration::from_secs(2)); // past loading, into the signal loop
+    sleep(Duration::from_millis(500)); // into the signal loop
     let hup = |pid: u32| {
         assert!(Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success());
         sleep(Duration::from_millis(500));
