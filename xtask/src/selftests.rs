@@ -114,16 +114,13 @@ pub fn parse(console: &str) -> (Vec<String>, Vec<CheckResult>) {
             let copies: u64 = field("copies=").parse().unwrap_or(0);
             let copied_mib = copies as f64 * 4096.0 / (1 << 20) as f64;
             rows.push(format!(
-                "redis BGSAVE of {} keys under writes: Redis's copy-on-write {} MB, mapcount's copies {copies} ({copied_mib:.1} MiB), save {}",
+                "redis BGSAVE of {} keys, {} keys overwritten meanwhile: Redis's copy-on-write {} MB, mapcount's copies {copies} ({copied_mib:.1} MiB), {}",
                 field("keys="),
+                field("written="),
                 field("redis_cow_mb="),
                 field("status=")
             ));
-            // Reported, not judged: the copies are counted over the whole
-            // guest, and the shell polling Redis meanwhile copies pages of
-            // its own at every fork (see redis_check).
-            let _ = redis_check;
-            let _ = copied_mib;
+            results.push(redis_check(field("redis_cow_mb=").parse().ok(), copied_mib));
         }
         None => results.push(CheckResult::failed("redis/ran", "no MAPCOUNT-REDIS line")),
     }
@@ -137,11 +134,11 @@ pub fn parse(console: &str) -> (Vec<String>, Vec<CheckResult>) {
 }
 
 /// Redis reports its fork child's `Private_Dirty` in whole MB (rounded
-/// down) as the copy-on-write it caused: every page the parent copied
-/// while the child lived, plus pages the child itself allocated or wrote
-/// (its own output buffers), which are not copies. So mapcount's copies
-/// may fall short of Redis's figure by what the child allocated, never
-/// exceed it by more than the rounding.
+/// down; "Fork CoW for RDB: current N MB") as the copy-on-write it
+/// caused: every page the parent copied while the child lived, plus pages
+/// the child itself allocated or wrote (its own output buffers), which are
+/// not all copies. So mapcount's copies may fall short of Redis's figure by
+/// what the child allocated, and exceed it by no more than the rounding.
 const REDIS_CHILD_OWN_MIB: f64 = 8.0;
 
 fn redis_check(redis_mb: Option<f64>, copied_mib: f64) -> CheckResult {

@@ -280,7 +280,8 @@ elif [ "$MODE" = selftests ]; then
     done
     echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
     # A real application: Redis forks a child for BGSAVE while a client
-    # writes. Redis reports the child's copy-on-write size (its smaps
+    # overwrites keys (mapcount-workload redis, which forks nothing: the
+    # shell waits). Redis reports the child's copy-on-write size (its smaps
     # Private_Dirty); mapcount counts the copies made meanwhile.
     echo never > /sys/kernel/mm/transparent_hugepage/enabled
     echo 0 > /proc/sys/vm/nr_hugepages
@@ -291,21 +292,7 @@ elif [ "$MODE" = selftests ]; then
         --logfile /tmp/redis.log >/dev/null 2>&1 &
     redis=$!
     for i in $(seq 1 150); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
-    redis-cli DEBUG POPULATE 200000 key 512 >/dev/null
-    settle
-    copies_before=$(metric 'mapcount_cow_faults_total{.*outcome="copy"')
-    redis-cli BGSAVE >/dev/null
-    redis-benchmark -q -t set -n 100000000 -r 200000 -d 512 -P 8 >/dev/null 2>&1 &
-    writer=$!
-    for i in $(seq 1 1200); do
-        redis-cli INFO persistence | grep -q 'rdb_bgsave_in_progress:0' && break
-        sleep 0.5
-    done
-    kill $writer; wait $writer 2>/dev/null
-    settle
-    copies_after=$(metric 'mapcount_cow_faults_total{.*outcome="copy"')
-    redis_mb=$(sed -n 's/.*RDB: \([0-9]*\) MB of memory used by copy-on-write.*/\1/p' /tmp/redis.log | tail -1)
-    echo "MAPCOUNT-REDIS keys=$(redis-cli DBSIZE) copies=$((copies_after - copies_before)) redis_cow_mb=${redis_mb:-none} status=$(redis-cli INFO persistence | sed -n 's/^rdb_last_bgsave_status:\([a-z]*\).*/\1/p')"
+    mapcount-workload redis --metrics 127.0.0.1:9730/metrics --log /tmp/redis.log --keys 200000
     grep -iE 'copy-on-write|CoW|Background saving' /tmp/redis.log | sed 's/^/redis: /'
     redis-cli SHUTDOWN NOSAVE >/dev/null 2>&1
     wait $redis 2>/dev/null
@@ -380,7 +367,7 @@ impl Image {
             binaries.push(which("bpftrace")?);
         }
         if mode == Mode::Selftests {
-            for program in ["redis-server", "redis-cli", "redis-benchmark"] {
+            for program in ["redis-server", "redis-cli"] {
                 binaries.push(which(program)?);
             }
         }

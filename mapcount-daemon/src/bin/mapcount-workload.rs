@@ -7,6 +7,7 @@
 
 use std::{
     ffi::CString,
+    fs,
     io::{Read as _, Write as _},
     net::TcpStream,
     process::ExitCode,
@@ -62,6 +63,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("time-ready") => time_ready(&metrics, &args[2..]),
+        Some("redis") => {
+            let option = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1));
+            let port = option("--port").and_then(|p| p.parse().ok()).unwrap_or(6379);
+            let keys = option("--keys").and_then(|k| k.parse().ok()).unwrap_or(200_000);
+            let log = option("--log").map_or("/tmp/redis.log", String::as_str);
+            redis(&metrics, port, log, keys)
+        }
         Some("compare") => match (args.get(2), args.get(3)) {
             (Some(live), Some(replayed)) => compare(live, replayed),
             _ => ExitCode::from(2),
@@ -79,6 +87,93 @@ fn main() -> ExitCode {
                 "usage: mapcount-workload check|demo [--metrics HOST:PORT/PATH] [--file-dir DIR] [--expect-mode MODE]"
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+// ---- Redis under BGSAVE -----------------------------------------------------
+
+/// One command to a Redis server over RESP; returns the reply's text
+/// (status, integer or bulk string), or its error.
+fn redis_command(stream: &mut TcpStream, args: &[&[u8]]) -> Result<String, String> {
+    let mut request = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        request.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        request.extend_from_slice(arg);
+        request.extend_from_slice(b"\r\n");
+    }
+    stream.write_all(&request).map_err(|e| format!("redis: {e}"))?;
+    let mut reader = std::io::BufReader::new(&mut *stream);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).map_err(|e| format!("redis: {e}"))?;
+    let line = line.trim_end().to_owned();
+    match line.split_at(1) {
+        ("+", text) | (":", text) => Ok(text.to_owned()),
+        ("-", error) => Err(format!("redis: {error}")),
+        ("$", len) => {
+            let len: usize = len.parse().map_err(|_| format!("redis: bad reply {line}"))?;
+            let mut body = vec![0u8; len + 2];
+            reader.read_exact(&mut body).map_err(|e| format!("redis: {e}"))?;
+            body.truncate(len);
+            Ok(String::from_utf8_lossy(&body).into_owned())
+        }
+        _ => Err(format!("redis: unexpected reply {line}")),
+    }
+}
+
+/// Redis forks a child for BGSAVE while this process overwrites existing
+/// keys: every page the parent copies stays private to the child, which
+/// Redis reports at the end as its copy-on-write ("Fork CoW for RDB:
+/// current N MB", the child's Private_Dirty). The copies mapcount counts
+/// meanwhile are compared with it; this process forks nothing, so they
+/// are Redis's own.
+fn redis(metrics: &MetricsSource, port: u16, log: &str, keys: u32) -> ExitCode {
+    let result = (|| -> Result<String, String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("redis: {e}"))?;
+        redis_command(&mut stream, &[b"DEBUG", b"POPULATE", keys.to_string().as_bytes(), b"key", b"512"])?;
+        let copies = |s: &Scrape| s.sum("mapcount_cow_faults_total", &[("outcome", "copy")]);
+        let before = metrics.settled_scrape()?;
+        redis_command(&mut stream, &[b"BGSAVE"])?;
+        let value = vec![b'v'; 512];
+        let mut written = 0u64;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        loop {
+            for _ in 0..200 {
+                // xorshift: keys spread over the whole data set.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let key = format!("key:{}", state % u64::from(keys));
+                redis_command(&mut stream, &[b"SET", key.as_bytes(), &value])?;
+                written += 1;
+            }
+            let info = redis_command(&mut stream, &[b"INFO", b"persistence"])?;
+            if info.contains("rdb_bgsave_in_progress:0") {
+                break;
+            }
+        }
+        let after = metrics.settled_scrape()?;
+        let text = fs::read_to_string(log).map_err(|e| format!("{log}: {e}"))?;
+        let redis_mb = text
+            .lines()
+            .filter_map(|l| {
+                l.split_once("Fork CoW for RDB: current ")?.1.split(' ').next()?.parse::<u64>().ok()
+            })
+            .last()
+            .map_or("none".to_owned(), |mb| mb.to_string());
+        Ok(format!(
+            "keys={keys} written={written} copies={} redis_cow_mb={redis_mb} status=ok",
+            copies(&after) - copies(&before)
+        ))
+    })();
+    match result {
+        Ok(line) => {
+            println!("MAPCOUNT-REDIS {line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("MAPCOUNT-REDIS status=error:{}", e.replace(' ', "_"));
+            ExitCode::FAILURE
         }
     }
 }
