@@ -714,7 +714,16 @@ impl FolioTable {
                     continue;
                 }
                 let inside = (end.min(source.base + size) - start.max(source.base)) / PAGE;
-                let whole = source.base >= start;
+                let whole = source.base >= start && source.base + size <= end;
+                let mut source = source;
+                if !whole && source.pmds > 0 && source.ptes == 0 {
+                    // A VMA edge inside a PMD: the kernel split it, inline
+                    // on 6.1-6.7 (mprotect or madvise of part of a THP).
+                    let m = &mut state.mappings[i];
+                    m.pmds -= 1;
+                    m.ptes += PMD_PAGES;
+                    source = *m;
+                }
                 let ptes = source.ptes.min(narrow(inside, u32::MAX));
                 let (pmds, puds) = if copy_huge && whole { (source.pmds, source.puds) } else { (0, 0) };
                 if u64::from(ptes) + u64::from(pmds) + u64::from(puds) == 0 {
@@ -1061,6 +1070,21 @@ mod tests {
         assert_eq!(table.apply(&later).phantoms, 0);
     }
 
+    /// 6.1: a THP's PMD split inline by madvise(MADV_DONTFORK) on all but
+    /// its first page: the fork of the one-page VMA copies one PTE, not
+    /// the PMD the table still holds.
+    #[test]
+    fn inline_split_at_a_vma_edge_forks_one_page() {
+        let mut table = FolioTable::new(16);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, None));
+        assert_eq!(table.fork(100, 101, THP, THP + PAGE, true), 1);
+        assert_eq!(table.folio(1).mapcount(), 513);
+        let applied = table.apply(&call(1, 101, THP, RmapOp::Remove, Level::Pte, 1, None));
+        assert!(!applied.pmd_split_inferred, "the child's one PTE, not a PMD");
+        assert_eq!(table.folio(1).mapcount(), 512);
+        assert_eq!(table.teardown(101), TornDown::default());
+    }
+
     /// mremap of the second half of a PTE-mapped THP: that half is filed
     /// at its new place, and a fork of the destination VMA copies it.
     #[test]
@@ -1176,15 +1200,15 @@ mod tests {
     #[test]
     fn reordered_events_cancel_out() {
         let mut table = FolioTable::new(16);
-        table.apply(&call(1, 100, 1000, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
-        table.fork(100, 200, 0, THP, true);
-        table.fork(100, 300, 0, THP, true);
+        table.apply(&call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        table.fork(100, 200, THP, 2 * THP, true);
+        table.fork(100, 300, THP, 2 * THP, true);
         // True order: 300 unmaps (3 -> 2), then 200 (2 -> 1); delivered 200 first.
-        let first = table.apply(&call(1, 200, 2000, RmapOp::Remove, Level::Pmd, 512, Some(2)));
-        let second = table.apply(&call(1, 300, 3000, RmapOp::Remove, Level::Pmd, 512, Some(3)));
+        let first = table.apply(&call(1, 200, THP, RmapOp::Remove, Level::Pmd, 512, Some(2)));
+        let second = table.apply(&call(1, 300, THP, RmapOp::Remove, Level::Pmd, 512, Some(3)));
         assert_eq!((first.disagreement, second.disagreement), (None, None));
         assert_eq!(table.folio(1).mapcount(), 1);
-        let last = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pmd, 512, Some(1)));
+        let last = table.apply(&call(1, 100, THP, RmapOp::Remove, Level::Pmd, 512, Some(1)));
         assert_eq!(last.disagreement, None);
         assert!(last.retired.is_some());
     }

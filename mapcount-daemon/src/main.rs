@@ -545,9 +545,11 @@ fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter this
-/// kernel lacks. mapcountd's own pages are taken out, as the kernel side
-/// leaves its address space out of the table (its heap grows with the
-/// table).
+/// kernel lacks. mapcountd's own anonymous pages are taken out, as the
+/// kernel side leaves its address space out of the table (its heap grows
+/// with the table). Its file and driver mappings (binary, ring buffer) are
+/// made once at start and left in: RssFile counts the ring buffer's pages
+/// twice (it is mapped twice, to wrap), nr_mapped once.
 fn read_vmstat() -> Vec<u64> {
     let field = |text: &str, name: &str| -> u64 {
         text.lines()
@@ -563,7 +565,6 @@ fn read_vmstat() -> Vec<u64> {
             let kernel = field(&vmstat, &format!("{counter} "));
             match *counter {
                 "nr_anon_pages" => kernel.saturating_sub(own_pages(&["RssAnon:"])),
-                "nr_mapped" => kernel.saturating_sub(own_pages(&["RssFile:", "RssShmem:"])),
                 _ => kernel,
             }
         })
