@@ -326,7 +326,7 @@ fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow::Res
             let output = vm::boot(kernel, &image, vm::Boot::new(mode, timeout))?;
             let log = cache_dir().join(format!("vm-selftests-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
-            let (rows, mut results) = selftests::parse(&output);
+            let (rows, mut results) = selftests::parse(&output, &kernel.name);
             results.push(vm::Accounting::parse(&output).check("events/balanced_per_cpu"));
             for r in &results {
                 tally.add(r.passed);
