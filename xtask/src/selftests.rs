@@ -69,15 +69,26 @@ pub fn build() -> anyhow::Result<PathBuf> {
 /// Gaps measured and not yet closed: (kernel, test, check, why). Such a
 /// check is reported as a known gap with its figure, neither passed nor
 /// failed; a gap that closes shows as a pass and should leave this list.
-const KNOWN_GAPS: &[(&str, &str, &str, &str)] = &[(
-    "6.1",
-    "uffd-unit-tests",
-    "phantom_mappings",
-    "about 2,000 mappings left at teardown on 6.1 only, not yet explained",
-)];
+const COW_PARTIAL: &str = "partly remapped or partly shared mTHPs: 2^order/2 too many at fork \
+     for orders 5, 6 and 8, about 1,200-1,400 at teardown, not yet explained";
+const KNOWN_GAPS: &[(&str, &str, &str, &str)] = &[
+    (
+        "6.1",
+        "uffd-unit-tests",
+        "phantom_mappings",
+        "1,760-2,008 mappings left at teardown on 6.1 only, not yet explained",
+    ),
+    ("6.12", "cow", "disagreements", COW_PARTIAL),
+    ("6.12", "cow", "phantom_mappings", COW_PARTIAL),
+    ("7.3", "cow", "disagreements", COW_PARTIAL),
+    ("7.3", "cow", "phantom_mappings", COW_PARTIAL),
+];
 
 fn known_gap(kernel: &str, test: &str, check: &str) -> Option<&'static str> {
-    KNOWN_GAPS.iter().find(|(k, t, c, _)| *k == kernel && *t == test && *c == check).map(|(_, _, _, why)| *why)
+    KNOWN_GAPS
+        .iter()
+        .find(|(k, t, c, _)| *k == kernel && *t == test && *c == check)
+        .map(|(_, _, _, why)| *why)
 }
 
 /// `MAPCOUNT-SELFTEST` lines: one row of the report and three checks per test.
