@@ -85,18 +85,8 @@ fn build_small() -> anyhow::Result<Kernel> {
         return Ok(kernel);
     }
     fs::create_dir_all(&kernel.modules)?;
-    println!("kernel {SMALL}: downloading linux-source-7.3");
-    let deb = download_source("7.3", "linux-source-7.3", &dir)?;
-    let src = dir.join("linux-source-7.3");
-    if !src.join("Makefile").exists() {
-        println!("kernel {SMALL}: unpacking the source");
-        let script = format!(
-            "cd '{}' && dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/src/linux-source-7.3.tar.xz | tar -xJ",
-            dir.display(),
-            deb.display()
-        );
-        run_cmd(Command::new("sh").args(["-c", &script]))?;
-    }
+    println!("kernel {SMALL}: downloading and unpacking linux-source-7.3");
+    let src = source_tree("7.3", &dir)?;
     println!("kernel {SMALL}: building (tinyconfig and xtask/kernel/small.config)");
     fs::write(src.join("small.config"), config)?;
     let build = "make -s tinyconfig >/dev/null \
@@ -158,6 +148,23 @@ fn locate(spec: &KernelSpec, root: &Path) -> anyhow::Result<Option<Kernel>> {
         vmlinuz = Some(modules.join("vmlinuz"));
     }
     Ok(vmlinuz.map(|vmlinuz| Kernel { name: spec.name.to_owned(), vmlinuz, modules }))
+}
+
+/// Debian's `linux-source-<name>` unpacked in `dir` (downloaded and
+/// unpacked once); returns the tree's root.
+pub fn source_tree(name: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    let package = format!("linux-source-{name}");
+    let src = dir.join(&package);
+    if !src.join("Makefile").exists() {
+        let deb = download_source(name, &package, dir)?;
+        let script = format!(
+            "cd '{}' && dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/src/{package}.tar.xz | tar -xJ",
+            dir.display(),
+            deb.display()
+        );
+        run_cmd(Command::new("sh").args(["-c", &script]))?;
+    }
+    Ok(src)
 }
 
 /// Downloads a source package of the kernel generation `name` (the same

@@ -34,18 +34,8 @@ pub fn build() -> anyhow::Result<PathBuf> {
         return Ok(bin);
     }
     fs::create_dir_all(&dir)?;
-    println!("selftests: downloading linux-source-6.12");
-    let deb = kernels::download_source("6.12", "linux-source-6.12", &dir)?;
-    let src = dir.join("linux-source-6.12");
-    if !src.join("Makefile").exists() {
-        println!("selftests: unpacking the kernel source");
-        let script = format!(
-            "cd '{}' && dpkg-deb --fsys-tarfile '{}' | tar -xO ./usr/src/linux-source-6.12.tar.xz | tar -xJ",
-            dir.display(),
-            deb.display()
-        );
-        run_cmd(Command::new("sh").args(["-c", &script]))?;
-    }
+    println!("selftests: downloading and unpacking linux-source-6.12");
+    let src = kernels::source_tree("6.12", &dir)?;
     println!("selftests: building the mm tests");
     run_cmd(Command::new("make").current_dir(&src).args(["-s", "-j2", "headers"]))?;
     let mm = src.join("tools/testing/selftests/mm");
