@@ -438,11 +438,16 @@ impl Aggregator {
     }
 
     /// Text for the debug view: the folios one process maps, by serial.
-    pub fn describe_tgid(&self, tgid: u32) -> String {
+    /// At most `max_rows` rows; a last comment line says how many more there were.
+    pub fn describe_tgid(&self, tgid: u32, max_rows: usize) -> String {
         let mut out = String::from(
             "# serial kind order sharers mapcount ptes pmds partial ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses\n",
         );
-        for f in self.table.mapped_by_tgid(tgid) {
+        let folios = self.table.mapped_by_tgid(tgid);
+        if folios.len() > max_rows {
+            out.push_str(&format!("# {} folios, the first {max_rows} by serial\n", folios.len()));
+        }
+        for f in folios.into_iter().take(max_rows) {
             let ptes: u64 = f.mappings.iter().map(|m| u64::from(m.ptes)).sum();
             let pmds: u64 = f.mappings.iter().map(|m| u64::from(m.pmds)).sum();
             out.push_str(&format!(

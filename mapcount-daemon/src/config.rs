@@ -5,15 +5,25 @@
 //! [web]
 //! listen_address = "0.0.0.0:9730"
 //! telemetry_path = "/metrics"
+//! max_connections = 256    # open at once; the idlest makes room for a new one
+//! max_requests = 40        # answered at once; beyond it, 503
+//! idle_timeout = "90s"     # no request for this long: closed
+//! header_read_timeout = "10s"  # request header, or TLS handshake, not done: closed
 //! [attach]
 //! mode = "auto"            # auto | fentry | kprobe
 //! [ringbuf]
 //! size = 8388608           # bytes, a power of two of at least 4096
 //! [folio_table]
 //! size = 1048576           # folios
+//! [record]
+//! max_size = "1G"          # the --record file stops here
 //! [log]
 //! level = "info"
 //! ```
+//!
+//! Values that parse but make no sense (a log level nobody spells, a
+//! telemetry path without its `/`, a table of no folios) are refused here
+//! and as flags, with the key or flag named.
 
 use std::{net::SocketAddr, path::Path};
 
@@ -28,6 +38,7 @@ pub struct Config {
     pub attach: Attach,
     pub ringbuf: Ringbuf,
     pub folio_table: FolioTable,
+    pub record: Record,
     pub log: Log,
 }
 
@@ -35,7 +46,17 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct Web {
     pub listen_address: Option<SocketAddr>,
-    pub telemetry_path: Option<String>,
+    pub telemetry_path: Option<toml::Spanned<String>>,
+    pub max_connections: Option<toml::Spanned<usize>>,
+    pub max_requests: Option<toml::Spanned<usize>>,
+    pub idle_timeout: Option<toml::Spanned<String>>,
+    pub header_read_timeout: Option<toml::Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Record {
+    pub max_size: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -54,13 +75,13 @@ pub struct Ringbuf {
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FolioTable {
-    pub size: Option<usize>,
+    pub size: Option<toml::Spanned<usize>>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Log {
-    pub level: Option<String>,
+    pub level: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,17 +115,123 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(offset, e.message().to_owned())
         })?;
+        let check = |key: &str, span: std::ops::Range<usize>, result: Result<(), String>| {
+            result.map_err(|why| invalid(span.start, format!("{key}: {why}")))
+        };
         if let Some(size) = &config.ringbuf.size {
-            let n = *size.get_ref();
-            if n < 4096 || !n.is_power_of_two() {
-                return Err(invalid(
-                    size.span().start,
-                    format!("ringbuf.size: {n} is not a power of two of at least 4096"),
-                ));
+            check("ringbuf.size", size.span(), ring_buffer_size(*size.get_ref()).map(drop))?;
+        }
+        if let Some(path) = &config.web.telemetry_path {
+            check("web.telemetry_path", path.span(), telemetry_path(path.get_ref()).map(drop))?;
+        }
+        for (key, value) in [
+            ("web.max_connections", &config.web.max_connections),
+            ("web.max_requests", &config.web.max_requests),
+            ("folio_table.size", &config.folio_table.size),
+        ] {
+            if let Some(n) = value {
+                check(key, n.span(), at_least_one(*n.get_ref()).map(drop))?;
             }
+        }
+        for (key, value) in [
+            ("web.idle_timeout", &config.web.idle_timeout),
+            ("web.header_read_timeout", &config.web.header_read_timeout),
+        ] {
+            if let Some(text) = value {
+                check(key, text.span(), duration(text.get_ref()).map(drop))?;
+            }
+        }
+        if let Some(size) = &config.record.max_size {
+            check("record.max_size", size.span(), byte_size(size.get_ref()).map(drop))?;
+        }
+        if let Some(level) = &config.log.level {
+            check("log.level", level.span(), log_level(level.get_ref()).map(drop))?;
         }
         Ok(config)
     }
+}
+
+// Checks shared by the flags (as clap value parsers) and the file's keys.
+
+pub fn ring_buffer_size(n: u32) -> Result<u32, String> {
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+pub fn at_least_one(n: usize) -> Result<usize, String> {
+    if n == 0 {
+        return Err("must be at least 1".to_owned());
+    }
+    Ok(n)
+}
+
+/// A path the endpoint can serve: `/` and then no query or fragment.
+pub fn telemetry_path(path: &str) -> Result<String, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} does not start with /: no request could reach it"));
+    }
+    if path.contains(['?', '#', ' ']) {
+        return Err(format!("{path:?} holds a ?, # or space: no request path equals it"));
+    }
+    Ok(path.to_owned())
+}
+
+/// `90s`, `2m`, `500ms`, `1h`: a positive duration in Prometheus's spelling.
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let unit_at = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(unit_at);
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90s, 2m or 500ms"))?;
+    let millis = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("{text:?} is not a duration like 90s, 2m or 500ms")),
+    };
+    if millis == 0 {
+        return Err(format!("{text:?}: must be longer than 0"));
+    }
+    Ok(std::time::Duration::from_millis(millis))
+}
+
+/// `4096`, `512K`, `100M`, `1G`: bytes, at least 1 MiB (a record file's
+/// batch is larger than that at a busy moment).
+pub fn byte_size(text: &str) -> Result<u64, String> {
+    let (number, shift) = match text.strip_suffix(['K', 'M', 'G', 'T']) {
+        Some(number) => {
+            (number, 10 * (1 + "KMGT".find(text.chars().last().unwrap_or('K')).unwrap_or(0) as u32))
+        }
+        None => (text, 0),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 1048576, 512M or 1G"))?;
+    let bytes =
+        n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < 1 << 20 {
+        return Err(format!("{text:?} is below 1M"));
+    }
+    Ok(bytes)
+}
+
+/// A log filter as in RUST_LOG, where every directive names a level:
+/// `info`, `debug,hyper=warn`. An unknown word would otherwise be taken as
+/// a module name and leave every line silenced.
+pub fn log_level(filter: &str) -> Result<String, String> {
+    const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} names no level: use one of {} (or target=level)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    if filter.split(',').all(str::is_empty) {
+        return Err("empty: use one of error, warn, info, debug, trace".to_owned());
+    }
+    Ok(filter.to_owned())
 }
 
 #[cfg(test)]
@@ -127,14 +254,15 @@ mod tests {
         assert_eq!(config.attach.mode, Some(AttachMode::Kprobe));
         assert_eq!(config.ringbuf.size.map(|s| s.into_inner()), Some(65536));
         assert_eq!(config.ringbuf.wakeup, Some(crate::probes::Wakeup::EveryRecord));
-        assert_eq!(config.folio_table.size, Some(10));
+        assert_eq!(config.folio_table.size.map(|s| s.into_inner()), Some(10));
     }
 
     #[test]
     fn errors_name_file_line_and_key() {
         assert_eq!(
             error("[web]\nlisten_adress = \"x\"\n"),
-            "mapcountd.toml:2:1: unknown field `listen_adress`, expected `listen_address` or `telemetry_path`"
+            "mapcountd.toml:2:1: unknown field `listen_adress`, expected one of `listen_address`, \
+             `telemetry_path`, `max_connections`, `max_requests`, `idle_timeout`, `header_read_timeout`"
         );
         assert!(
             error("[attach]\nmode = \"fast\"\n").starts_with("mapcountd.toml:2:8: unknown variant `fast`")
@@ -148,5 +276,41 @@ mod tests {
             error("[web]\nlisten_address = \"nowhere\"\n")
                 .starts_with("mapcountd.toml:2:18: invalid socket address")
         );
+    }
+
+    #[test]
+    fn values_that_make_no_sense_are_refused() {
+        assert!(
+            error("[log]\nlevel = \"shout\"\n")
+                .starts_with("mapcountd.toml:2:9: log.level: \"shout\" names no level")
+        );
+        assert!(
+            error("[web]\ntelemetry_path = \"nope\"\n")
+                .starts_with("mapcountd.toml:2:18: web.telemetry_path:")
+        );
+        assert_eq!(
+            error("[folio_table]\nsize = 0\n"),
+            "mapcountd.toml:2:8: folio_table.size: must be at least 1"
+        );
+        assert!(error("[web]\nidle_timeout = \"0s\"\n").contains("web.idle_timeout"));
+        assert!(error("[record]\nmax_size = \"lots\"\n").contains("record.max_size"));
+        assert!(error("[web]\nmax_connections = 0\n").contains("web.max_connections: must be at least 1"));
+    }
+
+    #[test]
+    fn values_parse_as_documented() {
+        assert_eq!(log_level("debug,hyper=WARN"), Ok("debug,hyper=WARN".to_owned()));
+        assert!(log_level("").is_err());
+        assert!(log_level("mapcount_daemon").is_err());
+        assert_eq!(duration("90s"), Ok(std::time::Duration::from_secs(90)));
+        assert_eq!(duration("2m"), Ok(std::time::Duration::from_secs(120)));
+        assert_eq!(duration("500ms"), Ok(std::time::Duration::from_millis(500)));
+        assert!(duration("90").is_err());
+        assert_eq!(byte_size("1G"), Ok(1 << 30));
+        assert_eq!(byte_size("2097152"), Ok(2 << 20));
+        assert!(byte_size("512K").is_err());
+        assert!(byte_size("99999999999T").is_err());
+        assert_eq!(telemetry_path("/metrics"), Ok("/metrics".to_owned()));
+        assert!(telemetry_path("nope").is_err());
     }
 }

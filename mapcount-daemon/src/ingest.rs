@@ -1,8 +1,6 @@
 //! Loading the object and draining its ring buffers.
 
 use std::{
-    fs::File,
-    io::BufWriter,
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex},
 };
@@ -31,8 +29,6 @@ pub enum IngestError {
     Log(#[from] aya_log::Error),
     #[error("polling the ring buffer: {0}")]
     Poll(#[from] std::io::Error),
-    #[error("writing the record file: {0}")]
-    Record(#[source] std::io::Error),
 }
 
 fn permission_hint(error: &aya::EbpfError) -> &'static str {
@@ -140,21 +136,23 @@ fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, IngestError
 pub struct Sink {
     pub aggregator: Arc<Mutex<Aggregator>>,
     /// Raw records for `mapcountd replay`, when recording.
-    pub record: Option<record::Writer<BufWriter<File>>>,
+    pub record: Option<record::Recording>,
     /// One drained batch, and (timestamp, offset, length) per record.
     batch: Vec<u8>,
     index: Vec<(u64, usize, usize)>,
 }
 
 impl Sink {
-    pub fn new(aggregator: Arc<Mutex<Aggregator>>, record: Option<record::Writer<BufWriter<File>>>) -> Self {
+    pub fn new(aggregator: Arc<Mutex<Aggregator>>, record: Option<record::Recording>) -> Self {
         Self { aggregator, record, batch: Vec::with_capacity(1 << 20), index: Vec::with_capacity(1 << 14) }
     }
 
     /// Decodes and aggregates one record (and records it).
     pub fn take(&mut self, aggregator: &mut Aggregator, bytes: &[u8]) -> Result<(), IngestError> {
-        if let Some(writer) = &mut self.record {
-            writer.write(bytes).map_err(IngestError::Record)?;
+        match self.record.as_mut().map(|r| r.write(bytes)) {
+            Some(Ok(size)) => aggregator.metrics().record_bytes.inc_by(size),
+            Some(Err(stop)) => self.stop_recording(aggregator, stop),
+            None => {}
         }
         match decode(bytes) {
             Ok(event) => aggregator.apply(&event),
@@ -192,10 +190,41 @@ impl Sink {
         self.batch = batch;
         self.index = index;
         result?;
-        if let Some(writer) = &mut self.record {
-            writer.flush().map_err(IngestError::Record)?;
-        }
+        drop(aggregator);
+        self.flush_recording();
         Ok(())
+    }
+
+    /// After each batch: the batch reaches the record file whole, or the
+    /// recording stops.
+    pub fn flush_recording(&mut self) {
+        if let Some(Err(stop)) = self.record.as_mut().map(record::Recording::flush) {
+            let aggregator = Arc::clone(&self.aggregator);
+            let aggregator = aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.stop_recording(&aggregator, stop);
+        }
+    }
+
+    /// The recording ends; the daemon goes on without it.
+    fn stop_recording(&mut self, aggregator: &Aggregator, stop: record::Stop) {
+        let metrics = aggregator.metrics();
+        metrics.record_stops.with_label_values(&[stop.label()]).inc();
+        metrics.recording.set(0);
+        tracing::error!("recording stopped, the daemon goes on: {stop}");
+        if let Some(recording) = self.record.take()
+            && let Err(e) = recording.finish()
+        {
+            tracing::error!(error = %e, "cannot cut the record file back to its last whole batch");
+        }
+    }
+
+    /// At the daemon's end: what was recorded reaches the file.
+    pub fn finish_recording(&mut self) {
+        if let Some(recording) = self.record.take()
+            && let Err(e) = recording.finish()
+        {
+            tracing::error!(error = %e, "cannot finish the record file");
+        }
     }
 }
 

@@ -12,10 +12,12 @@ pub mod folios;
 pub mod http;
 pub mod ingest;
 pub mod layout;
+pub mod log_limit;
 pub mod metrics;
 pub mod privileges;
 pub mod probes;
 pub mod record;
+pub mod resources;
 pub mod web_config;
 
 /// The eBPF object built by `build.rs` from `mapcount-ebpf`.

@@ -2,11 +2,12 @@
 
 use std::{
     fs::File,
-    io::{BufReader, BufWriter, IsTerminal as _},
+    io::{BufReader, IsTerminal as _},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -15,13 +16,13 @@ use mapcount_common::counter;
 use mapcount_daemon::{
     DEFAULT_LISTEN_ADDRESS,
     aggregate::Aggregator,
-    config::Config,
+    config::{self, Config},
     http, ingest,
     layout::{self, DEFAULT_BTF_PATH},
     metrics::{Metrics, ReadAtScrape, VMSTAT_COUNTERS},
     privileges,
     probes::{self, AttachMode, KernelSymbols, Need, ProbeStatus, Wakeup},
-    record,
+    record, resources,
     web_config::WebSecurity,
 };
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
@@ -54,7 +55,8 @@ enum Command {
     /// Aggregate a record file (written with --record) and print the metrics.
     Replay {
         file: PathBuf,
-        #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20)]
+        /// Most folios the table tracks, lowered to fit a cgroup memory limit.
+        #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20, value_parser = parse_at_least_one)]
         folio_table_size: usize,
     },
 }
@@ -70,8 +72,21 @@ struct RunArgs {
     #[arg(long = "web.listen-address", value_name = "ADDR")]
     listen_address: Option<SocketAddr>,
     /// Path under which metrics are served [default: /metrics].
-    #[arg(long = "web.telemetry-path", value_name = "PATH")]
+    #[arg(long = "web.telemetry-path", value_name = "PATH", value_parser = config::telemetry_path)]
     telemetry_path: Option<String>,
+    /// Most HTTP connections open at once; at the cap the idlest one is closed to make room
+    /// [default: 256, lowered to fit the open-file limit].
+    #[arg(long = "web.max-connections", value_name = "N", value_parser = parse_at_least_one)]
+    max_connections: Option<usize>,
+    /// Most HTTP requests answered at once; beyond it, 503 [default: 40].
+    #[arg(long = "web.max-requests", value_name = "N", value_parser = parse_at_least_one)]
+    max_requests: Option<usize>,
+    /// A connection without a request for this long is closed [default: 90s].
+    #[arg(long = "web.idle-timeout", value_name = "DURATION", value_parser = config::duration)]
+    idle_timeout: Option<Duration>,
+    /// A request header (or TLS handshake) not complete after this long is dropped [default: 10s].
+    #[arg(long = "web.header-read-timeout", value_name = "DURATION", value_parser = config::duration)]
+    header_read_timeout: Option<Duration>,
     /// Size of the event ring buffer in bytes, a power of two [default: 8 MiB].
     #[arg(long = "ringbuf.size", value_name = "BYTES", value_parser = parse_ring_size)]
     ring_buffer_bytes: Option<u32>,
@@ -81,8 +96,9 @@ struct RunArgs {
     /// fentry/fexit where the kernel allows, else kprobes (auto), or only one kind [default: auto].
     #[arg(long = "attach.mode", value_name = "MODE", value_enum)]
     attach_mode: Option<AttachMode>,
-    /// Most folios the table tracks; beyond it, entries are evicted and counted [default: 1048576].
-    #[arg(long = "folio-table.size", value_name = "N")]
+    /// Most folios the table tracks; beyond it, entries are evicted and counted
+    /// [default: 1048576, lowered to fit a cgroup memory limit].
+    #[arg(long = "folio-table.size", value_name = "N", value_parser = parse_at_least_one)]
     folio_table_size: Option<usize>,
     /// TLS and basic authentication, in the Prometheus exporter-toolkit format.
     #[arg(long = "web.config.file", value_name = "PATH")]
@@ -93,11 +109,14 @@ struct RunArgs {
     /// Also write the raw event stream to this file (for `mapcountd replay`).
     #[arg(long = "record", value_name = "PATH")]
     record: Option<PathBuf>,
+    /// The record file stops growing here; the daemon goes on [default: 1G].
+    #[arg(long = "record.max-size", value_name = "BYTES", value_parser = config::byte_size)]
+    record_max_size: Option<u64>,
     /// At exit, after the last event, write the metrics to this file.
     #[arg(long = "metrics.dump-on-exit", value_name = "PATH")]
     dump_on_exit: Option<PathBuf>,
     /// Log filter, as in RUST_LOG: error, warn, info, debug, trace [default: info].
-    #[arg(long = "log.level", value_name = "LEVEL")]
+    #[arg(long = "log.level", value_name = "LEVEL", value_parser = config::log_level)]
     log_level: Option<String>,
 }
 
@@ -107,12 +126,16 @@ struct Settings {
     web_security: WebSecurity,
     listen_address: SocketAddr,
     telemetry_path: String,
+    web_limits: http::Limits,
+    /// --web.max-connections given (or in the file), not the default.
+    max_connections_asked: bool,
     ring_buffer_bytes: u32,
     wakeup: Wakeup,
     attach_mode: AttachMode,
     folio_table_size: usize,
     btf: PathBuf,
     record: Option<PathBuf>,
+    record_max_size: u64,
     dump_on_exit: Option<PathBuf>,
     log_level: String,
 }
@@ -127,8 +150,35 @@ impl Settings {
             Some(path) => WebSecurity::load(path).map_err(|e| e.to_string())?,
             None => WebSecurity::default(),
         };
+        // The file's values were checked when it was read.
+        let file_duration =
+            |d: &Option<toml::Spanned<String>>| d.as_ref().and_then(|t| config::duration(t.get_ref()).ok());
+        let defaults = http::Limits::default();
+        let max_connections =
+            args.max_connections.or(file.web.max_connections.as_ref().map(|n| *n.get_ref()));
+        let web_limits = http::Limits {
+            max_connections: max_connections.unwrap_or(defaults.max_connections),
+            max_requests: args
+                .max_requests
+                .or(file.web.max_requests.map(|n| n.into_inner()))
+                .unwrap_or(defaults.max_requests),
+            idle_timeout: args
+                .idle_timeout
+                .or(file_duration(&file.web.idle_timeout))
+                .unwrap_or(defaults.idle_timeout),
+            header_read_timeout: args
+                .header_read_timeout
+                .or(file_duration(&file.web.header_read_timeout))
+                .unwrap_or(defaults.header_read_timeout),
+            tls_handshake_timeout: args
+                .header_read_timeout
+                .or(file_duration(&file.web.header_read_timeout))
+                .unwrap_or(defaults.tls_handshake_timeout),
+        };
         Ok(Settings {
             config_file: args.config_file.clone(),
+            web_limits,
+            max_connections_asked: max_connections.is_some(),
             web_security,
             listen_address: args
                 .listen_address
@@ -136,7 +186,7 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.parse().expect("valid default")),
             telemetry_path: args
                 .telemetry_path
-                .or(file.web.telemetry_path)
+                .or(file.web.telemetry_path.map(|p| p.into_inner()))
                 .unwrap_or_else(|| "/metrics".to_owned()),
             ring_buffer_bytes: args
                 .ring_buffer_bytes
@@ -144,21 +194,31 @@ impl Settings {
                 .unwrap_or(8 << 20),
             wakeup: args.wakeup.or(file.ringbuf.wakeup).unwrap_or(Wakeup::Batch),
             attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
-            folio_table_size: args.folio_table_size.or(file.folio_table.size).unwrap_or(1 << 20),
+            folio_table_size: args
+                .folio_table_size
+                .or(file.folio_table.size.map(|n| n.into_inner()))
+                .unwrap_or(1 << 20),
             btf: args.btf.unwrap_or_else(|| DEFAULT_BTF_PATH.into()),
             record: args.record,
+            record_max_size: args
+                .record_max_size
+                .or(file.record.max_size.and_then(|s| config::byte_size(s.get_ref()).ok()))
+                .unwrap_or(1 << 30),
             dump_on_exit: args.dump_on_exit,
-            log_level: args.log_level.or(file.log.level).unwrap_or_else(|| "info".to_owned()),
+            log_level: args
+                .log_level
+                .or(file.log.level.map(|l| l.into_inner()))
+                .unwrap_or_else(|| "info".to_owned()),
         })
     }
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
-    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
-    if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two of at least 4096"));
-    }
-    Ok(n)
+    config::ring_buffer_size(s.parse().map_err(|e| format!("{e}"))?)
+}
+
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    config::at_least_one(s.parse().map_err(|e| format!("{e}"))?)
 }
 
 /// Exit status for bad flags or configuration, as clap uses for bad flags.
@@ -240,7 +300,7 @@ fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter
             return;
         }
     };
-    if let Some(level) = &file.log.level {
+    if let Some(level) = file.log.level.as_ref().map(|l| l.get_ref()) {
         let applied = EnvFilter::try_new(level).ok().is_some_and(|filter| log_filter.reload(filter).is_ok());
         if applied {
             tracing::info!(level, "SIGHUP: log level applied");
@@ -252,7 +312,7 @@ fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter
         ("web.listen_address", file.web.listen_address.is_some_and(|a| a != running.listen_address)),
         (
             "web.telemetry_path",
-            file.web.telemetry_path.as_ref().is_some_and(|p| *p != running.telemetry_path),
+            file.web.telemetry_path.as_ref().is_some_and(|p| *p.get_ref() != running.telemetry_path),
         ),
         ("attach.mode", file.attach.mode.is_some_and(|m| m != running.attach_mode)),
         (
@@ -260,7 +320,10 @@ fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter
             file.ringbuf.size.as_ref().is_some_and(|s| *s.get_ref() != running.ring_buffer_bytes),
         ),
         ("ringbuf.wakeup", file.ringbuf.wakeup.is_some_and(|w| w != running.wakeup)),
-        ("folio_table.size", file.folio_table.size.is_some_and(|n| n != running.folio_table_size)),
+        (
+            "folio_table.size",
+            file.folio_table.size.as_ref().is_some_and(|n| *n.get_ref() != running.folio_table_size),
+        ),
     ];
     for (key, changed) in restart_needed {
         if changed {
@@ -269,9 +332,10 @@ fn reload(config_file: Option<&Path>, running: &Settings, log_filter: &LogFilter
     }
 }
 
-async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> {
+async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> {
     let listener = http::bind(args.listen_address).await?;
     privileges::check()?;
+    fit_to_host(&mut args);
 
     let btf = layout::load_btf(&args.btf)?;
     let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
@@ -368,19 +432,22 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
     let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), args.folio_table_size)));
     let record = match &args.record {
         Some(path) => {
-            let file = File::create(path)
+            let recording = record::Recording::create(path, args.record_max_size)
                 .with_context(|| format!("cannot create record file {}", path.display()))?;
-            Some(record::Writer::new(BufWriter::new(file))?)
+            metrics.recording.set(1);
+            Some(recording)
         }
         None => None,
     };
     let mut sink = ingest::Sink::new(Arc::clone(&aggregator), record);
 
-    let state = Arc::new(http::HttpState {
-        aggregator: Arc::clone(&aggregator),
-        telemetry_path: args.telemetry_path.clone(),
-        security: args.web_security.clone(),
-    });
+    let state = Arc::new(http::HttpState::new(
+        Arc::clone(&aggregator),
+        Arc::clone(&metrics),
+        args.telemetry_path.clone(),
+        args.web_security.clone(),
+        args.web_limits,
+    ));
     tracing::info!(address = %args.listen_address, "serving metrics");
     let server = tokio::spawn(http::serve(listener, state));
 
@@ -411,6 +478,7 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
     drop(ebpf);
     let detached = stopping.elapsed();
     sink.drain(&mut events)?;
+    sink.finish_recording();
     tracing::info!(
         detach_ms = detached.as_millis() as u64,
         total_ms = stopping.elapsed().as_millis() as u64,
@@ -450,7 +518,49 @@ async fn run(args: Settings, log_filter: LogFilter) -> anyhow::Result<ExitCode> 
     outcome.map(|()| ExitCode::SUCCESS)
 }
 
+/// Keeps the daemon's own bounds inside the host's: HTTP connections
+/// below the open-file limit, the folio table inside a cgroup memory limit.
+fn fit_to_host(args: &mut Settings) {
+    match resources::raise_open_file_limit() {
+        Ok(open_files) => {
+            let fit = resources::connections_that_fit(open_files);
+            if args.web_limits.max_connections > fit {
+                if args.max_connections_asked {
+                    tracing::warn!(
+                        asked = args.web_limits.max_connections,
+                        open_files,
+                        "--web.max-connections lowered to fit the open-file limit"
+                    );
+                }
+                args.web_limits.max_connections = fit;
+            }
+            tracing::info!(open_files, max_connections = args.web_limits.max_connections, "descriptors");
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+    args.folio_table_size = folio_table_size_for_host(args.folio_table_size);
+}
+
+/// `asked`, or fewer if a cgroup memory limit (`MemoryMax=`) would not
+/// hold that many: beyond it the table evicts and counts, rather than
+/// the daemon being killed.
+fn folio_table_size_for_host(asked: usize) -> usize {
+    let limit = resources::cgroup_memory_limit();
+    let size = resources::table_size_under(limit, asked);
+    if size < asked {
+        tracing::warn!(
+            asked,
+            size,
+            memory_limit = limit,
+            bytes_per_folio = resources::BYTES_PER_FOLIO,
+            "folio table lowered to half the cgroup's memory limit; beyond it folios are evicted and counted"
+        );
+    }
+    size
+}
+
 fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
+    let folio_table_size = folio_table_size_for_host(folio_table_size);
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader =
         record::Reader::new(BufReader::new(file)).with_context(|| format!("{}", path.display()))?;

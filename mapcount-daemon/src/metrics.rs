@@ -47,6 +47,16 @@ pub struct Metrics {
     pub probe_attached: IntGaugeVec,
     pub build_info: IntGaugeVec,
     pub kernel_info: IntGaugeVec,
+    pub log_lines_suppressed: IntCounter,
+    // The HTTP endpoint under load.
+    pub http_connections_open: IntGauge,
+    pub http_connections_closed: IntCounterVec,
+    pub http_requests_rejected: IntCounterVec,
+    pub http_accept_failures: IntCounter,
+    // Recording (--record).
+    pub record_bytes: IntCounter,
+    pub recording: IntGauge,
+    pub record_stops: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -99,9 +109,12 @@ impl Metrics {
         ));
         must(registry.register(Box::new(headroom_ratio.clone())));
         must(registry.register(Box::new(headroom_vmas.clone())));
-        let table_entries =
-            must(IntGauge::new("mapcount_folio_table_entries", "Live folios in the daemon's table."));
-        must(registry.register(Box::new(table_entries.clone())));
+        let int_gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let table_entries = int_gauge("mapcount_folio_table_entries", "Live folios in the daemon's table.");
 
         let metrics = Self {
             rmap_calls: counter(
@@ -231,6 +244,41 @@ impl Metrics {
                 "mapcount_kernel_info",
                 "Always 1; labels describe the running kernel.",
                 &["release"],
+            ),
+            log_lines_suppressed: single(must(IntCounter::new(
+                "mapcount_log_lines_suppressed_total",
+                "Log lines held back by rate limits (a repeated warning is written once a minute with the count of the others).",
+            ))),
+            http_connections_open: int_gauge(
+                "mapcount_http_connections_open",
+                "HTTP connections open now (capped by --web.max-connections).",
+            ),
+            http_connections_closed: counter(
+                "mapcount_http_connections_closed_total",
+                "HTTP connections the daemon closed itself, by reason: connection_limit (the idlest of the address holding the most, to make room), idle_timeout (no byte of a request within --web.idle-timeout), header_read_timeout (a request header or TLS handshake begun and not finished within --web.header-read-timeout), tls_handshake_timeout.",
+                &["reason"],
+            ),
+            http_requests_rejected: counter(
+                "mapcount_http_requests_rejected_total",
+                "HTTP requests refused, by reason: max_requests (503, --web.max-requests in flight), debug_walk_budget (429, /debug/folios asked again too soon).",
+                &["reason"],
+            ),
+            http_accept_failures: single(must(IntCounter::new(
+                "mapcount_http_accept_failures_total",
+                "Failed accepts of HTTP connections (out of descriptors): should stay 0 with the connection cap below the descriptor limit.",
+            ))),
+            record_bytes: single(must(IntCounter::new(
+                "mapcount_record_bytes_total",
+                "Bytes written to the --record file.",
+            ))),
+            recording: int_gauge(
+                "mapcount_recording",
+                "1 while the event stream is written to the --record file; 0 when not asked or stopped.",
+            ),
+            record_stops: counter(
+                "mapcount_record_stops_total",
+                "Recordings stopped before the daemon, by reason: size_limit (--record.max-size reached), write_error (e.g. the disk is full).",
+                &["reason"],
             ),
             registry,
         };

@@ -5,7 +5,11 @@
 //! u32 reserved word, then records, each a little-endian u16 length and
 //! that many bytes exactly as the ring buffer delivered them.
 
-use std::io::{self, BufRead, Write};
+use std::{
+    fs::File,
+    io::{self, BufRead, BufWriter, Write},
+    path::Path,
+};
 
 pub const MAGIC: &[u8; 8] = b"MAPCOUNT";
 /// Bumped whenever a record layout in `mapcount-common` changes.
@@ -49,6 +53,82 @@ impl<W: Write> Writer<W> {
 
     pub fn into_inner(self) -> W {
         self.out
+    }
+}
+
+/// Why a recording stopped before the daemon did.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    #[error("the record file reached its size bound of {max_bytes} bytes (--record.max-size)")]
+    SizeLimit { max_bytes: u64 },
+    #[error("writing the record file failed: {0}")]
+    WriteError(io::Error),
+}
+
+impl Stop {
+    /// The `reason` label of `mapcount_record_stops_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Stop::SizeLimit { .. } => "size_limit",
+            Stop::WriteError(_) => "write_error",
+        }
+    }
+}
+
+/// The daemon's `--record` file: bounded in size, and stopped rather than
+/// the daemon at the first write error (a full disk). What it holds when
+/// it stops replays: records are written whole, and after a write error
+/// the file is cut back to the end of the last batch that reached it.
+pub struct Recording {
+    writer: Writer<BufWriter<File>>,
+    max_bytes: u64,
+    /// Bytes handed to the writer, and bytes known to be in the file.
+    written: u64,
+    flushed: u64,
+    /// A write failed: what is buffered may end inside a record.
+    failed: bool,
+}
+
+impl Recording {
+    pub fn create(path: &Path, max_bytes: u64) -> io::Result<Self> {
+        let file = File::create(path)?;
+        let mut writer = Writer::new(BufWriter::new(file))?;
+        writer.flush()?;
+        let header = (MAGIC.len() + 8) as u64;
+        Ok(Self { writer, max_bytes, written: header, flushed: header, failed: false })
+    }
+
+    /// Writes one record; after an error the recording is over and the
+    /// caller drops it (after [`Recording::finish`]).
+    pub fn write(&mut self, record: &[u8]) -> Result<u64, Stop> {
+        let size = 2 + record.len() as u64;
+        if self.written + size > self.max_bytes {
+            return Err(Stop::SizeLimit { max_bytes: self.max_bytes });
+        }
+        if let Err(e) = self.writer.write(record) {
+            self.failed = true;
+            return Err(Stop::WriteError(e));
+        }
+        self.written += size;
+        Ok(size)
+    }
+
+    pub fn flush(&mut self) -> Result<(), Stop> {
+        if let Err(e) = self.writer.flush() {
+            self.failed = true;
+            return Err(Stop::WriteError(e));
+        }
+        self.flushed = self.written;
+        Ok(())
+    }
+
+    /// Ends the recording: whole records stay, a batch cut by an error goes.
+    pub fn finish(mut self) -> io::Result<()> {
+        if !self.failed && self.flush().is_ok() {
+            return Ok(());
+        }
+        let (file, _unwritten) = self.writer.into_inner().into_parts();
+        file.set_len(self.flushed)
     }
 }
 
@@ -131,6 +211,26 @@ mod tests {
         assert_eq!(r.next_record().unwrap(), Some(&b"abc"[..]));
         assert_eq!(r.next_record().unwrap().map(<[u8]>::len), Some(72));
         assert_eq!(r.next_record().unwrap(), None);
+    }
+
+    #[test]
+    fn a_recording_stops_at_its_bound_and_replays() {
+        let path = std::env::temp_dir().join(format!("mapcount-bound-{}.rec", std::process::id()));
+        let mut recording = Recording::create(&path, 16 + 3 * 10).unwrap();
+        for _ in 0..3 {
+            assert_eq!(recording.write(&[7; 8]).unwrap(), 10);
+        }
+        assert!(matches!(recording.write(&[7; 8]), Err(Stop::SizeLimit { max_bytes: 46 })));
+        recording.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 46);
+        let mut r = Reader::new(&bytes[..]).unwrap();
+        let mut records = 0;
+        while r.next_record().unwrap().is_some() {
+            records += 1;
+        }
+        assert_eq!(records, 3);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

@@ -46,6 +46,32 @@ fn bad_flag_value() {
     assert!(line.contains("invalid value 'sometimes' for '--ringbuf.wakeup <WHEN>'"), "{line}");
 }
 
+/// Values that parse but make no sense: each would once have started a
+/// daemon that logs nothing, serves metrics nowhere, or tracks nothing.
+#[test]
+fn values_that_make_no_sense() {
+    for (args, says) in [
+        (&["--log.level", "shout"][..], "invalid value 'shout' for '--log.level <LEVEL>'"),
+        (&["--web.telemetry-path", "nope"], "invalid value 'nope' for '--web.telemetry-path <PATH>'"),
+        (&["--folio-table.size", "0"], "invalid value '0' for '--folio-table.size <N>': must be at least 1"),
+        (&["--web.max-connections", "0"], "invalid value '0' for '--web.max-connections <N>'"),
+        (&["--web.idle-timeout", "90"], "invalid value '90' for '--web.idle-timeout <DURATION>'"),
+        (&["--record.max-size", "10"], "invalid value '10' for '--record.max-size <BYTES>'"),
+        (&["replay", "x", "--folio-table.size", "0"], "invalid value '0' for '--folio-table.size <N>'"),
+    ] {
+        let (code, line) = outcome(&mapcountd(args));
+        assert_eq!(code, 2, "{args:?}");
+        assert!(line.contains(says), "{args:?}: {line}");
+    }
+    let file = config_file("[log]\nlevel = \"shout\"\n");
+    let (code, line) = outcome(&mapcountd(&["--config.file", file.path_str()]));
+    assert_eq!(code, 2);
+    assert!(
+        line.contains(&format!("{}:2:9: log.level: \"shout\" names no level", file.path_str())),
+        "{line}"
+    );
+}
+
 #[test]
 fn config_syntax_error() {
     let file = config_file("[web\nlisten_address = 1\n");

@@ -939,7 +939,15 @@ fn check_against_btf(bin: &Path, kernel: &kernels::Kernel, btf_dir: &Path) -> an
 }
 
 /// Runs the workspace's unit tests; returns (passed, failed) from cargo's summary lines.
+/// Figures the daemon's resource tests leave behind (hostile clients, the
+/// memory limit), printed into the run's log.
+const TEST_REPORTS: &[&str] = &["hostile-clients.txt", "memory-limit.txt"];
+
 fn unit_tests(btf_dir: &Path) -> anyhow::Result<(u32, u32)> {
+    let reports = workspace_root().join("target/tmp");
+    for report in TEST_REPORTS {
+        let _ = std::fs::remove_file(reports.join(report));
+    }
     // The per-kernel BTF tests are #[ignore]d in a plain `cargo test`
     // (they need the kernels this command downloads); here they run.
     let output = Command::new(env!("CARGO"))
@@ -974,5 +982,10 @@ fn unit_tests(btf_dir: &Path) -> anyhow::Result<(u32, u32)> {
         failed = 1; // a build failure has no summary line
     }
     println!("unit tests: {passed} passed, {failed} failed");
+    for report in TEST_REPORTS {
+        if let Ok(text) = std::fs::read_to_string(reports.join(report)) {
+            println!("\n{text}");
+        }
+    }
     Ok((passed, failed))
 }

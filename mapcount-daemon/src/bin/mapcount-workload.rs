@@ -159,7 +159,7 @@ fn redis(metrics: &MetricsSource, port: u16, log: &str, keys: u32) -> ExitCode {
             .filter_map(|l| {
                 l.split_once("Fork CoW for RDB: current ")?.1.split(' ').next()?.parse::<u64>().ok()
             })
-            .last()
+            .next_back()
             .map_or("none".to_owned(), |mb| mb.to_string());
         Ok(format!(
             "keys={keys} written={written} copies={} redis_cow_mb={redis_mb} status=ok",
