@@ -69,7 +69,9 @@ fn wakeup_flags(produced: u64) -> u64 {
     let threshold = unsafe { core::ptr::read_volatile(&raw const WAKEUP_BYTES) };
     if threshold == 0 {
         0
-    } else if produced % WAKEUP_CHECK_EVERY == 0 && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    } else if produced.is_multiple_of(WAKEUP_CHECK_EVERY)
+        && EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold
+    {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -304,7 +306,7 @@ impl Snapshot {
         }
         let size = size_of::<T>() as u32;
         // Integers are aligned to their size, which the copy keeps.
-        if offset <= SNAPSHOT_BYTES - size && offset % size == 0 {
+        if offset <= SNAPSHOT_BYTES - size && offset.is_multiple_of(size) {
             if !self.copied {
                 return None;
             }

@@ -1,7 +1,11 @@
 //! The kernel-side figures of `cargo xtask bench`, read from one boot's
 //! console: start-up, loop timings under each tracer, lossless rates.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{build_binaries, cache_dir, kernels, vm, workspace_root};
 
 /// `key=value` of a console line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -191,6 +195,261 @@ impl VmFigures {
     pub fn no_slower_than_bpftrace(&self, tracer: &str) -> bool {
         LOOPS.iter().all(|name| self.best(tracer, name) <= self.best("bpftrace-count", name))
     }
+}
+
+pub fn rate_or_none(rate: f64) -> String {
+    if rate > 0.0 { format!("{rate:.0} records/s") } else { "none of the rates tried".to_owned() }
+}
+
+/// Per loop: the tracer's time over bpftrace counting's (below 1: cheaper).
+pub fn fmt_slowdowns(vm: &VmFigures, tracer: &str) -> String {
+    LOOPS
+        .iter()
+        .map(|name| {
+            let key = |t: &str| (t.to_owned(), (*name).to_owned());
+            let best = |t: &str| vm.loop_ns.get(&key(t)).map_or(f64::NAN, |v| min(v));
+            format!("{name} x{:.2} of bpftrace's time", best(tracer) / best("bpftrace-count"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The kernel-side budget in one boot of Debian's 7.3 kernel with 4 vCPUs;
+/// returns the console.
+pub fn bench_vm(bin: &Path) -> anyhow::Result<String> {
+    let kernel = kernels::fetch(kernels::find("7.3")?)?;
+    let image = vm::Image::build(bin, &kernel, vm::Mode::Bench, vm::Extra::default())?;
+    // 256 MiB of zeroes for the scenarios' record (about 25 MB).
+    let disk = cache_dir().join("bench-disk.img");
+    std::fs::File::create(&disk)?.set_len(256 << 20)?;
+    let output = vm::boot(
+        &kernel,
+        &image,
+        vm::Boot {
+            echo: true,
+            cpus: 4,
+            disk: Some(&disk),
+            single_threaded: true,
+            ..vm::Boot::new("auto", 3600)
+        },
+    )?;
+    std::fs::write(cache_dir().join("vm-bench-7.3.log"), &output)?;
+    // The record file the guest wrote to the disk, cut to its length.
+    let bytes = output
+        .lines()
+        .find_map(|l| l.strip_prefix("MAPCOUNT-RECORD bytes="))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+        .context("the bench VM wrote no scenario record")?;
+    let mut record = std::fs::read(&disk)?;
+    record.truncate(bytes);
+    std::fs::write(cache_dir().join("scenarios.rec"), record)?;
+    Ok(output)
+}
+
+/// Runs mapcount-bench and times mapcountd's start-up on this host, then
+/// writes BENCHMARKS.md with the figures, the machine and the commit.
+pub fn bench() -> anyhow::Result<()> {
+    let root = workspace_root();
+    let release = build_binaries()?;
+    println!(
+        "bench: booting Debian 7.3 with 4 vCPUs for the kernel-side figures (several minutes under TCG)"
+    );
+    let vm = parse(&bench_vm(&release)?);
+    let output = Command::new(release.join("mapcount-bench"))
+        .arg("--scenarios")
+        .arg(cache_dir().join("scenarios.rec"))
+        .output()
+        .context("mapcount-bench")?;
+    if !output.status.success() {
+        bail!("mapcount-bench failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let figure = |key: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
+    };
+
+    // Start-up: exec to /-/ready, loading every program (attach fails on a
+    // host without kprobes, which is what this measures here).
+    let mut startups = Vec::new();
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let started = std::time::Instant::now();
+        let mut child = Command::new(release.join("mapcountd"))
+            .args(["--web.listen-address", &format!("127.0.0.1:{port}"), "--log.level", "error"])
+            .spawn()?;
+        let ready = loop {
+            let probe = Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", &format!("http://127.0.0.1:{port}/-/ready")])
+                .status()?;
+            if probe.success() {
+                break Some(started.elapsed());
+            }
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(t) = ready {
+            startups.push(t.as_secs_f64() * 1000.0);
+        }
+    }
+    startups.sort_by(f64::total_cmp);
+    let startup_ms = startups.get(startups.len() / 2).copied().unwrap_or(f64::NAN);
+
+    let commit = Command::new("git").current_dir(&root).args(["rev-parse", "--short", "HEAD"]).output()?;
+    let commit = String::from_utf8_lossy(&commit.stdout).trim().to_owned();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let verdict = |ok: bool| if ok { "met" } else { "not met" };
+    let rate = figure("ingest_events_per_second");
+    let bytes = figure("table_bytes_per_folio");
+    let scrape_ms = figure("scrape_seconds_best_of_5") * 1000.0;
+
+    let vm_startup = median(&vm.startup_ms);
+    let multiples =
+        |tracer: &str| {
+            vm.multiples_of_empty(tracer)
+                .iter()
+                // Within noise of the untraced loop, a ratio means nothing.
+                .map(|(l, m)| {
+                    if m.is_finite() && *m > 0.0 {
+                        format!("{l} x{m:.1}")
+                    } else {
+                        format!("{l} within noise")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+    let lossless = |ring: u64| {
+        vm.rates
+            .iter()
+            .filter(|r| r.ring == ring && r.lost == 0 && r.cpus > 0)
+            .map(|r| r.achieved())
+            .fold(0.0, f64::max)
+    };
+    let produced_most = vm.rates.iter().map(|r| r.achieved()).fold(0.0, f64::max);
+    let all_balanced = !vm.rates.is_empty() && vm.rates.iter().all(|r| r.cpus > 0 && r.unbalanced == 0);
+    let mut rate_table = String::from(
+        "| ring buffer | target records/s | received records/s | produced | received | lost | CPUs | produced = received + lost |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in &vm.rates {
+        rate_table.push_str(&format!(
+            "| {} KiB | {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            r.ring / 1024,
+            r.target,
+            r.achieved(),
+            r.produced,
+            r.received,
+            r.lost,
+            r.cpus,
+            if r.cpus > 0 && r.unbalanced == 0 { "every CPU" } else { "NO" }
+        ));
+    }
+    let errors = if vm.tracer_errors.is_empty() {
+        String::new()
+    } else {
+        format!("\nTracer errors in the guest:\n\n```\n{}\n```\n", vm.tracer_errors.join("\n"))
+    };
+
+    let report = format!(
+        "# mapcount benchmarks\n\n\
+         Measured at commit `{commit}` by `cargo xtask bench` on {cores} cores ({cpu}), kernel {kernel}\n\
+         Kernel-side figures: one boot of Debian's 7.3 kernel in qemu (TCG, 4 vCPUs); TCG timings\n\
+         compare only within that boot. Rerun: `cargo xtask bench` (rewrites this file).\n\n\
+         | goal | target | measured | |\n|---|---|---|---|\n\
+         | 1. ingest: decode and aggregate, one core | >= 20,000,000 events/s | {rate:.0} events/s ({events} events: the {scenario_records} records the VM scenarios produced on 7.3, then synthetic small-folio churn: fault, fork, reuse, map, unmap) | {} |\n\
+         | 1. folio table memory | <= 96 bytes per live folio | {bytes:.0} bytes (heap bytes / live folios, 1,000,000 folios mapped once, counted by the allocator) | {} |\n\
+         | 2. kernel-side slowdown vs bpftrace counting the same calls | no larger | fentry: {}; kprobe: {} (table below) | {} |\n\
+         | 2. cost per record vs an empty program on the same functions | reported | fentry: {}; kprobe: {} | |\n\
+         | 3. no silent loss, 4 vCPUs | produced = received + lost, per CPU | {} at every rate tried; highest rate without loss: {} with the default 8 MiB ring buffer (the guest produced at most {produced_most:.0} records/s), {} with 64 KiB (table below) | {} |\n\
+         | 4. scrape with 1,000,000 live folios | <= 50 ms | {scrape_ms:.1} ms (best of 5) | {} |\n\
+         | 5. start-up, host (exec to /-/ready, programs loaded, attach refused) | reported | {startup_ms:.0} ms (median of 5) | |\n\
+         | 5. start-up, VM (exec to /-/ready, every probe attached) | reported | {vm_startup:.0} ms (median of {}, TCG) | |\n\n\
+         ## Kernel-side cost\n\n\
+         Best of 5 rounds per cell; the ratio is to the untraced loop, ns/record is the extra time divided by the\n\
+         rmap and write-fault records mapcountd produced in that loop. In the \"mapcountd fentry\" and \"kprobe\"\n\
+         columns the daemon is stopped (SIGSTOP, 64 MiB ring buffer) while a loop runs: the loop pays for the\n\
+         probes and the ring buffer, the kernel side, as bpftrace's loops pay for its programs and maps. The\n\
+         \"daemon running\" columns add mapcountd's user-space work, which under TCG shares the emulated CPUs\n\
+         (and the one host thread) with the loop. The empty program and the counting program are bpftrace\n\
+         (Debian's package) on the functions mapcountd attached in that boot:\n\
+         `{probes}`.\n\n{table}{errors}\n\
+         ## Lossless rate\n\n\
+         One process per vCPU, pinned, maps, touches and unmaps one page at a time (two records) at its share of\n\
+         the target rate for 10 s, against a fresh mapcountd with the default 8 MiB ring buffer, then with 64 KiB.\n\
+         Received records/s counts everything the daemon received (the guest's other processes too). Counts are\n\
+         from the kernel's per-CPU counters and the CPU field of each record, after mapcountd detached and drained.\n\n{rate_table}\n\
+         ## What was tried and what each change bought\n\n\
+         User space (mapcount-bench on this host; before and after measured back to back):\n\n\
+         - Counter handles resolved once per label set instead of a label lookup per event, folio table on FxHash,\n  \
+           no allocation when counting sharers or checking partial mappings: ingest 0.56 M -> 2.2 M events/s,\n  \
+           scrape with 1 M folios 274 ms -> 41 ms (gauges summed per (kind, order) before one update each).\n\
+         - Mappings grow one at a time (a Vec starts at four): 291 -> 219 bytes per folio.\n\
+         - Folio table as a slab of 72-byte entries holding the first mapping inline, found through a hash table\n  \
+           of 4-byte slot numbers (the old map kept key and 80-byte entry in each of up to twice as many slots as\n  \
+           folios): 219 -> 90 bytes per folio; scrape 46 ms -> 2 ms (the gauges walk a dense slab).\n\
+         - Fork read a VMA's list of every folio ever mapped through it, cloned; lists are now pruned as they are\n  \
+           read. Per-event counters and histograms are prometheus local metrics published before each scrape, not\n  \
+           atomics: synthetic churn 3.2 M -> 21 M events/s.\n\
+         - Fat LTO and one codegen unit for release builds (the per-event path crosses prometheus, hashbrown and\n  \
+           smallvec): 21 M -> 37 M events/s.\n\
+         - The VM scenarios leave 19,000 folios live; a slot freed and reused in one VMA was listed again at each\n  \
+           use, and fork walked the repeats: with the scenarios' records first, 15 M -> 30 M events/s.\n\n\
+         Kernel side (fentry loop time as a multiple of bpftrace counting, in the same boot; faults, fork_cow):\n\n\
+         - Before: 13 helper calls per small-folio record (one probe read per field): x1.06, x1.14.\n\
+         - A folio's fields from one 64-byte copy per struct page, current->mm as a plain load through\n  \
+           bpf_get_current_task_btf, the ring buffer's fill level asked every 64th record: x0.95, x1.08.\n\
+         - One 128-byte snapshot per folio or VMA (one copy where a page is its own folio), one read of a new\n  \
+           anonymous folio instead of two, fewer reads at write faults and forks: x0.94, x1.17 (boot-to-boot\n  \
+           noise is of this size: compare the rounds in the console log).\n\
+         - Write-fault windows updated in place in an LRU map instead of an insert and a delete per fault, and\n  \
+           an rmap record's tgid loaded with current->mm instead of a helper call: the table above.\n\
+         - The plain loads cost start-up instead: the verifier checks each pointer loaded through a BTF-typed task\n  \
+           (current->mm) by searching the kernel's BTF by name (btf_nested_type_is_trusted, btf_find_by_name_kind:\n  \
+           17% of a host start-up's samples). Host start-up, side by side with the binary of 002fa87: 320 -> 515 ms.\n\
+         - Records carry their CPU (80 bytes instead of 72) so that every CPU's balance can be checked exactly.\n\
+         - Wake-ups batched (the kernel wakes mapcountd at 1/16 of the ring buffer, the daemon drains every 20 ms):\n  \
+           compare the \"daemon running\" column with \"a wake-up per record\" (the kernel's default).\n",
+        verdict(rate >= 20e6),
+        verdict(bytes <= 96.0),
+        fmt_slowdowns(&vm, "mapcountd-fentry"),
+        fmt_slowdowns(&vm, "mapcountd-kprobe"),
+        verdict(vm.no_slower_than_bpftrace("mapcountd-fentry")),
+        multiples("mapcountd-fentry"),
+        multiples("mapcountd-kprobe"),
+        if all_balanced { "balanced" } else { "NOT balanced" },
+        rate_or_none(lossless(8 << 20)),
+        rate_or_none(lossless(64 << 10)),
+        verdict(all_balanced),
+        verdict(scrape_ms <= 50.0),
+        vm.startup_ms.len(),
+        events = figure("ingest_events"),
+        scenario_records = figure("ingest_scenario_records"),
+        probes = vm.probes,
+        table = vm.report(),
+    );
+    std::fs::write(root.join("BENCHMARKS.md"), &report)?;
+    print!("{report}");
+    Ok(())
+}
+
+pub fn command(vm_only: bool) -> anyhow::Result<()> {
+    if vm_only {
+        let output = bench_vm(&build_binaries()?)?;
+        for line in output.lines().filter(|l| l.starts_with("MAPCOUNT-") || l.starts_with("tracer ")) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+    bench()
 }
 
 #[cfg(test)]

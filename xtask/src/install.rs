@@ -9,7 +9,11 @@ use std::{
     process::Command,
 };
 
-use crate::{Tally, cache_dir, kernels, run_cmd, vm};
+use crate::{
+    cache_dir,
+    checks::{self, Tally},
+    kernels, run_cmd, vm,
+};
 
 /// The user space the test installs into: the release mapcountd is built
 /// on (its glibc), with systemd, and curl and bpftool for the checks.
@@ -18,29 +22,7 @@ const INCLUDE: &str = "systemd,systemd-sysv,dbus,curl,bpftool";
 
 /// Runs inside the guest once the system is up; what it prints reaches
 /// the serial console.
-const CHECK_SCRIPT: &str = r#"#!/bin/sh
-say() { echo "MAPCOUNT-INSTALL $*"; }
-# Tracing programs and their links only: systemd has cgroup programs of its own.
-count() { bpftool "$1" show 2>/dev/null | grep -cE '^[0-9]+: (kprobe|tracing|perf_event) '; }
-for i in $(seq 1 120); do
-    state=$(systemctl is-active mapcountd)
-    [ "$state" = active ] || [ "$state" = failed ] && break
-    sleep 1
-done
-say "is-active=$state enabled=$(systemctl is-enabled mapcountd) waited=${i}s"
-systemctl status mapcountd --no-pager --lines=0 | sed 's/^/MAPCOUNT-INSTALL status: /'
-pid=$(systemctl show -p MainPID --value mapcountd)
-say "uid=$(stat -c %u /proc/$pid) $(grep CapEff /proc/$pid/status | tr -d '\t')"
-curl -s -o /tmp/scrape http://127.0.0.1:9730/metrics
-say "scrape_exit=$? lines=$(wc -l </tmp/scrape)"
-grep -E '^mapcount_(build_info|kernel_info|probe_attached|events_total)' /tmp/scrape | sed 's/^/MAPCOUNT-INSTALL scrape: /'
-progs=$(count prog)
-links=$(count link)
-systemctl stop mapcountd
-say "stopped stop_exit=$? state=$(systemctl is-active mapcountd) progs_before=$progs links_before=$links progs_after=$(count prog) links_after=$(count link)"
-journalctl -u mapcountd --no-pager -o cat | sed 's/^/MAPCOUNT-INSTALL journal: /'
-systemctl poweroff --force --force
-"#;
+const CHECK_SCRIPT: &str = include_str!("../guest/install-check.sh");
 
 const CHECK_UNIT: &str = "[Unit]
 Description=mapcount install test
@@ -94,7 +76,7 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
     let install_log =
         format!("{}{}", String::from_utf8_lossy(&install.stdout), String::from_utf8_lossy(&install.stderr));
     println!("\ninstall test: dpkg -i in a {SUITE} root:\n{}", install_log.trim_end());
-    let mut results = vec![vm::CheckResult {
+    let mut results = vec![checks::CheckResult {
         name: "install/dpkg".to_owned(),
         known: "exit 0".to_owned(),
         reported: format!("exit {}", install.status.code().unwrap_or(-1)),
@@ -184,7 +166,7 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
 }
 
 /// The guest's `MAPCOUNT-INSTALL` lines, as checks.
-fn parse(console: &str) -> Vec<vm::CheckResult> {
+fn parse(console: &str) -> Vec<checks::CheckResult> {
     // systemd prefixes console output of units with nothing, but the kernel
     // may interleave: look for the marker anywhere in the line.
     let lines: Vec<&str> = console
@@ -199,7 +181,7 @@ fn parse(console: &str) -> Vec<vm::CheckResult> {
             .unwrap_or("-")
             .to_owned()
     };
-    let check = |name: &str, reported: String, accepted: &str, passed: bool| vm::CheckResult {
+    let check = |name: &str, reported: String, accepted: &str, passed: bool| checks::CheckResult {
         name: name.to_owned(),
         known: "-".to_owned(),
         reported,

@@ -4,11 +4,15 @@
 //! is asked for through Prometheus's HTTP API and must return series, and
 //! the refcount-headroom alert must have fired.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
-use crate::{vm::CheckResult, workspace_root};
+use crate::{cache_dir, checks::CheckResult, run_cmd, vm, workspace_root};
 
 /// The alert the refcount scenario (a THP mapped 1,000 times: a refcount of
 /// 512,512, ratio 0.000239) is built to trigger once its threshold is
@@ -121,21 +125,25 @@ fn url_encode(s: &str) -> String {
 
 /// Puts Prometheus's configuration, the test rules and the encoded queries
 /// into the initramfs tree (the caller copies the binary and its libraries).
-pub fn stage(root: &Path) -> anyhow::Result<()> {
-    let etc = root.join("etc/prometheus");
-    fs::create_dir_all(&etc)?;
-    // One-second scrapes and evaluations: the scenarios last about a minute.
-    fs::write(
-        etc.join("prometheus.yml"),
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+/// What a test image needs to run Prometheus: the binary, its
+/// configuration (one-second scrapes and evaluations: the scenarios last
+/// about a minute), the rules under test and the dashboard's queries.
+pub fn image_extra() -> anyhow::Result<vm::Extra> {
+    let etc = PathBuf::from("etc/prometheus");
+    let config = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - /etc/prometheus/mapcount.rules.yml\n\
-         scrape_configs:\n  - job_name: mapcount\n    static_configs:\n      - targets: ['127.0.0.1:9730']\n",
-    )?;
-    fs::write(etc.join("mapcount.rules.yml"), rules_for_test()?)?;
+         scrape_configs:\n  - job_name: mapcount\n    static_configs:\n      - targets: ['127.0.0.1:9730']\n";
     let lines: String =
         queries()?.iter().enumerate().map(|(i, q)| format!("{i} {}\n", url_encode(&q.expr))).collect();
-    fs::write(etc.join("queries.txt"), lines)?;
-    Ok(())
+    Ok(vm::Extra {
+        binaries: vec![prometheus_binary()?],
+        texts: vec![
+            (etc.join("prometheus.yml"), config.to_owned()),
+            (etc.join("mapcount.rules.yml"), rules_for_test()?),
+            (etc.join("queries.txt"), lines),
+        ],
+        ..vm::Extra::default()
+    })
 }
 
 /// Reads the guest's `MAPCOUNT-PROMQL <index> <json>` and alert lines.
@@ -219,6 +227,61 @@ fn alert_state(json: &str, alert: &str) -> String {
 
 fn truncate(s: &str) -> String {
     s.chars().take(120).collect()
+}
+
+/// promtool from Debian's prometheus package, unpacked into the cache (the
+/// package is not installed: its scripts would start a server).
+pub fn promtool() -> anyhow::Result<PathBuf> {
+    Ok(prometheus_package()?.join("usr/bin/promtool"))
+}
+
+pub fn prometheus_binary() -> anyhow::Result<PathBuf> {
+    Ok(prometheus_package()?.join("usr/bin/prometheus"))
+}
+
+/// Debian's prometheus package, unpacked; returns its root.
+pub fn prometheus_package() -> anyhow::Result<PathBuf> {
+    let dir = cache_dir().join("prometheus");
+    let promtool = dir.join("root/usr/bin/promtool");
+    if promtool.exists() {
+        return Ok(dir.join("root"));
+    }
+    std::fs::create_dir_all(&dir)?;
+    run_cmd(Command::new("apt-get").current_dir(&dir).args([
+        "download",
+        "-qq",
+        "-o",
+        "APT::Sandbox::User=root",
+        "prometheus",
+    ]))?;
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download prometheus left no .deb")?;
+    run_cmd(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("root")))?;
+    Ok(dir.join("root"))
+}
+
+pub fn promtool_check_metrics(promtool: &Path, text: &str) -> bool {
+    use std::io::Write as _;
+    let Ok(mut child) = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        return false;
+    };
+    let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
+    let Ok(out) = child.wait_with_output() else { return false };
+    let complaints =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !complaints.trim().is_empty() {
+        println!("  promtool: {}", complaints.trim());
+    }
+    out.status.success() && complaints.trim().is_empty()
 }
 
 #[cfg(test)]

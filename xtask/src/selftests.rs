@@ -8,7 +8,7 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{cache_dir, kernels, run_cmd, vm::CheckResult};
+use crate::{cache_dir, checks::CheckResult, kernels, run_cmd, vm};
 
 /// The tests run, in order, and what each exercises.
 pub const TESTS: &[&str] = &[
@@ -228,4 +228,18 @@ fn drift_checks(console: &str, rows: &mut Vec<String>) -> Vec<CheckResult> {
         results.push(CheckResult::failed("drift/vmstat", "no MAPCOUNT-DRIFT lines"));
     }
     results
+}
+/// What a selftests image needs: the tests (`MAPCOUNT_SELFTESTS=cow,mremap_test`
+/// runs only those), their timeout, and Redis.
+pub fn image_extra() -> anyhow::Result<vm::Extra> {
+    let tests = build()?;
+    let list = std::env::var("MAPCOUNT_SELFTESTS")
+        .map(|only| only.replace(',', " "))
+        .unwrap_or_else(|_| TESTS.join(" "));
+    Ok(vm::Extra {
+        binaries: vec![vm::which("redis-server")?, vm::which("redis-cli")?],
+        files: TESTS.iter().map(|t| (tests.join(t), PathBuf::from("selftests").join(t))).collect(),
+        init_vars: vec![("$SELFTESTS", list), ("$SELFTEST_TIMEOUT", TEST_TIMEOUT.to_string())],
+        ..vm::Extra::default()
+    })
 }

@@ -41,6 +41,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bc",
     "libelf-dev",
     "dwarves",
+    // The guest scripts' lint.
+    "shellcheck",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -90,11 +92,17 @@ fn rust_src() -> anyhow::Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
         .context("rustup not found; the nightly toolchain builds the eBPF object")?;
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.starts_with("rust-src")) {
-        return Ok(());
+    // rust-src: the eBPF build rebuilds core; clippy and rustfmt: the lint
+    // step checks the eBPF crate, and rustfmt.toml needs nightly's rustfmt.
+    let installed = String::from_utf8_lossy(&installed.stdout).to_string();
+    for component in ["rust-src", "clippy", "rustfmt"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        println!("setup: installing {component} for the nightly toolchain");
+        run_cmd(Command::new("rustup").args(["component", "add", component, "--toolchain", "nightly"]))?;
     }
-    println!("setup: installing rust-src for the nightly toolchain (the eBPF build rebuilds core)");
-    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    Ok(())
 }
 
 fn debian_packages() -> anyhow::Result<()> {

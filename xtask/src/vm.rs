@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cache_dir, kernels::Kernel, run_cmd};
+use crate::{cache_dir, checks::CheckResult, kernels::Kernel, run_cmd};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -31,102 +31,7 @@ pub enum Mode {
 }
 
 /// `cargo xtask bench` in the guest. Every figure comes from this one boot.
-const BENCH: &str = r#"
-ready() {
-    for i in $(seq 1 600); do
-        wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-alive() { [ -e /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null; }
-# Signal $1 with $2 and give it 30 s to exit, then kill it (and say so).
-finish() {
-    kill -$2 $1
-    for i in $(seq 1 300); do alive $1 || break; sleep 0.1; done
-    if alive $1; then echo "MAPCOUNT-BENCH-KILLED $1 did not exit after SIG$2"; kill -KILL $1; fi
-    wait $1 2>/dev/null
-}
-stop() { finish $1 TERM; }
-# Start-up: exec to /-/ready, five times.
-for i in 1 2 3 4 5; do
-    line=$(mapcount-workload time-ready -- mapcountd --log.level=warn)
-    echo "$line"
-    pid=$(echo "$line" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
-    # Not our child (its parent exited): it ends as a zombie of init.
-    finish $pid TERM
-done
-# The scenarios' own event stream, for the host's ingest benchmark: recorded
-# here, written raw to the virtio disk the host reads back.
-mapcountd --record /tmp/events.rec --ringbuf.size=67108864 --log.level=warn >/tmp/record.log 2>&1 &
-d=$!
-ready
-mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs >/dev/null
-stop $d
-if [ -b /dev/vda ]; then
-    dd if=/tmp/events.rec of=/dev/vda bs=1M 2>/dev/null && sync
-    echo "MAPCOUNT-RECORD bytes=$(stat -c %s /tmp/events.rec)"
-fi
-rm -f /tmp/events.rec
-# The functions mapcountd attaches, for bpftrace to probe the same ones.
-mapcountd --attach.mode=fentry >/tmp/attach.log 2>&1 &
-d=$!
-ready
-stop $d
-probes=$(sed -n 's/.*attached probe="\([a-z_]*\)" function="\([a-z_.0-9]*\)".*/\1 \2/p' /tmp/attach.log |
-    while read probe function; do
-        case $probe in *_return) echo "kretprobe:$function" ;; *) echo "kprobe:$function" ;; esac
-    done | sort -u | tr '\n' ',' | sed 's/,$//')
-echo "MAPCOUNT-BENCH-PROBES $probes"
-tracer() {
-    case $1 in
-        none) ;;
-        mapcountd-fentry|mapcountd-kprobe)
-            # Paused while a loop runs: 64 MiB hold every record meanwhile.
-            mapcountd --attach.mode=${1#mapcountd-} --ringbuf.size=67108864 --log.level=warn >/tmp/tracer.log 2>&1 &
-            tracer_pid=$!; pause="--pause $tracer_pid"; ready ;;
-        mapcountd-fentry-running)
-            mapcountd --attach.mode=fentry --log.level=warn >/tmp/tracer.log 2>&1 &
-            tracer_pid=$!; ready ;;
-        mapcountd-fentry-every-record)
-            mapcountd --attach.mode=fentry --ringbuf.wakeup=every-record --log.level=warn >/tmp/tracer.log 2>&1 &
-            tracer_pid=$!; ready ;;
-        bpftrace-empty|bpftrace-count)
-            if [ $1 = bpftrace-empty ]; then action='{ }'; else action='{ @calls[probe] = count(); }'; fi
-            bpftrace -e "$probes $action" >/tmp/tracer.log 2>&1 &
-            tracer_pid=$!
-            for i in $(seq 1 600); do grep -q Attaching /tmp/tracer.log && break; sleep 0.1; done
-            sleep 1 ;;
-    esac
-}
-# Kernel-side cost: the same loops under each tracer, five rounds.
-for round in 1 2 3 4 5; do
-    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record bpftrace-empty bpftrace-count; do
-        tracer_pid=""
-        pause=""
-        tracer $t
-        mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
-        if [ -n "$tracer_pid" ]; then
-            finish $tracer_pid INT
-            grep -q ERROR /tmp/tracer.log && sed "s/^/tracer $t: /" /tmp/tracer.log | head -5
-        fi
-    done
-done
-# Lossless rate: a fresh daemon per rate, per-CPU accounting at its exit;
-# with the default ring buffer, then with a 64 KiB one that overflows.
-for ring in 8388608 65536; do
-    for rate in 10000 20000 40000 80000 160000 320000; do
-        mapcountd --ringbuf.size=$ring --log.level=info >/tmp/rate.log 2>&1 &
-        d=$!
-        ready
-        mapcount-workload rate --events-per-second $rate --seconds 10 | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
-        stop $d
-        grep 'event accounting' /tmp/rate.log | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
-    done
-done
-echo "MAPCOUNT-BENCH-DONE"
-poweroff -f
-"#;
+const BENCH: &str = include_str!("../guest/bench.sh");
 
 pub struct Image {
     pub initramfs: PathBuf,
@@ -135,213 +40,26 @@ pub struct Image {
 /// Network drivers the demo VM needs to reach the host (with their dependencies).
 const NET_MODULES: &[&str] = &["virtio_net"];
 
-const PREAMBLE: &str = r#"#!/bin/busybox sh
-/bin/busybox mount -t proc proc /proc
-/bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
-mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-mount -t tmpfs tmpfs /tmp
-# ramfs: page-cache folios that are not swap-backed, i.e. kind "file".
-mkdir -p /mnt/ramfs && mount -t ramfs ramfs /mnt/ramfs
-ip link set lo up
-for m in $(cat /modules.order 2>/dev/null); do insmod /modules/$m; done
-if ip link show eth0 >/dev/null 2>&1; then
-    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-fi
-echo "MAPCOUNT-KERNEL $(uname -r)"
-"#;
+const PREAMBLE: &str = include_str!("../guest/preamble.sh");
 
-const INIT: &str = r#"attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
-[ -n "$attach" ] || attach=auto
-extra=""
-# 64 MiB of ring buffer: the refcount scenario makes a million rmap calls
-# in seconds on 6.1, which has no batched rmap functions.
-[ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom --ringbuf.size=67108864"
-[ "$MODE" = selftests ] && extra="--ringbuf.size=67108864"
-# Overload: a ring buffer the storm overflows, a folio table it fills.
-[ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
-mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug,mapcount_daemon::folios=debug $extra >/tmp/mapcountd.log 2>&1 &
-daemon=$!
-ready=0
-for i in $(seq 1 300); do
-    if wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null; then ready=1; break; fi
-    sleep 0.2
-done
-echo "MAPCOUNT-DAEMON-READY $ready"
-if [ "$MODE" = test ]; then
-    if [ -x /usr/bin/prometheus ]; then
-        # The operator's view: Prometheus scrapes the daemon throughout.
-        prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
-            --web.listen-address=127.0.0.1:9090 >/tmp/prometheus.log 2>&1 &
-        prom=$!
-        for i in $(seq 1 300); do
-            wget -q -O /dev/null http://127.0.0.1:9090/-/ready 2>/dev/null && break
-            sleep 0.2
-        done
-        # Scraped, and the rules evaluated on that data, before the scenarios.
-        for i in $(seq 1 60); do
-            ratio=$(wget -q -O - 'http://127.0.0.1:9090/api/v1/query?query=mapcount_refcount_headroom_ratio')
-            case "$ratio" in *'"result":[{'*) break ;; esac
-            sleep 1
-        done
-        sleep 3
-        echo "MAPCOUNT-PROM-RATIO-BEFORE $ratio"
-        echo "MAPCOUNT-PROM-ALERTS-BEFORE $(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)"
-    fi
-    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
-    echo "MAPCOUNT-WORKLOAD-EXIT $?"
-    if [ -x /usr/bin/prometheus ]; then
-        for i in $(seq 1 30); do
-            alerts=$(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)
-            case "$alerts" in *firing*) break ;; esac
-            sleep 1
-        done
-        echo "MAPCOUNT-PROM-ALERTS-AFTER $alerts"
-        while read -r index query; do
-            echo "MAPCOUNT-PROMQL $index $(wget -q -O - "http://127.0.0.1:9090/api/v1/query?query=$query")"
-        done </etc/prometheus/queries.txt
-        kill $prom
-        wait $prom
-        sed 's/^/prometheus: /' /tmp/prometheus.log | grep -v ' level=info ' | head -20
-    fi
-    # Clean shutdown: every program and link gone, within a second.
-    progs=$(bpftool prog show | grep -c '^[0-9]*:')
-    links=$(bpftool link show | grep -c '^[0-9]*:')
-    start=$(cut -d' ' -f1 /proc/uptime | tr -d .)
-    kill -TERM $daemon
-    wait $daemon
-    echo "MAPCOUNT-DAEMON-EXIT $?"
-    end=$(cut -d' ' -f1 /proc/uptime | tr -d .)
-    echo "MAPCOUNT-SHUTDOWN progs_before=$progs links_before=$links progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:') centiseconds=$((end - start))"
-    mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
-    cat /tmp/replay.log
-    mapcount-workload compare /tmp/final.prom /tmp/replay.prom
-    # SIGINT takes the same way out as SIGTERM.
-    mapcountd --web.listen-address=127.0.0.1:9731 --attach.mode=$attach >/tmp/mapcountd-int.log 2>&1 &
-    second=$!
-    for i in $(seq 1 300); do
-        wget -q -O /dev/null http://127.0.0.1:9731/-/ready 2>/dev/null && break
-        sleep 0.2
-    done
-    kill -INT $second
-    wait $second
-    echo "MAPCOUNT-SIGINT exit=$? progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:')"
-    sed 's/^/metrics: /' /tmp/final.prom
-    sed 's/^/mapcountd: /' /tmp/mapcountd.log
-elif [ "$MODE" = selftests ]; then
-    # map_hugetlb and hugepage-mmap map 256 MiB of huge pages.
-    echo 160 > /proc/sys/vm/nr_hugepages
-    # THP for every size the kernel offers, as a test host would run.
-    echo always > /sys/kernel/mm/transparent_hugepage/enabled
-    metric() {
-        wget -q -O - http://127.0.0.1:9730/metrics | grep "^$1" | awk '{s+=$2} END {printf "%d", s}'
-    }
-    # Until the daemon has taken every record the kernel had produced when
-    # asked (the asking itself keeps producing records).
-    settle() {
-        produced=$(metric mapcount_events_produced_total)
-        for i in $(seq 1 100); do
-            sleep 0.2
-            taken=$(( $(metric mapcount_events_total) + $(metric mapcount_events_lost_total) ))
-            [ $taken -ge $produced ] && break
-        done
-    }
-    # The kernel's counters against the table's: the difference is what
-    # processes older than mapcountd map, and must not move.
-    drift() {
-        wget -q -O /tmp/drift.prom http://127.0.0.1:9730/metrics
-        for c in nr_anon_pages nr_mapped nr_anon_transparent_hugepages nr_shmem_pmdmapped nr_file_pmdmapped; do
-            k=$(grep "^mapcount_kernel_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
-            t=$(grep "^mapcount_table_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
-            echo "MAPCOUNT-DRIFT phase=$1 counter=$c kernel=$k table=$t"
-        done
-    }
-    settle
-    drift begin
-    echo "MAPCOUNT-SELFTEST-BEGIN anon_folios=$(metric 'mapcount_folios{kind="anon"')"
-    for t in $SELFTESTS; do
-        settle
-        d0=$(metric mapcount_mapcount_disagreements_total)
-        p0=$(metric mapcount_phantom_mappings_total)
-        start=$(cut -d. -f1 /proc/uptime)
-        (cd /selftests && timeout $SELFTEST_TIMEOUT ./$t >/tmp/selftest.log 2>&1)
-        rc=$?
-        end=$(cut -d. -f1 /proc/uptime)
-        settle
-        d1=$(metric mapcount_mapcount_disagreements_total)
-        p1=$(metric mapcount_phantom_mappings_total)
-        alive=0; kill -0 $daemon 2>/dev/null && alive=1
-        echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) seconds=$((end - start)) daemon_alive=$alive"
-        grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
-        tail -n 4 /tmp/selftest.log | sed "s/^/selftest $t (last lines): /"
-    done
-    echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
-    # A real application: Redis forks a child for BGSAVE while a client
-    # overwrites keys (mapcount-workload redis, which forks nothing: the
-    # shell waits). Redis reports the child's copy-on-write size (its smaps
-    # Private_Dirty); mapcount counts the copies made meanwhile.
-    echo never > /sys/kernel/mm/transparent_hugepage/enabled
-    echo 0 > /proc/sys/vm/nr_hugepages
-    mkdir -p /tmp/redis
-    # A delay per key keeps the child alive while the client writes.
-    redis-server --port 6379 --dir /tmp/redis --save '' --appendonly no --rdbcompression no \
-        --rdb-key-save-delay 20 --enable-debug-command yes \
-        --logfile /tmp/redis.log >/dev/null 2>&1 &
-    redis=$!
-    for i in $(seq 1 150); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
-    mapcount-workload redis --metrics 127.0.0.1:9730/metrics --log /tmp/redis.log --keys 200000
-    grep -iE 'copy-on-write|CoW|Background saving' /tmp/redis.log | sed 's/^/redis: /'
-    redis-cli SHUTDOWN NOSAVE >/dev/null 2>&1
-    wait $redis 2>/dev/null
-    settle
-    drift end
-    grep 'disagree' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
-    grep 'left at teardown' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
-    wget -q -O - http://127.0.0.1:9730/metrics | sed 's/^/metrics: /'
-    kill -TERM $daemon
-    wait $daemon
-    echo "MAPCOUNT-DAEMON-EXIT $?"
-    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
-elif [ "$MODE" = soak ]; then
-    seconds=$(sed -n 's/.*mapcount\.soak=\([0-9]*\).*/\1/p' /proc/cmdline)
-    mapcount-workload storm --seconds $seconds &
-    storm=$!
-    start=$(cut -d. -f1 /proc/uptime)
-    while kill -0 $storm 2>/dev/null; do
-        sleep 10
-        now=$(cut -d. -f1 /proc/uptime)
-        rss=$(awk '/^VmRSS/ {print $2}' /proc/$daemon/status)
-        wget -q -O /tmp/scrape http://127.0.0.1:9730/metrics
-        ok=$?
-        lost=$(grep '^mapcount_events_lost_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
-        events=$(grep '^mapcount_events_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
-        entries=$(grep '^mapcount_folio_table_entries' /tmp/scrape | awk '{print $2}')
-        echo "MAPCOUNT-SOAK t=$((now - start)) rss_kb=$rss scrape_ok=$((ok == 0)) events=$events lost=$lost entries=$entries"
-    done
-    kill -TERM $daemon
-    wait $daemon
-    echo "MAPCOUNT-DAEMON-EXIT $?"
-    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
-else
-    tail -f /tmp/mapcountd.log &
-    mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &
-    wait $daemon
-fi
-poweroff -f
-"#;
+const INIT: &str = include_str!("../guest/init.sh");
+
+/// What a caller puts into an image beyond mapcountd, the workload and
+/// bpftool: the kernel's selftests, Redis, Prometheus and its files.
+#[derive(Default)]
+pub struct Extra {
+    /// Programs for /usr/bin, with their shared libraries.
+    pub binaries: Vec<PathBuf>,
+    /// Executables: (file on this host, path in the image).
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// (path in the image, contents).
+    pub texts: Vec<(PathBuf, String)>,
+    /// `$NAME` in the init script and its value.
+    pub init_vars: Vec<(&'static str, String)>,
+}
 
 impl Image {
-    /// `prometheus`: Debian's Prometheus binary, to run in a test VM with
-    /// the shipped rules and the dashboard's queries.
-    pub fn build(
-        bin_dir: &Path,
-        kernel: &Kernel,
-        mode: Mode,
-        prometheus: Option<&Path>,
-    ) -> anyhow::Result<Self> {
+    pub fn build(bin_dir: &Path, kernel: &Kernel, mode: Mode, extra: Extra) -> anyhow::Result<Self> {
         let name = match mode {
             Mode::Test => "test",
             Mode::Demo => "demo",
@@ -356,9 +74,23 @@ impl Image {
         }
         let busybox = Path::new("/bin/busybox");
         fs::copy(busybox, root.join("bin/busybox")).context("copy busybox (busybox-static)")?;
-        let script = if mode == Mode::Bench { BENCH.to_owned() } else { INIT.replace("$MODE", name) };
+        let mut script = if mode == Mode::Bench { BENCH.to_owned() } else { INIT.replace("$MODE", name) };
+        for (var, value) in &extra.init_vars {
+            script = script.replace(var, value);
+        }
         fs::write(root.join("init"), format!("{PREAMBLE}{script}"))?;
         set_executable(&root.join("init"))?;
+        for (src, dst) in &extra.files {
+            let dst = root.join(dst);
+            fs::create_dir_all(dst.parent().expect("a file in a directory"))?;
+            fs::copy(src, &dst).with_context(|| format!("copy {}", src.display()))?;
+            set_executable(&dst)?;
+        }
+        for (dst, text) in &extra.texts {
+            let dst = root.join(dst);
+            fs::create_dir_all(dst.parent().expect("a file in a directory"))?;
+            fs::write(&dst, text)?;
+        }
 
         let mut libraries = BTreeSet::new();
         let bpftool = which("bpftool")?;
@@ -366,31 +98,7 @@ impl Image {
         if mode == Mode::Bench {
             binaries.push(which("bpftrace")?);
         }
-        if mode == Mode::Selftests {
-            for program in ["redis-server", "redis-cli"] {
-                binaries.push(which(program)?);
-            }
-        }
-        if mode == Mode::Selftests {
-            let tests = crate::selftests::build()?;
-            fs::create_dir_all(root.join("selftests"))?;
-            for test in crate::selftests::TESTS {
-                fs::copy(tests.join(test), root.join("selftests").join(test))?;
-                set_executable(&root.join("selftests").join(test))?;
-            }
-            // MAPCOUNT_SELFTESTS=cow,mremap_test runs only those.
-            let list = std::env::var("MAPCOUNT_SELFTESTS")
-                .map(|only| only.replace(',', " "))
-                .unwrap_or_else(|_| crate::selftests::TESTS.join(" "));
-            let script = format!("{PREAMBLE}{}", INIT.replace("$MODE", name))
-                .replace("$SELFTESTS", &list)
-                .replace("$SELFTEST_TIMEOUT", &crate::selftests::TEST_TIMEOUT.to_string());
-            fs::write(root.join("init"), script)?;
-        }
-        if let Some(prometheus) = prometheus {
-            crate::prometheus::stage(&root)?;
-            binaries.push(prometheus.to_path_buf());
-        }
+        binaries.extend(extra.binaries.iter().cloned());
         for src in binaries {
             let binary = src.file_name().expect("a file").to_owned();
             fs::copy(&src, root.join("usr/bin").join(binary))
@@ -429,7 +137,7 @@ pub fn pack(root: &Path, initramfs: &Path) -> anyhow::Result<()> {
     run_cmd(Command::new("sh").args(["-c", &script]))
 }
 
-fn which(program: &str) -> anyhow::Result<PathBuf> {
+pub fn which(program: &str) -> anyhow::Result<PathBuf> {
     let out = Command::new("sh").args(["-c", &format!("command -v {program}")]).output()?;
     let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if path.is_empty() {
@@ -652,26 +360,6 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     let _ = child.wait();
     let _ = reader.join();
     Ok(output)
-}
-
-pub struct CheckResult {
-    pub name: String,
-    pub known: String,
-    pub reported: String,
-    pub accepted: String,
-    pub passed: bool,
-}
-
-impl CheckResult {
-    pub fn failed(name: &str, why: &str) -> Self {
-        Self {
-            name: name.to_owned(),
-            known: "-".to_owned(),
-            reported: why.to_owned(),
-            accepted: "-".to_owned(),
-            passed: false,
-        }
-    }
 }
 
 /// Whether a line holds something shaped like a kernel address: 16 hex

@@ -6,7 +6,9 @@
 //!   stream (`--scenarios FILE`, from the bench VM) followed by synthetic
 //!   small-folio churn;
 //! - folio table: bytes per live folio (heap growth / folios);
-//! - scrape: rendering /metrics with a million live folios.
+//! - scrape: rendering /metrics with a million live folios;
+//! - `--uptime EVENTS`: instead of all that, a long uptime in one run
+//!   (see [`uptime`]).
 
 use std::{
     hint::black_box,
@@ -14,7 +16,10 @@ use std::{
     time::Instant,
 };
 
-use mapcount_common::{Event, EventType, FolioKind, ForkEvent, Level, RmapOp, WriteFaultOutcome, fork_copy};
+use mapcount_common::{
+    Event, EventType, FolioKind, ForkEvent, Level, RmapOp, SOURCE_NAME_LEN, SourceEvent, TeardownEvent,
+    WriteFaultOutcome, fork_copy, vma_class,
+};
 use mapcount_daemon::{
     aggregate::Aggregator,
     decode::{encode, kind_label},
@@ -142,9 +147,191 @@ fn recorded_stream(records: &mut Stream, path: &str) {
     }
 }
 
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Weeks of a busy host's events through one aggregator, generated as
+/// they are consumed: folios of every kind and order created and freed
+/// over and over at reused addresses, processes that live for a million
+/// folios and exit, write faults, and driver pages from more sources than
+/// the `source` label keeps. Prints RSS samples and every counter next to
+/// the count the stream put in, and exits 1 if one differs, a folio is
+/// left, or RSS grows after the first tenth.
+fn uptime(total_events: u64) -> bool {
+    const LIFECYCLES_PER_PROCESS: u64 = 1_000_000;
+    let kinds = [FolioKind::Anon, FolioKind::File, FolioKind::Shmem];
+    let metrics = Arc::new(Metrics::new());
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
+    let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+    let (mut events, mut rmap_calls, mut rmap_pages, mut faults, mut teardowns, mut sources) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let take = |sink: &mut Sink, aggregator: &mut Aggregator, record: &[u8], events: &mut u64| {
+        sink.take(aggregator, record).expect("no recording");
+        *events += 1;
+    };
+    let mut i = 0u64;
+    while events < total_events {
+        let process = 1 + i / LIFECYCLES_PER_PROCESS;
+        let (mm, tgid) = (process, process as u32);
+        if i > 0 && i % LIFECYCLES_PER_PROCESS == 0 {
+            let exit = TeardownEvent {
+                event_type: EventType::Teardown as u8,
+                _pad: [0; 3],
+                cpu: 0,
+                mm: mm - 1,
+                timestamp_ns: 0,
+            };
+            take(&mut sink, &mut aggregator, &encode(&exit), &mut events);
+            teardowns += 1;
+        }
+        // Orders 0 to 9, every kind; a PMD mapping for order 9.
+        let order = (i % 10) as u8;
+        let kind = kinds[(i / 10 % 3) as usize];
+        let (level, nr_pages) = if order == 9 { (Level::Pmd, 512) } else { (Level::Pte, 1u32 << order) };
+        let add = if kind == FolioKind::Anon { RmapOp::AddNew } else { RmapOp::Add };
+        let folio = 0xffff_ea00_0000_0000 + (i % 65_536) * 4096;
+        let base = 0x7f00_0000_0000 + (i % 65_536) * (2 << 20);
+        // The kernel's stored count before the call, minus one: pages
+        // mapped by PTE, or one for the PMD (_large_mapcount for a large folio).
+        let mapped = if level == Level::Pmd { 1 } else { nr_pages as i32 };
+        let rmap = |op: RmapOp, mapped_before: bool| Event {
+            event_type: EventType::Rmap as u8,
+            op: op as u8,
+            level: level as u8,
+            kind: kind as u8,
+            order,
+            folio,
+            mm,
+            tgid,
+            base,
+            nr_pages,
+            mapcount: if mapped_before { mapped - 1 } else { -1 },
+            refcount: 2,
+            ..Event::ZERO
+        };
+        take(&mut sink, &mut aggregator, &encode(&rmap(add, false)), &mut events);
+        if i % 8 == 0 {
+            let fault = Event {
+                event_type: EventType::WriteFault as u8,
+                outcome: WriteFaultOutcome::Reuse as u8,
+                kind: kind as u8,
+                order,
+                folio,
+                mm,
+                tgid,
+                duration_ns: 1500,
+                mapcount: 0,
+                ..Event::ZERO
+            };
+            take(&mut sink, &mut aggregator, &encode(&fault), &mut events);
+            faults += 1;
+        }
+        take(&mut sink, &mut aggregator, &encode(&rmap(RmapOp::Remove, true)), &mut events);
+        rmap_calls += 2;
+        rmap_pages += 2 * u64::from(nr_pages);
+        // A driver page now and then, from one of 100 sources (the label keeps 32).
+        if i % 1024 == 0 {
+            let mut name = [0u8; SOURCE_NAME_LEN];
+            // Letters: the label drops digits.
+            let n = (i / 1024) % 100;
+            let text =
+                format!("dev{}{}", char::from(b'a' + (n / 26) as u8), char::from(b'a' + (n % 26) as u8));
+            name[..text.len()].copy_from_slice(text.as_bytes());
+            let source = SourceEvent {
+                event_type: EventType::Source as u8,
+                vma_class: vma_class::PFNMAP,
+                op: RmapOp::Add as u8,
+                _pad: [0; 1],
+                nr_pages: 1,
+                cpu: 0,
+                _pad2: 0,
+                fs_type: [0; SOURCE_NAME_LEN],
+                name,
+            };
+            take(&mut sink, &mut aggregator, &encode(&source), &mut events);
+            sources += 1;
+        }
+        i += 1;
+        if i % (total_events / 20 / 3).max(1) == 0 {
+            samples.push((events, rss_kib()));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    aggregator.publish_metrics();
+    let sum = |c: &prometheus::IntCounterVec| -> u64 {
+        use prometheus::core::Collector as _;
+        c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
+    };
+    let checks = [
+        ("mapcount_rmap_calls_total", sum(&metrics.rmap_calls), rmap_calls),
+        ("mapcount_rmap_pages_total", sum(&metrics.rmap_pages), rmap_pages),
+        ("mapcount_cow_faults_total", sum(&metrics.write_faults), faults),
+        (
+            "mapcount_events_total{type=\"teardown\"}",
+            metrics.events.with_label_values(&["teardown"]).get(),
+            teardowns,
+        ),
+        (
+            "mapcount_events_total{type=\"source\"}",
+            metrics.events.with_label_values(&["source"]).get(),
+            sources,
+        ),
+        ("mapcount_mapcount_disagreements_total", sum(&metrics.disagreements), 0),
+        ("mapcount_folio_table_entries", metrics.table_entries.get() as u64, 0),
+    ];
+    println!(
+        "uptime_events {events} in {seconds:.1} s ({:.1} M events/s); {i} folios created and freed; {teardowns} processes exited",
+        events as f64 / seconds / 1e6
+    );
+    let mut ok = true;
+    for (name, got, put_in) in checks {
+        let same = got == put_in;
+        ok &= same;
+        println!(
+            "uptime_counter {name} = {got}, the stream put in {put_in}: {}",
+            if same { "equal" } else { "DIFFERENT" }
+        );
+    }
+    let source_labels =
+        metrics.render().lines().filter(|l| l.starts_with("mapcount_nomapping_pages_mapped_total{")).count();
+    println!(
+        "uptime_source_series {source_labels} (100 sources, the label keeps {} and \"other\")",
+        mapcount_daemon::aggregate::MAX_SOURCES
+    );
+    ok &= source_labels <= mapcount_daemon::aggregate::MAX_SOURCES + 1;
+    let rss: Vec<String> = samples
+        .iter()
+        .map(|(e, kib)| format!("{:.0}M:{:.1}MiB", *e as f64 / 1e6, *kib as f64 / 1024.0))
+        .collect();
+    println!("uptime_rss_samples {}", rss.join(" "));
+    let warm = samples.get(1).map_or(0, |s| s.1);
+    let last = samples.last().map_or(0, |s| s.1);
+    // Flat: no more than 10% (and 4 MiB) above the level after the first tenth.
+    let flat = last <= warm + (warm / 10).max(4096);
+    ok &= flat;
+    println!(
+        "uptime_rss_flat {flat} (after the first tenth {:.1} MiB, at the end {:.1} MiB)",
+        warm as f64 / 1024.0,
+        last as f64 / 1024.0
+    );
+    ok
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    if let Some(events) = flag("--uptime") {
+        let events: u64 = events.parse().expect("--uptime EVENTS");
+        std::process::exit(if uptime(events) { 0 } else { 1 });
+    }
     let live_folios: u64 = flag("--live-folios").and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
 
     // Ingest: best of three passes, each into a fresh aggregator.

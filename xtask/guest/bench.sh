@@ -1,0 +1,95 @@
+
+ready() {
+    for _ in $(seq 1 600); do
+        wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+alive() { [ -e /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null; }
+# Signal $1 with $2 and give it 30 s to exit, then kill it (and say so).
+finish() {
+    kill -$2 $1
+    for _ in $(seq 1 300); do alive $1 || break; sleep 0.1; done
+    if alive $1; then echo "MAPCOUNT-BENCH-KILLED $1 did not exit after SIG$2"; kill -KILL $1; fi
+    wait $1 2>/dev/null
+}
+stop() { finish $1 TERM; }
+# Start-up: exec to /-/ready, five times.
+for _ in 1 2 3 4 5; do
+    line=$(mapcount-workload time-ready -- mapcountd --log.level=warn)
+    echo "$line"
+    pid=$(echo "$line" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+    # Not our child (its parent exited): it ends as a zombie of init.
+    finish $pid TERM
+done
+# The scenarios' own event stream, for the host's ingest benchmark: recorded
+# here, written raw to the virtio disk the host reads back.
+mapcountd --record /tmp/events.rec --ringbuf.size=67108864 --log.level=warn >/tmp/record.log 2>&1 &
+d=$!
+ready
+mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs >/dev/null
+stop $d
+if [ -b /dev/vda ]; then
+    dd if=/tmp/events.rec of=/dev/vda bs=1M 2>/dev/null && sync
+    echo "MAPCOUNT-RECORD bytes=$(stat -c %s /tmp/events.rec)"
+fi
+rm -f /tmp/events.rec
+# The functions mapcountd attaches, for bpftrace to probe the same ones.
+mapcountd --attach.mode=fentry >/tmp/attach.log 2>&1 &
+d=$!
+ready
+stop $d
+probes=$(sed -n 's/.*attached probe="\([a-z_]*\)" function="\([a-z_.0-9]*\)".*/\1 \2/p' /tmp/attach.log |
+    while read probe function; do
+        case $probe in *_return) echo "kretprobe:$function" ;; *) echo "kprobe:$function" ;; esac
+    done | sort -u | tr '\n' ',' | sed 's/,$//')
+echo "MAPCOUNT-BENCH-PROBES $probes"
+tracer() {
+    case $1 in
+        none) ;;
+        mapcountd-fentry|mapcountd-kprobe)
+            # Paused while a loop runs: 64 MiB hold every record meanwhile.
+            mapcountd --attach.mode=${1#mapcountd-} --ringbuf.size=67108864 --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; pause="--pause $tracer_pid"; ready ;;
+        mapcountd-fentry-running)
+            mapcountd --attach.mode=fentry --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; ready ;;
+        mapcountd-fentry-every-record)
+            mapcountd --attach.mode=fentry --ringbuf.wakeup=every-record --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; ready ;;
+        bpftrace-empty|bpftrace-count)
+            if [ $1 = bpftrace-empty ]; then action='{ }'; else action='{ @calls[probe] = count(); }'; fi
+            bpftrace -e "$probes $action" >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!
+            for _ in $(seq 1 600); do grep -q Attaching /tmp/tracer.log && break; sleep 0.1; done
+            sleep 1 ;;
+    esac
+}
+# Kernel-side cost: the same loops under each tracer, five rounds.
+for round in 1 2 3 4 5; do
+    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record bpftrace-empty bpftrace-count; do
+        tracer_pid=""
+        pause=""
+        tracer $t
+        mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
+        if [ -n "$tracer_pid" ]; then
+            finish $tracer_pid INT
+            grep -q ERROR /tmp/tracer.log && sed "s/^/tracer $t: /" /tmp/tracer.log | head -5
+        fi
+    done
+done
+# Lossless rate: a fresh daemon per rate, per-CPU accounting at its exit;
+# with the default ring buffer, then with a 64 KiB one that overflows.
+for ring in 8388608 65536; do
+    for rate in 10000 20000 40000 80000 160000 320000; do
+        mapcountd --ringbuf.size=$ring --log.level=info >/tmp/rate.log 2>&1 &
+        d=$!
+        ready
+        mapcount-workload rate --events-per-second $rate --seconds 10 | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
+        stop $d
+        grep 'event accounting' /tmp/rate.log | sed "s/^/MAPCOUNT-RATE ring=$ring target=$rate /"
+    done
+done
+echo "MAPCOUNT-BENCH-DONE"
+poweroff -f

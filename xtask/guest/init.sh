@@ -1,0 +1,177 @@
+attach=$(sed -n 's/.*mapcount\.attach=\([a-z]*\).*/\1/p' /proc/cmdline)
+[ -n "$attach" ] || attach=auto
+extra=""
+# 64 MiB of ring buffer: the refcount scenario makes a million rmap calls
+# in seconds on 6.1, which has no batched rmap functions.
+[ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom --ringbuf.size=67108864"
+[ "$MODE" = selftests ] && extra="--ringbuf.size=67108864"
+# Overload: a ring buffer the storm overflows, a folio table it fills.
+[ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
+mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug,mapcount_daemon::folios=debug $extra >/tmp/mapcountd.log 2>&1 &
+daemon=$!
+ready=0
+for _ in $(seq 1 300); do
+    if wget -q -O /dev/null http://127.0.0.1:9730/-/ready 2>/dev/null; then ready=1; break; fi
+    sleep 0.2
+done
+echo "MAPCOUNT-DAEMON-READY $ready"
+if [ "$MODE" = test ]; then
+    if [ -x /usr/bin/prometheus ]; then
+        # The operator's view: Prometheus scrapes the daemon throughout.
+        prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
+            --web.listen-address=127.0.0.1:9090 >/tmp/prometheus.log 2>&1 &
+        prom=$!
+        for _ in $(seq 1 300); do
+            wget -q -O /dev/null http://127.0.0.1:9090/-/ready 2>/dev/null && break
+            sleep 0.2
+        done
+        # Scraped, and the rules evaluated on that data, before the scenarios.
+        for _ in $(seq 1 60); do
+            ratio=$(wget -q -O - 'http://127.0.0.1:9090/api/v1/query?query=mapcount_refcount_headroom_ratio')
+            case "$ratio" in *'"result":[{'*) break ;; esac
+            sleep 1
+        done
+        sleep 3
+        echo "MAPCOUNT-PROM-RATIO-BEFORE $ratio"
+        echo "MAPCOUNT-PROM-ALERTS-BEFORE $(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)"
+    fi
+    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
+    echo "MAPCOUNT-WORKLOAD-EXIT $?"
+    if [ -x /usr/bin/prometheus ]; then
+        for _ in $(seq 1 30); do
+            alerts=$(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)
+            case "$alerts" in *firing*) break ;; esac
+            sleep 1
+        done
+        echo "MAPCOUNT-PROM-ALERTS-AFTER $alerts"
+        while read -r index query; do
+            echo "MAPCOUNT-PROMQL $index $(wget -q -O - "http://127.0.0.1:9090/api/v1/query?query=$query")"
+        done </etc/prometheus/queries.txt
+        kill $prom
+        wait $prom
+        sed 's/^/prometheus: /' /tmp/prometheus.log | grep -v ' level=info ' | head -20
+    fi
+    # Clean shutdown: every program and link gone, within a second.
+    progs=$(bpftool prog show | grep -c '^[0-9]*:')
+    links=$(bpftool link show | grep -c '^[0-9]*:')
+    start=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
+    end=$(cut -d' ' -f1 /proc/uptime | tr -d .)
+    echo "MAPCOUNT-SHUTDOWN progs_before=$progs links_before=$links progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:') centiseconds=$((end - start))"
+    mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
+    cat /tmp/replay.log
+    mapcount-workload compare /tmp/final.prom /tmp/replay.prom
+    # SIGINT takes the same way out as SIGTERM.
+    mapcountd --web.listen-address=127.0.0.1:9731 --attach.mode=$attach >/tmp/mapcountd-int.log 2>&1 &
+    second=$!
+    for _ in $(seq 1 300); do
+        wget -q -O /dev/null http://127.0.0.1:9731/-/ready 2>/dev/null && break
+        sleep 0.2
+    done
+    kill -INT $second
+    wait $second
+    echo "MAPCOUNT-SIGINT exit=$? progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:')"
+    sed 's/^/metrics: /' /tmp/final.prom
+    sed 's/^/mapcountd: /' /tmp/mapcountd.log
+elif [ "$MODE" = selftests ]; then
+    # map_hugetlb and hugepage-mmap map 256 MiB of huge pages.
+    echo 160 > /proc/sys/vm/nr_hugepages
+    # THP for every size the kernel offers, as a test host would run.
+    echo always > /sys/kernel/mm/transparent_hugepage/enabled
+    metric() {
+        wget -q -O - http://127.0.0.1:9730/metrics | grep "^$1" | awk '{s+=$2} END {printf "%d", s}'
+    }
+    # Until the daemon has taken every record the kernel had produced when
+    # asked (the asking itself keeps producing records).
+    settle() {
+        produced=$(metric mapcount_events_produced_total)
+        for _ in $(seq 1 100); do
+            sleep 0.2
+            taken=$(( $(metric mapcount_events_total) + $(metric mapcount_events_lost_total) ))
+            [ $taken -ge $produced ] && break
+        done
+    }
+    # The kernel's counters against the table's: the difference is what
+    # processes older than mapcountd map, and must not move.
+    drift() {
+        wget -q -O /tmp/drift.prom http://127.0.0.1:9730/metrics
+        for c in nr_anon_pages nr_mapped nr_anon_transparent_hugepages nr_shmem_pmdmapped nr_file_pmdmapped; do
+            k=$(grep "^mapcount_kernel_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            t=$(grep "^mapcount_table_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            echo "MAPCOUNT-DRIFT phase=$1 counter=$c kernel=$k table=$t"
+        done
+    }
+    settle
+    drift begin
+    echo "MAPCOUNT-SELFTEST-BEGIN anon_folios=$(metric 'mapcount_folios{kind="anon"')"
+    for t in $SELFTESTS; do
+        settle
+        d0=$(metric mapcount_mapcount_disagreements_total)
+        p0=$(metric mapcount_phantom_mappings_total)
+        start=$(cut -d. -f1 /proc/uptime)
+        (cd /selftests && timeout $SELFTEST_TIMEOUT ./$t >/tmp/selftest.log 2>&1)
+        rc=$?
+        end=$(cut -d. -f1 /proc/uptime)
+        settle
+        d1=$(metric mapcount_mapcount_disagreements_total)
+        p1=$(metric mapcount_phantom_mappings_total)
+        alive=0; kill -0 $daemon 2>/dev/null && alive=1
+        echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) seconds=$((end - start)) daemon_alive=$alive"
+        grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
+        tail -n 4 /tmp/selftest.log | sed "s/^/selftest $t (last lines): /"
+    done
+    echo "MAPCOUNT-SELFTEST-END anon_folios=$(metric 'mapcount_folios{kind="anon"')"
+    # A real application: Redis forks a child for BGSAVE while a client
+    # overwrites keys (mapcount-workload redis, which forks nothing: the
+    # shell waits). Redis reports the child's copy-on-write size (its smaps
+    # Private_Dirty); mapcount counts the copies made meanwhile.
+    echo never > /sys/kernel/mm/transparent_hugepage/enabled
+    echo 0 > /proc/sys/vm/nr_hugepages
+    mkdir -p /tmp/redis
+    # A delay per key keeps the child alive while the client writes.
+    redis-server --port 6379 --dir /tmp/redis --save '' --appendonly no --rdbcompression no \
+        --rdb-key-save-delay 20 --enable-debug-command yes \
+        --logfile /tmp/redis.log >/dev/null 2>&1 &
+    redis=$!
+    for _ in $(seq 1 150); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.2; done
+    mapcount-workload redis --metrics 127.0.0.1:9730/metrics --log /tmp/redis.log --keys 200000
+    grep -iE 'copy-on-write|CoW|Background saving' /tmp/redis.log | sed 's/^/redis: /'
+    redis-cli SHUTDOWN NOSAVE >/dev/null 2>&1
+    wait $redis 2>/dev/null
+    settle
+    drift end
+    grep 'disagree' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
+    grep 'left at teardown' /tmp/mapcountd.log | head -20 | sed 's/^/mapcountd: /'
+    wget -q -O - http://127.0.0.1:9730/metrics | sed 's/^/metrics: /'
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
+    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
+elif [ "$MODE" = soak ]; then
+    seconds=$(sed -n 's/.*mapcount\.soak=\([0-9]*\).*/\1/p' /proc/cmdline)
+    mapcount-workload storm --seconds $seconds &
+    storm=$!
+    start=$(cut -d. -f1 /proc/uptime)
+    while kill -0 $storm 2>/dev/null; do
+        sleep 10
+        now=$(cut -d. -f1 /proc/uptime)
+        rss=$(awk '/^VmRSS/ {print $2}' /proc/$daemon/status)
+        wget -q -O /tmp/scrape http://127.0.0.1:9730/metrics
+        ok=$?
+        lost=$(grep '^mapcount_events_lost_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
+        events=$(grep '^mapcount_events_total' /tmp/scrape | awk '{s+=$2} END {print s+0}')
+        entries=$(grep '^mapcount_folio_table_entries' /tmp/scrape | awk '{print $2}')
+        echo "MAPCOUNT-SOAK t=$((now - start)) rss_kb=$rss scrape_ok=$((ok == 0)) events=$events lost=$lost entries=$entries"
+    done
+    kill -TERM $daemon
+    wait $daemon
+    echo "MAPCOUNT-DAEMON-EXIT $?"
+    grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
+else
+    tail -f /tmp/mapcountd.log &
+    mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &
+    wait $daemon
+fi
+poweroff -f
