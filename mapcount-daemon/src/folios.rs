@@ -393,6 +393,7 @@ impl FolioTable {
             .copied()
     }
 
+    #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     fn state(&mut self, slot: Slot) -> &mut FolioState {
         self.slots[slot as usize].as_mut().expect("indexed slots hold a folio")
     }
@@ -444,6 +445,7 @@ impl FolioTable {
         (slot, evicted)
     }
 
+    #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     fn remove(&mut self, slot: Slot) -> FolioState {
         let state = self.slots[slot as usize].take().expect("indexed slots hold a folio");
         if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
@@ -527,9 +529,9 @@ impl FolioTable {
             applied.phantoms += self.replace_fork_copy(call);
         }
         let found = self.find(call.folio);
-        let known = found.is_some() && call.op != RmapOp::AddNew;
-        let slot = if known {
-            found.expect("known")
+        let known = found.filter(|_| call.op != RmapOp::AddNew);
+        let slot = if let Some(slot) = known {
+            slot
         } else {
             // A new folio, or one the daemon first sees now: whatever the
             // kernel already counts belongs to address spaces not yet seen.
@@ -559,7 +561,9 @@ impl FolioTable {
             }
         };
         let state = self.state(slot);
-        if known && let Some(kernel) = call.kernel_mapcount {
+        if known.is_some()
+            && let Some(kernel) = call.kernel_mapcount
+        {
             // The kernel reads its counter in the probe and changes it after
             // the probe returns; a task preempted in between, on another CPU,
             // lets other tasks' changes overtake it. Such differences come
@@ -874,6 +878,7 @@ impl FolioTable {
     }
 }
 
+#[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
 fn hash_of(slots: &[Option<FolioState>], slot: Slot) -> u64 {
     hash(slots[slot as usize].as_ref().expect("indexed slots hold a folio").folio)
 }

@@ -232,7 +232,7 @@ impl Sink {
 /// that carry none.
 fn timestamp(record: &[u8]) -> u64 {
     let at = |offset: usize| {
-        record.get(offset..offset + 8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        record.get(offset..offset + 8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes)
     };
     match record.first() {
         Some(&t) if t == EventType::Rmap as u8 || t == EventType::WriteFault as u8 => {

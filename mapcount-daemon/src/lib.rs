@@ -25,4 +25,5 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 
 /// Default port of `/metrics`. Chosen from the unassigned range of the
 /// Prometheus exporter port list; change it with `--web.listen-address`.
-pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9730";
+pub const DEFAULT_LISTEN_ADDRESS: std::net::SocketAddr =
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 9730));

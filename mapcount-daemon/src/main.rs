@@ -180,10 +180,7 @@ impl Settings {
             web_limits,
             max_connections_asked: max_connections.is_some(),
             web_security,
-            listen_address: args
-                .listen_address
-                .or(file.web.listen_address)
-                .unwrap_or_else(|| DEFAULT_LISTEN_ADDRESS.parse().expect("valid default")),
+            listen_address: args.listen_address.or(file.web.listen_address).unwrap_or(DEFAULT_LISTEN_ADDRESS),
             telemetry_path: args
                 .telemetry_path
                 .or(file.web.telemetry_path.map(|p| p.into_inner()))

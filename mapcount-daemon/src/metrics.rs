@@ -59,6 +59,7 @@ pub struct Metrics {
     pub record_stops: IntCounterVec,
 }
 
+#[expect(clippy::expect_used, reason = "metric definitions are static: a bad one fails every test")]
 fn must<T>(r: prometheus::Result<T>) -> T {
     // Only fails on an invalid metric name or duplicate registration: a bug, found by the tests.
     r.expect("metric definitions are static and valid")
@@ -286,6 +287,7 @@ impl Metrics {
         metrics
     }
 
+    #[expect(clippy::expect_used, reason = "encoding into a Vec cannot fail, and the text format is UTF-8")]
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()
@@ -327,6 +329,7 @@ where
 {
     /// `read` returns one value per entry of `labels`; with no label name,
     /// one value for a counter without labels.
+    #[expect(clippy::expect_used, reason = "the names are static: a bad one fails every test")]
     pub fn new(
         name: &str,
         help: &str,
@@ -360,6 +363,7 @@ where
         vec![&self.desc]
     }
 
+    #[expect(clippy::expect_used, reason = "the description was valid when registered")]
     fn collect(&self) -> Vec<MetricFamily> {
         let opts = Opts::new(self.desc.fq_name.clone(), self.desc.help.clone());
         let values = (self.read)();

@@ -148,7 +148,7 @@ impl<R: BufRead> Reader<R> {
         if got < 16 {
             return Err(RecordError::Truncated { what: "the header", offset: got as u64 });
         }
-        let found = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+        let found = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         if found != VERSION {
             return Err(RecordError::Version { found });
         }

@@ -1,6 +1,12 @@
 //! Bad input gets a clear error, the documented exit status, and never a
 //! panic. Each case runs the real `mapcountd` binary.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     io::Write as _,
     net::TcpListener,

@@ -6,6 +6,12 @@
 //! on the network have different addresses. The figures go to
 //! `target/tmp/hostile-clients.txt` for `cargo xtask test` to print.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},

@@ -3,6 +3,12 @@
 //! 64 MiB are evicted and counted, and the daemon is not killed. The
 //! figures go to `target/tmp/memory-limit.txt` for `cargo xtask test`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     fs,
     io::BufWriter,

@@ -2,6 +2,12 @@
 //! metric, the daemon goes on, and the file keeps whole batches that
 //! replay. On a real 1 MiB tmpfs.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     path::{Path, PathBuf},
     process::Command,

@@ -2,6 +2,12 @@
 //! other changed keys are named as needing a restart, a broken file keeps
 //! the running configuration. Runs the real daemon.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},

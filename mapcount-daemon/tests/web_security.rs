@@ -1,6 +1,12 @@
 //! `--web.config.file`, tested with curl against the real daemon: TLS with
 //! a self-signed certificate and bcrypt basic authentication.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "an integration test: a panic is a failed test, with its message"
+)]
+
 use std::{
     net::{TcpListener, TcpStream},
     process::{Child, Command},

@@ -9,6 +9,8 @@ use std::{
     process::Command,
 };
 
+use anyhow::Context as _;
+
 use crate::{
     cache_dir,
     checks::{self, Tally},
@@ -86,7 +88,7 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
     fs::remove_file(root.join("tmp/mapcount.deb"))?;
 
     let check = root.join("usr/local/sbin/mapcount-install-check");
-    fs::create_dir_all(check.parent().expect("a directory"))?;
+    fs::create_dir_all(check.parent().context("a directory")?)?;
     fs::write(&check, CHECK_SCRIPT)?;
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -145,8 +147,7 @@ pub fn test(deb: &Path, kernel: &kernels::Kernel, tally: &mut Tally) -> anyhow::
             started.elapsed().as_secs_f64(),
             log.display()
         );
-        for line in output.lines().filter(|l| l.contains("MAPCOUNT-INSTALL ")) {
-            let line = &line[line.find("MAPCOUNT-INSTALL ").expect("filtered")..];
+        for line in output.lines().filter_map(|l| l.find("MAPCOUNT-INSTALL ").map(|at| &l[at..])) {
             if !line.starts_with("MAPCOUNT-INSTALL journal: ") || !line.contains(" INFO ") {
                 println!("  | {line}");
             }

@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+#[expect(clippy::expect_used, reason = "xtask/ is a directory of the workspace")]
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }

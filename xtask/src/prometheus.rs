@@ -274,7 +274,9 @@ pub fn promtool_check_metrics(promtool: &Path, text: &str) -> bool {
     else {
         return false;
     };
-    let _ = child.stdin.take().expect("piped").write_all(text.as_bytes());
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(text.as_bytes());
+    }
     let Ok(out) = child.wait_with_output() else { return false };
     let complaints =
         format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -82,13 +82,13 @@ impl Image {
         set_executable(&root.join("init"))?;
         for (src, dst) in &extra.files {
             let dst = root.join(dst);
-            fs::create_dir_all(dst.parent().expect("a file in a directory"))?;
+            fs::create_dir_all(dst.parent().context("a file in a directory")?)?;
             fs::copy(src, &dst).with_context(|| format!("copy {}", src.display()))?;
             set_executable(&dst)?;
         }
         for (dst, text) in &extra.texts {
             let dst = root.join(dst);
-            fs::create_dir_all(dst.parent().expect("a file in a directory"))?;
+            fs::create_dir_all(dst.parent().context("a file in a directory")?)?;
             fs::write(&dst, text)?;
         }
 
@@ -100,14 +100,14 @@ impl Image {
         }
         binaries.extend(extra.binaries.iter().cloned());
         for src in binaries {
-            let binary = src.file_name().expect("a file").to_owned();
+            let binary = src.file_name().context("a file")?.to_owned();
             fs::copy(&src, root.join("usr/bin").join(binary))
                 .with_context(|| format!("copy {}", src.display()))?;
             libraries.extend(shared_libraries(&src)?);
         }
         for lib in &libraries {
             let dst = root.join(lib.strip_prefix("/").unwrap_or(lib));
-            fs::create_dir_all(dst.parent().expect("a library has a directory"))?;
+            fs::create_dir_all(dst.parent().context("a library has a directory")?)?;
             fs::copy(lib, &dst).with_context(|| format!("copy {}", lib.display()))?;
         }
         let modules: &[&str] = match mode {
@@ -327,7 +327,7 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
         });
     }
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
-    let stdout = child.stdout.take().expect("piped");
+    let stdout = child.stdout.take().context("qemu's console is piped")?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {

@@ -10,6 +10,12 @@
 //! - `--uptime EVENTS`: instead of all that, a long uptime in one run
 //!   (see [`uptime`]).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test program: a failure here is a failed test, with its message"
+)]
+
 use std::{
     hint::black_box,
     sync::{Arc, Mutex},
@@ -181,7 +187,7 @@ fn uptime(total_events: u64) -> bool {
     while events < total_events {
         let process = 1 + i / LIFECYCLES_PER_PROCESS;
         let (mm, tgid) = (process, process as u32);
-        if i > 0 && i % LIFECYCLES_PER_PROCESS == 0 {
+        if i > 0 && i.is_multiple_of(LIFECYCLES_PER_PROCESS) {
             let exit = TeardownEvent {
                 event_type: EventType::Teardown as u8,
                 _pad: [0; 3],
@@ -218,7 +224,7 @@ fn uptime(total_events: u64) -> bool {
             ..Event::ZERO
         };
         take(&mut sink, &mut aggregator, &encode(&rmap(add, false)), &mut events);
-        if i % 8 == 0 {
+        if i.is_multiple_of(8) {
             let fault = Event {
                 event_type: EventType::WriteFault as u8,
                 outcome: WriteFaultOutcome::Reuse as u8,
@@ -238,7 +244,7 @@ fn uptime(total_events: u64) -> bool {
         rmap_calls += 2;
         rmap_pages += 2 * u64::from(nr_pages);
         // A driver page now and then, from one of 100 sources (the label keeps 32).
-        if i % 1024 == 0 {
+        if i.is_multiple_of(1024) {
             let mut name = [0u8; SOURCE_NAME_LEN];
             // Letters: the label drops digits.
             let n = (i / 1024) % 100;
@@ -260,7 +266,7 @@ fn uptime(total_events: u64) -> bool {
             sources += 1;
         }
         i += 1;
-        if i % (total_events / 20 / 3).max(1) == 0 {
+        if i.is_multiple_of((total_events / 20 / 3).max(1)) {
             samples.push((events, rss_kib()));
         }
     }

@@ -5,6 +5,12 @@
 //! comparison (parsed by `cargo xtask test`); `demo` repeats the scenarios
 //! forever so that a dashboard has something to show.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test program: a failure here is a failed test, with its message"
+)]
+
 use std::{
     ffi::CString,
     fs,
