@@ -434,6 +434,109 @@ pub mod vm_flags {
     pub const MIXEDMAP: u64 = 0x1000_0000;
 }
 
+/// For user space: the byte each enum travels as, back to the enum
+/// (`TryFrom<u8>`, the unknown byte as the error), and the label it has in
+/// metrics. Kept next to the types so that a new variant cannot miss either.
+#[cfg(feature = "user")]
+mod user {
+    use super::{EventType, FolioKind, Level, RmapOp, WriteFaultOutcome};
+
+    macro_rules! byte_enum {
+        ($type:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+            impl TryFrom<u8> for $type {
+                type Error = u8;
+                fn try_from(byte: u8) -> Result<Self, u8> {
+                    $(if byte == $type::$variant as u8 {
+                        return Ok($type::$variant);
+                    })+
+                    Err(byte)
+                }
+            }
+
+            impl $type {
+                /// The label value in metrics.
+                pub fn label(self) -> &'static str {
+                    match self {
+                        $($type::$variant => $label,)+
+                    }
+                }
+            }
+        };
+    }
+
+    byte_enum!(EventType {
+        Rmap => "rmap",
+        WriteFault => "write_fault",
+        Fork => "fork",
+        Source => "source",
+        Move => "move",
+        Teardown => "teardown",
+    });
+    byte_enum!(RmapOp { Add => "add", AddNew => "add_new", Remove => "remove" });
+    byte_enum!(Level { Pte => "pte", Pmd => "pmd", Pud => "pud" });
+    byte_enum!(FolioKind {
+        Anon => "anon",
+        Ksm => "ksm",
+        File => "file",
+        Shmem => "shmem",
+        NoMapping => "nomapping",
+    });
+    byte_enum!(WriteFaultOutcome {
+        Reuse => "reuse",
+        Copy => "copy",
+        CopyZeroPage => "copy_zero_page",
+        Shared => "shared",
+        Other => "other",
+        Unshare => "unshare",
+    });
+}
+
+/// Records as the kernel side writes them, for tests, benchmarks and
+/// synthetic streams: what a record says is named, the rest is zero.
+#[cfg(feature = "user")]
+impl Event {
+    /// A call of an rmap function: `nr_pages` pages of `folio` (an order
+    /// `order` folio of `kind`) mapped or unmapped in `mm` at `base`, at
+    /// `level`. The kernel's counters are zero: set them with `..`.
+    #[expect(clippy::too_many_arguments, reason = "one argument per field a record says")]
+    pub fn rmap(
+        op: RmapOp,
+        level: Level,
+        kind: FolioKind,
+        order: u8,
+        folio: u64,
+        mm: u64,
+        base: u64,
+        nr_pages: u32,
+    ) -> Event {
+        Event {
+            event_type: EventType::Rmap as u8,
+            op: op as u8,
+            level: level as u8,
+            kind: kind as u8,
+            order,
+            folio,
+            mm,
+            base,
+            nr_pages,
+            ..Event::ZERO
+        }
+    }
+
+    /// A write fault on `folio` (of `kind`, order `order`) in `mm` that ended in `outcome`.
+    pub fn write_fault(outcome: WriteFaultOutcome, kind: FolioKind, order: u8, folio: u64, mm: u64) -> Event {
+        Event {
+            event_type: EventType::WriteFault as u8,
+            outcome: outcome as u8,
+            kind: kind as u8,
+            order,
+            folio,
+            mm,
+            ..Event::ZERO
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), contain only integers and have no implicit padding

@@ -10,7 +10,7 @@ use mapcount_common::{
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 
 use crate::{
-    decode::{Decoded, kind_label, level_label, op_label, outcome_label},
+    decode::Decoded,
     folios::{FolioTable, Retired, RmapCall},
     metrics::Metrics,
 };
@@ -91,7 +91,7 @@ impl Handles {
         let index =
             (((op as usize * LEVELS + level as usize) * KINDS + kind as usize) * ORDERS) + order as usize;
         self.rmap[index].get_or_insert_with(|| {
-            let labels = [op_label(op), level_label(level), kind_label(kind), order_label(order)];
+            let labels = [op.label(), level.label(), kind.label(), order_label(order)];
             (m.rmap_calls.with_label_values(&labels).local(), m.rmap_pages.with_label_values(&labels).local())
         })
     }
@@ -108,8 +108,8 @@ impl Handles {
         self.write_faults[index].get_or_insert_with(|| {
             m.write_faults
                 .with_label_values(&[
-                    outcome_label(outcome),
-                    kind.map_or("none", kind_label),
+                    outcome.label(),
+                    kind.map_or("none", FolioKind::label),
                     order_label(order),
                 ])
                 .local()
@@ -128,7 +128,7 @@ impl Handles {
     }
 
     fn retired(&mut self, m: &Metrics, retired: &Retired) {
-        let (kind, order) = (kind_label(retired.kind), order_label(retired.order));
+        let (kind, order) = (retired.kind.label(), order_label(retired.order));
         let at = kind_order(retired.kind, retired.order);
         self.sharers[retired.kind as usize]
             .get_or_insert_with(|| m.sharers.with_label_values(&[kind]).local())
@@ -244,12 +244,12 @@ impl Aggregator {
                     own_mm: raw.flags & event_flags::OWN_MM != 0,
                 });
                 if let Some((own, kernel)) = applied.disagreement {
-                    m.disagreements.with_label_values(&[kind_label(kind)]).inc();
+                    m.disagreements.with_label_values(&[kind.label()]).inc();
                     tracing::debug!(
-                        kind = kind_label(kind),
+                        kind = kind.label(),
                         order = raw.order,
-                        op = op_label(op),
-                        level = level_label(level),
+                        op = op.label(),
+                        level = level.label(),
                         nr = raw.nr_pages,
                         own,
                         kernel,
@@ -258,10 +258,10 @@ impl Aggregator {
                     );
                 }
                 if applied.preexisting_corrected {
-                    m.preexisting_corrections.with_label_values(&[kind_label(kind)]).inc();
+                    m.preexisting_corrections.with_label_values(&[kind.label()]).inc();
                 }
                 if applied.phantoms > 0 {
-                    m.phantoms.with_label_values(&[kind_label(kind), "selfcheck"]).inc_by(applied.phantoms);
+                    m.phantoms.with_label_values(&[kind.label(), "selfcheck"]).inc_by(applied.phantoms);
                 }
                 if applied.pmd_split_inferred {
                     m.pmd_splits_inferred.inc();
@@ -307,7 +307,7 @@ impl Aggregator {
                 self.handles.events[5].inc();
                 let torn = self.table.teardown(teardown.mm);
                 for (kind, count) in torn.phantoms {
-                    m.phantoms.with_label_values(&[kind_label(kind), "teardown"]).inc_by(count);
+                    m.phantoms.with_label_values(&[kind.label(), "teardown"]).inc_by(count);
                 }
                 for retired in &torn.retired {
                     self.handles.retired(m, retired);
@@ -404,7 +404,7 @@ impl Aggregator {
         for kind in [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping]
         {
             for (order, c) in counts[kind as usize].iter().enumerate().filter(|(_, c)| c.folios > 0) {
-                let labels = [kind_label(kind), order_label(order as u8)];
+                let labels = [kind.label(), order_label(order as u8)];
                 m.folios.with_label_values(&labels).set(c.folios);
                 m.partially_mapped.with_label_values(&labels).set(c.partial);
                 m.shared.with_label_values(&labels).set(c.shared);
@@ -418,7 +418,7 @@ impl Aggregator {
         {
             for order in 0..ORDERS as u8 {
                 let Some(max) = self.refcount_max[kind_order(kind, order)] else { continue };
-                m.refcount_max.with_label_values(&[kind_label(kind), order_label(order)]).set(i64::from(max));
+                m.refcount_max.with_label_values(&[kind.label(), order_label(order)]).set(i64::from(max));
                 highest = highest.max(max);
             }
         }
@@ -453,7 +453,7 @@ impl Aggregator {
             out.push_str(&format!(
                 "{} {} {} {} {} {} {} {} {} {} {} {} {} {}\n",
                 f.serial,
-                kind_label(f.kind),
+                f.kind.label(),
                 f.order,
                 f.sharers(),
                 f.mapcount(),
@@ -502,16 +502,7 @@ mod tests {
     use crate::decode::{decode, encode};
 
     fn rmap(op: RmapOp, level: Level, kind: FolioKind, order: u8, nr_pages: u32) -> Decoded {
-        let event = Event {
-            event_type: EventType::Rmap as u8,
-            op: op as u8,
-            level: level as u8,
-            kind: kind as u8,
-            order,
-            nr_pages,
-            ..Event::ZERO
-        };
-        decode(&encode(&event)).unwrap()
+        decode(&encode(&Event::rmap(op, level, kind, order, 0, 0, 0, nr_pages))).unwrap()
     }
 
     fn write_fault(outcome: WriteFaultOutcome, duration_ns: u32) -> Decoded {
@@ -563,16 +554,16 @@ mod tests {
     fn rendered_text_has_help_and_no_addresses() {
         let metrics = Arc::new(Metrics::new());
         let mut agg = Aggregator::new(Arc::clone(&metrics), 1024);
-        let mut event = Event {
-            event_type: EventType::Rmap as u8,
-            op: RmapOp::Add as u8,
-            level: Level::Pte as u8,
-            kind: FolioKind::Anon as u8,
-            nr_pages: 1,
-            ..Event::ZERO
-        };
-        event.folio = 0xffff_8880_1234_5678;
-        event.mm = 0xffff_8880_8765_4321;
+        let event = Event::rmap(
+            RmapOp::Add,
+            Level::Pte,
+            FolioKind::Anon,
+            0,
+            0xffff_8880_1234_5678,
+            0xffff_8880_8765_4321,
+            0,
+            1,
+        );
         agg.apply(&decode(&encode(&event)).unwrap());
         agg.publish_metrics();
         let text = metrics.render();
@@ -664,7 +655,7 @@ mod tests {
             Sink::new(Arc::new(std::sync::Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
         let mut reader = record::Reader::new(&stream[..]).unwrap();
         while let Some(bytes) = reader.next_record().unwrap() {
-            sink.take(&mut aggregator, bytes).unwrap();
+            sink.ingest(&mut aggregator, bytes).unwrap();
         }
         aggregator.publish_metrics();
         assert_eq!(metrics.shared.with_label_values(&["anon", "9"]).get(), 1);

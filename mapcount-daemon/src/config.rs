@@ -29,7 +29,36 @@ use std::{net::SocketAddr, path::Path};
 
 use serde::Deserialize;
 
-use crate::probes::{AttachMode, Wakeup};
+/// How a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// fentry/fexit where the kernel allows it, else kprobe/kretprobe.
+    Auto,
+    Fentry,
+    Kprobe,
+}
+
+/// When the kernel side wakes the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Wakeup {
+    /// Only once 1/16 of the ring buffer is waiting; the daemon also drains
+    /// every 20 ms. Fewer wake-ups on the traced CPUs.
+    Batch,
+    /// The kernel's default: wake the daemon at each record it has not yet seen.
+    EveryRecord,
+}
+
+impl AttachMode {
+    pub fn label(self) -> &'static str {
+        match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Fentry => "fentry",
+            AttachMode::Kprobe => "kprobe",
+        }
+    }
+}
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -253,7 +282,7 @@ mod tests {
         assert_eq!(config.web.listen_address, Some("127.0.0.1:9999".parse().unwrap()));
         assert_eq!(config.attach.mode, Some(AttachMode::Kprobe));
         assert_eq!(config.ringbuf.size.map(|s| s.into_inner()), Some(65536));
-        assert_eq!(config.ringbuf.wakeup, Some(crate::probes::Wakeup::EveryRecord));
+        assert_eq!(config.ringbuf.wakeup, Some(Wakeup::EveryRecord));
         assert_eq!(config.folio_table.size.map(|s| s.into_inner()), Some(10));
     }
 

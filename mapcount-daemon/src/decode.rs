@@ -62,9 +62,9 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             let raw: Event = read_record(bytes)?;
             check_order(raw.order)?;
             Ok(Decoded::Rmap {
-                op: rmap_op(raw.op)?,
-                level: level(raw.level)?,
-                kind: folio_kind(raw.kind)?,
+                op: field("op", raw.op)?,
+                level: field("level", raw.level)?,
+                kind: field("kind", raw.kind)?,
                 raw,
             })
         }
@@ -72,8 +72,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             let raw: Event = read_record(bytes)?;
             check_order(raw.order)?;
             Ok(Decoded::WriteFault {
-                outcome: outcome(raw.outcome)?,
-                kind: if raw.kind == 0 { None } else { Some(folio_kind(raw.kind)?) },
+                outcome: field("outcome", raw.outcome)?,
+                kind: if raw.kind == 0 { None } else { Some(field("kind", raw.kind)?) },
                 raw,
             })
         }
@@ -85,7 +85,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             if !(vma_class::MIXEDMAP..=vma_class::OTHER).contains(&raw.vma_class) {
                 return Err(DecodeError::BadField { field: "vma_class", value: raw.vma_class });
             }
-            Ok(Decoded::Source { op: rmap_op(raw.op)?, raw })
+            Ok(Decoded::Source { op: field("op", raw.op)?, raw })
         }
         other => Err(DecodeError::UnknownType(other)),
     }
@@ -102,86 +102,9 @@ fn check_order(order: u8) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn rmap_op(v: u8) -> Result<RmapOp, DecodeError> {
-    Ok(match v {
-        1 => RmapOp::Add,
-        2 => RmapOp::AddNew,
-        3 => RmapOp::Remove,
-        value => return Err(DecodeError::BadField { field: "op", value }),
-    })
-}
-
-fn level(v: u8) -> Result<Level, DecodeError> {
-    Ok(match v {
-        1 => Level::Pte,
-        2 => Level::Pmd,
-        3 => Level::Pud,
-        value => {
-            return Err(DecodeError::BadField { field: "level", value });
-        }
-    })
-}
-
-fn folio_kind(v: u8) -> Result<FolioKind, DecodeError> {
-    Ok(match v {
-        1 => FolioKind::Anon,
-        2 => FolioKind::Ksm,
-        3 => FolioKind::File,
-        4 => FolioKind::Shmem,
-        5 => FolioKind::NoMapping,
-        value => return Err(DecodeError::BadField { field: "kind", value }),
-    })
-}
-
-fn outcome(v: u8) -> Result<WriteFaultOutcome, DecodeError> {
-    Ok(match v {
-        1 => WriteFaultOutcome::Reuse,
-        2 => WriteFaultOutcome::Copy,
-        3 => WriteFaultOutcome::CopyZeroPage,
-        4 => WriteFaultOutcome::Shared,
-        5 => WriteFaultOutcome::Other,
-        6 => WriteFaultOutcome::Unshare,
-        value => {
-            return Err(DecodeError::BadField { field: "outcome", value });
-        }
-    })
-}
-
-pub fn op_label(op: RmapOp) -> &'static str {
-    match op {
-        RmapOp::Add => "add",
-        RmapOp::AddNew => "add_new",
-        RmapOp::Remove => "remove",
-    }
-}
-
-pub fn level_label(level: Level) -> &'static str {
-    match level {
-        Level::Pte => "pte",
-        Level::Pmd => "pmd",
-        Level::Pud => "pud",
-    }
-}
-
-pub fn kind_label(kind: FolioKind) -> &'static str {
-    match kind {
-        FolioKind::Anon => "anon",
-        FolioKind::Ksm => "ksm",
-        FolioKind::File => "file",
-        FolioKind::Shmem => "shmem",
-        FolioKind::NoMapping => "nomapping",
-    }
-}
-
-pub fn outcome_label(outcome: WriteFaultOutcome) -> &'static str {
-    match outcome {
-        WriteFaultOutcome::Reuse => "reuse",
-        WriteFaultOutcome::Copy => "copy",
-        WriteFaultOutcome::CopyZeroPage => "copy_zero_page",
-        WriteFaultOutcome::Shared => "shared",
-        WriteFaultOutcome::Other => "other",
-        WriteFaultOutcome::Unshare => "unshare",
-    }
+/// A byte of a record as the enum it encodes, or the field named in the error.
+fn field<T: TryFrom<u8, Error = u8>>(field: &'static str, byte: u8) -> Result<T, DecodeError> {
+    T::try_from(byte).map_err(|value| DecodeError::BadField { field, value })
 }
 
 /// The bytes of a record as the kernel writes it (for tests and synthetic streams).

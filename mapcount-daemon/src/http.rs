@@ -34,7 +34,7 @@ use hyper::{
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::Notify};
 
-use crate::{aggregate::Aggregator, log_limit::Throttle, metrics::Metrics, web_config::WebSecurity};
+use crate::{log_limit::Throttle, metrics::Metrics, web_config::WebSecurity};
 
 /// How much a misbehaving client may hold. The defaults serve a host
 /// scraped by a few Prometheus servers with room to spare.
@@ -66,8 +66,16 @@ impl Default for Limits {
     }
 }
 
+/// What the endpoint serves, without knowing where it comes from.
+pub trait Exposition: Send + Sync {
+    /// The metrics in the Prometheus text format, as of now.
+    fn metrics_text(&self) -> String;
+    /// One process's folios (`/debug/folios?tgid=N`), at most `max_rows` rows.
+    fn folios_of(&self, tgid: u32, max_rows: usize) -> String;
+}
+
 pub struct HttpState {
-    aggregator: Arc<Mutex<Aggregator>>,
+    exposition: Arc<dyn Exposition>,
     metrics: Arc<Metrics>,
     telemetry_path: String,
     security: WebSecurity,
@@ -82,14 +90,14 @@ pub struct HttpState {
 
 impl HttpState {
     pub fn new(
-        aggregator: Arc<Mutex<Aggregator>>,
+        exposition: Arc<dyn Exposition>,
         metrics: Arc<Metrics>,
         telemetry_path: String,
         security: WebSecurity,
         limits: Limits,
     ) -> Self {
         Self {
-            aggregator,
+            exposition,
             metrics,
             telemetry_path,
             security,
@@ -433,12 +441,11 @@ fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> 
     }
     let path = request.uri().path();
     if path == state.telemetry_path {
-        let body = {
-            let aggregator = state.aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            aggregator.publish_metrics();
-            aggregator.metrics().render()
-        };
-        return text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body);
+        return text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            state.exposition.metrics_text(),
+        );
     }
     if path == "/debug/folios" {
         return debug_folios(state, request.uri().query());
@@ -477,10 +484,7 @@ fn debug_folios(state: &HttpState, query: Option<&str>) -> Response<Full<Bytes>>
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
     }
-    let body = {
-        let aggregator = state.aggregator.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        aggregator.describe_tgid(tgid, DEBUG_FOLIOS_MAX_ROWS)
-    };
+    let body = state.exposition.folios_of(tgid, DEBUG_FOLIOS_MAX_ROWS);
     *allowed_at = Some(Instant::now() + now.elapsed() * 9);
     text(StatusCode::OK, "text/plain", body)
 }

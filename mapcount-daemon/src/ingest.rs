@@ -1,91 +1,29 @@
-//! Loading the object and draining its ring buffers.
+//! Draining the ring buffers: records decoded, sorted by when the kernel
+//! read their counters, aggregated, and recorded when asked.
 
 use std::{
     os::fd::AsRawFd as _,
     sync::{Arc, Mutex},
 };
 
-use aya::{
-    Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-};
-use mapcount_common::{Event, EventType, ForkEvent, KernelLayout, MoveEvent, TeardownEvent};
+use aya::maps::{MapData, RingBuf};
+use mapcount_common::{Event, EventType, ForkEvent, MoveEvent, TeardownEvent};
 use tokio::io::unix::AsyncFd;
 
-use crate::{aggregate::Aggregator, decode::decode, probes::Wakeup, record};
+use crate::{
+    aggregate::Aggregator,
+    config::Wakeup,
+    decode::decode,
+    object::{ObjectError, register},
+    record,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error(
-        "loading the eBPF object failed: {0}{hint}",
-        hint = permission_hint(.0)
-    )]
-    Load(aya::EbpfError),
-    #[error("the eBPF object has no map {0}")]
-    MissingMap(&'static str),
-    #[error("map {name}: {error}")]
-    Map { name: &'static str, error: aya::maps::MapError },
-    #[error("aya-log: {0}")]
-    Log(#[from] aya_log::Error),
+    #[error(transparent)]
+    Object(#[from] ObjectError),
     #[error("polling the ring buffer: {0}")]
     Poll(#[from] std::io::Error),
-}
-
-fn permission_hint(error: &aya::EbpfError) -> &'static str {
-    let text = crate::probes::error_chain(error);
-    if text.contains("Operation not permitted") || text.contains("EPERM") {
-        "; mapcountd needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN before 5.8)"
-    } else {
-        ""
-    }
-}
-
-/// Loads the embedded object with this kernel's layout. Nothing is attached yet.
-/// `whole_fault_windows`: see `probes::whole_fault_windows`.
-pub fn load(
-    layout: &KernelLayout,
-    ring_buffer_bytes: u32,
-    wakeup: Wakeup,
-    whole_fault_windows: bool,
-) -> Result<Ebpf, IngestError> {
-    // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
-    let wakeup_bytes: u64 = match wakeup {
-        Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
-        Wakeup::EveryRecord => 0,
-    };
-    // The daemon's own address space is left out in the kernel.
-    let observer_tgid: u32 = std::process::id();
-    EbpfLoader::new()
-        .override_global("LAYOUT", layout, true)
-        .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
-        .override_global("OBSERVER_TGID", &observer_tgid, true)
-        .override_global("WHOLE_FAULT_WINDOWS", &u32::from(whole_fault_windows), true)
-        .map_max_entries("EVENTS", ring_buffer_bytes)
-        .load(crate::EBPF_OBJECT)
-        .map_err(IngestError::Load)
-}
-
-/// The kernel's per-CPU counters of records produced and lost.
-pub struct KernelCounters {
-    map: Mutex<PerCpuArray<MapData, u64>>,
-}
-
-impl KernelCounters {
-    pub fn take(ebpf: &mut Ebpf) -> Result<Self, IngestError> {
-        let map = ebpf.take_map("COUNTERS").ok_or(IngestError::MissingMap("COUNTERS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|error| IngestError::Map { name: "COUNTERS", error })?;
-        Ok(Self { map: Mutex::new(map) })
-    }
-
-    /// One value per possible CPU for a `counter` slot.
-    pub fn per_cpu(&self, slot: u32) -> Vec<u64> {
-        let map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.get(&slot, 0).map(|per_cpu| per_cpu.to_vec()).unwrap_or_default()
-    }
-
-    pub fn sum(&self, slot: u32) -> u64 {
-        self.per_cpu(slot).iter().sum()
-    }
 }
 
 /// Per CPU, after detaching and draining: records produced by the kernel
@@ -119,19 +57,6 @@ pub fn balance(produced: &[u64], lost: &[u64], received: &[u64]) -> Vec<CpuBalan
         .collect()
 }
 
-pub fn take_events(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, IngestError> {
-    let map = ebpf.take_map("EVENTS").ok_or(IngestError::MissingMap("EVENTS"))?;
-    let ring = RingBuf::try_from(map).map_err(|error| IngestError::Map { name: "EVENTS", error })?;
-    register(ring)
-}
-
-fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, IngestError> {
-    // SAFETY: `inner` owns its file descriptor, and the AsyncFd owns `inner`,
-    // so the descriptor stays open for as long as it is registered.
-    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| IngestError::Poll(e.into_parts().1))
-}
-
 /// What the ingest loop feeds.
 pub struct Sink {
     pub aggregator: Arc<Mutex<Aggregator>>,
@@ -148,7 +73,7 @@ impl Sink {
     }
 
     /// Decodes and aggregates one record (and records it).
-    pub fn take(&mut self, aggregator: &mut Aggregator, bytes: &[u8]) -> Result<(), IngestError> {
+    pub fn ingest(&mut self, aggregator: &mut Aggregator, bytes: &[u8]) -> Result<(), IngestError> {
         match self.record.as_mut().map(|r| r.write(bytes)) {
             Some(Ok(size)) => aggregator.metrics().record_bytes.inc_by(size),
             Some(Err(stop)) => self.stop_recording(aggregator, stop),
@@ -186,7 +111,7 @@ impl Sink {
         let index = std::mem::take(&mut self.index);
         let result = index
             .iter()
-            .try_for_each(|&(_, offset, len)| self.take(&mut aggregator, &batch[offset..offset + len]));
+            .try_for_each(|&(_, offset, len)| self.ingest(&mut aggregator, &batch[offset..offset + len]));
         self.batch = batch;
         self.index = index;
         result?;

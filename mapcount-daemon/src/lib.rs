@@ -1,7 +1,7 @@
 //! mapcountd: per-folio mapping measurements from the kernel's rmap calls.
 //!
-//! The modules follow the data: [`layout`] and [`probes`] prepare the
-//! kernel side, [`ingest`] drains the ring buffer, [`decode`] checks each
+//! The modules follow the data: [`layout`] reads the kernel's BTF,
+//! [`object`] loads the eBPF object with it and [`probes`] attaches it, [`ingest`] drains the ring buffer, [`decode`] checks each
 //! record, [`aggregate`] keeps the [`folios`] table and turns events into
 //! [`metrics`], and [`http`] serves them; [`record`] keeps the raw stream.
 
@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod layout;
 pub mod log_limit;
 pub mod metrics;
+pub mod object;
 pub mod privileges;
 pub mod probes;
 pub mod record;

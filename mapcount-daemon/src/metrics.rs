@@ -297,6 +297,77 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The metrics read at scrape time rather than counted by the daemon:
+    /// the kernel side's per-CPU counters (`read` sums one slot of
+    /// `mapcount_common::counter` over the CPUs) and the kernel's vmstat.
+    pub fn register_read_at_scrape(
+        &self,
+        read: impl Fn(u32) -> u64 + Clone + Send + Sync + 'static,
+    ) -> prometheus::Result<()> {
+        use mapcount_common::counter;
+        let lost = read.clone();
+        self.registry.register(Box::new(ReadAtScrape::new(
+            "mapcount_events_lost_total",
+            "Events the kernel side could not deliver, by reason; every loss is counted here.",
+            Some("reason"),
+            &["ring_buffer_full", "task_state_full"],
+            move || vec![lost(counter::RING_BUFFER_FULL), lost(counter::TASK_STATE_FULL)],
+        )))?;
+        let produced = read.clone();
+        self.registry.register(Box::new(ReadAtScrape::new(
+            "mapcount_events_produced_total",
+            "Records the kernel side tried to put in the ring buffer: received plus lost to ring_buffer_full.",
+            None,
+            &[],
+            move || vec![produced(counter::PRODUCED)],
+        )))?;
+        let left_out = read;
+        self.registry.register(Box::new(ReadAtScrape::new(
+            "mapcount_rmap_calls_left_out_total",
+            "rmap calls and write faults the kernel side leaves out on purpose, by reason: \
+             mapcountd's own address space (observer), hugetlb VMAs (hugetlb).",
+            Some("reason"),
+            &["observer", "hugetlb"],
+            move || vec![left_out(counter::OBSERVER_SKIPPED), left_out(counter::HUGETLB_SKIPPED)],
+        )))?;
+        self.registry.register(Box::new(ReadAtScrape::gauge(
+            "mapcount_kernel_vmstat",
+            "The kernel's own counters of mapped memory, from /proc/vmstat, in its units (pages; THPs for the *_transparent_hugepages and *_pmdmapped counters): compare with mapcount_table_vmstat.",
+            Some("counter"),
+            VMSTAT_COUNTERS,
+            read_vmstat,
+        )))
+    }
+}
+
+/// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter this
+/// kernel lacks. mapcountd's own anonymous pages are taken out, as the
+/// kernel side leaves its address space out of the table (its heap grows
+/// with the table). Its file and driver mappings (binary, ring buffer) are
+/// made once at start and left in: RssFile counts the ring buffer's pages
+/// twice (it is mapped twice, to wrap), nr_mapped once.
+fn read_vmstat() -> Vec<u64> {
+    let field = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let own_pages = |names: &[&str]| names.iter().map(|n| field(&status, n)).sum::<u64>() / 4;
+    VMSTAT_COUNTERS
+        .iter()
+        .map(|counter| {
+            let kernel = field(&vmstat, &format!("{counter} "));
+            match *counter {
+                "nr_anon_pages" => kernel.saturating_sub(own_pages(&["RssAnon:"])),
+                _ => kernel,
+            }
+        })
+        .collect()
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()

@@ -12,12 +12,11 @@ use aya::{
     programs::{FEntry, FExit, KProbe, Program, ProgramError},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// Without it the core metrics stay empty.
-    Core,
-    Optional,
-}
+pub use crate::layout::Need;
+use crate::{
+    config::AttachMode,
+    object::{error_chain, os_error},
+};
 
 pub struct ProbeSpec {
     /// Logical name: the `probe` label of `mapcount_probe_attached`.
@@ -43,37 +42,6 @@ pub struct Candidate {
 pub enum At {
     Entry,
     Return,
-}
-
-/// How a program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// fentry/fexit where the kernel allows it, else kprobe/kretprobe.
-    Auto,
-    Fentry,
-    Kprobe,
-}
-
-/// When the kernel side wakes the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Wakeup {
-    /// Only once 1/16 of the ring buffer is waiting; the daemon also drains
-    /// every 20 ms. Fewer wake-ups on the traced CPUs.
-    Batch,
-    /// The kernel's default: wake the daemon at each record it has not yet seen.
-    EveryRecord,
-}
-
-impl AttachMode {
-    pub fn label(self) -> &'static str {
-        match self {
-            AttachMode::Auto => "auto",
-            AttachMode::Fentry => "fentry",
-            AttachMode::Kprobe => "kprobe",
-        }
-    }
 }
 
 macro_rules! entry {
@@ -331,7 +299,7 @@ impl KernelSymbols {
 }
 
 /// What happened to one logical probe.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ProbeStatus {
     Attached {
         function: String,
@@ -342,8 +310,25 @@ pub enum ProbeStatus {
     /// The function exists but attaching failed (no kprobe support, lockdown, ...).
     AttachFailed {
         function: String,
-        error: String,
+        error: AttachError,
     },
+}
+
+/// Why a program did not attach to a function that exists.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("no kernel BTF for fentry")]
+    NoBtf,
+    #[error("no such program in the object: {0}")]
+    MissingProgram(&'static str),
+    #[error(
+        "{}{hint}",
+        error_chain(.0),
+        hint = paranoid_hint(.0)
+    )]
+    Kprobe(ProgramError),
+    #[error("{}", error_chain(.0))]
+    Fentry(ProgramError),
 }
 
 pub struct ProbeReport {
@@ -365,16 +350,16 @@ fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, 
 
 /// perf_event_open's EACCES without CAP_SYS_ADMIN usually means Debian's
 /// `kernel.perf_event_paranoid=3`, which refuses it even with CAP_PERFMON.
-fn with_paranoid_hint(error: String) -> String {
-    if !error.contains("Permission denied") {
-        return error;
+fn paranoid_hint(error: &ProgramError) -> String {
+    if os_error(error) != Some(libc::EACCES) {
+        return String::new();
     }
     match std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid") {
         Ok(level) if level.trim().parse::<i32>().is_ok_and(|l| l > 2) => format!(
-            "{error}; kernel.perf_event_paranoid is {} (kprobes need CAP_SYS_ADMIN): set it to 2, or use attach.mode fentry",
+            "; kernel.perf_event_paranoid is {} (kprobes need CAP_SYS_ADMIN): set it to 2, or use attach.mode fentry",
             level.trim()
         ),
-        _ => error,
+        _ => String::new(),
     }
 }
 
@@ -426,7 +411,7 @@ pub fn attach_all(
                     _ => kprobe(ebpf, candidate.kprobe)?
                         .attach(&function, 0)
                         .map(drop)
-                        .map_err(|e| with_paranoid_hint(error_chain(&e))),
+                        .map_err(AttachError::Kprobe),
                 };
                 match result {
                     Ok(()) => {
@@ -449,14 +434,14 @@ pub fn attach_all(
 
 /// fentry/fexit need the function's BTF id (functions renamed by the
 /// compiler, `.isra` and friends, have none) and function tracing.
-fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> Result<(), String> {
-    let btf = btf.ok_or("no kernel BTF for fentry")?;
-    let program = ebpf.program_mut(candidate.fentry).ok_or("no such fentry program in the object")?;
+fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> Result<(), AttachError> {
+    let btf = btf.ok_or(AttachError::NoBtf)?;
+    let program = ebpf.program_mut(candidate.fentry).ok_or(AttachError::MissingProgram(candidate.fentry))?;
     // A program whose load or attach failed cannot take another target
     // until it is unloaded.
     let result = match candidate.at {
         At::Entry => {
-            let program: &mut FEntry = program.try_into().map_err(|e: ProgramError| e.to_string())?;
+            let program: &mut FEntry = program.try_into().map_err(AttachError::Fentry)?;
             let result = program.load(candidate.function, btf).and_then(|()| program.attach().map(drop));
             if result.is_err() {
                 let _ = program.unload();
@@ -464,7 +449,7 @@ fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> R
             result
         }
         At::Return => {
-            let program: &mut FExit = program.try_into().map_err(|e: ProgramError| e.to_string())?;
+            let program: &mut FExit = program.try_into().map_err(AttachError::Fentry)?;
             let result = program.load(candidate.function, btf).and_then(|()| program.attach().map(drop));
             if result.is_err() {
                 let _ = program.unload();
@@ -472,7 +457,7 @@ fn attach_fentry(ebpf: &mut Ebpf, candidate: &Candidate, btf: Option<&Btf>) -> R
             result
         }
     };
-    result.map_err(|e| error_chain(&e))
+    result.map_err(AttachError::Fentry)
 }
 
 /// Detaches and unloads every program. Each detach waits for an RCU grace
@@ -491,17 +476,6 @@ pub fn detach_all(ebpf: &mut Ebpf) {
             });
         }
     });
-}
-
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::{
     process::Command,
 };
 
-use mapcount_common::{Event, EventType, FolioKind, Level, RmapOp};
+use mapcount_common::{Event, FolioKind, Level, RmapOp};
 use mapcount_daemon::{decode::encode, record};
 
 const LIMIT: u64 = 64 << 20;
@@ -79,18 +79,11 @@ fn write_record(path: &Path) {
     let file = BufWriter::with_capacity(1 << 20, fs::File::create(path).unwrap());
     let mut writer = record::Writer::new(file).unwrap();
     for i in 0..LIVE_FOLIOS {
+        let (folio, mm, base) = (0xffff_ea00_0000_0000 + i * 64, 1 + i % 64, 0x7f00_0000_0000 + i * 4096);
         let event = Event {
-            event_type: EventType::Rmap as u8,
-            op: RmapOp::AddNew as u8,
-            level: Level::Pte as u8,
-            kind: FolioKind::Anon as u8,
-            folio: 0xffff_ea00_0000_0000 + i * 64,
-            mm: 1 + i % 64,
-            base: 0x7f00_0000_0000 + i * 4096,
-            nr_pages: 1,
             mapcount: 0,
             refcount: 2,
-            ..Event::ZERO
+            ..Event::rmap(RmapOp::AddNew, Level::Pte, FolioKind::Anon, 0, folio, mm, base, 1)
         };
         writer.write(&encode(&event)).unwrap();
     }

@@ -14,7 +14,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use mapcount_common::{Event, EventType, FolioKind, Level, RmapOp};
+use mapcount_common::{Event, FolioKind, Level, RmapOp};
 use mapcount_daemon::{aggregate::Aggregator, decode::encode, ingest::Sink, metrics::Metrics, record};
 
 struct Tmpfs(PathBuf);
@@ -41,18 +41,11 @@ impl Drop for Tmpfs {
 }
 
 fn event(i: u64) -> Vec<u8> {
+    let (folio, base) = (0xffff_ea00_0000_0000 + i * 64, 0x7f00_0000_0000 + i * 4096);
     encode(&Event {
-        event_type: EventType::Rmap as u8,
-        op: RmapOp::AddNew as u8,
-        level: Level::Pte as u8,
-        kind: FolioKind::Anon as u8,
-        folio: 0xffff_ea00_0000_0000 + i * 64,
-        mm: 1,
-        base: 0x7f00_0000_0000 + i * 4096,
-        nr_pages: 1,
         mapcount: 0,
         refcount: 2,
-        ..Event::ZERO
+        ..Event::rmap(RmapOp::AddNew, Level::Pte, FolioKind::Anon, 0, folio, 1, base, 1)
     })
 }
 
@@ -81,7 +74,7 @@ fn a_full_disk_stops_the_recording_not_the_daemon() {
     for batch in 0..100u64 {
         let mut agg = aggregator.lock().unwrap();
         for i in 0..1000 {
-            sink.take(&mut agg, &event(batch * 1000 + i)).expect("the daemon goes on");
+            sink.ingest(&mut agg, &event(batch * 1000 + i)).expect("the daemon goes on");
             taken += 1;
         }
         drop(agg);

@@ -26,12 +26,7 @@ use mapcount_common::{
     Event, EventType, FolioKind, ForkEvent, Level, RmapOp, SOURCE_NAME_LEN, SourceEvent, TeardownEvent,
     WriteFaultOutcome, fork_copy, vma_class,
 };
-use mapcount_daemon::{
-    aggregate::Aggregator,
-    decode::{encode, kind_label},
-    ingest::Sink,
-    metrics::Metrics,
-};
+use mapcount_daemon::{aggregate::Aggregator, decode::encode, ingest::Sink, metrics::Metrics};
 
 /// Records back to back, as `Sink::drain` holds a drained batch.
 #[derive(Default)]
@@ -64,17 +59,9 @@ impl Stream {
 fn synthetic_stream(records: &mut Stream, folios: u64) {
     // `mapcount` is the kernel's stored value: mappings before the call, minus one.
     let rmap = |op: RmapOp, folio: u64, mm: u64, base: u64, mapcount: i32| Event {
-        event_type: EventType::Rmap as u8,
-        op: op as u8,
-        level: Level::Pte as u8,
-        kind: FolioKind::Anon as u8,
-        folio,
-        mm,
-        base,
-        nr_pages: 1,
         mapcount,
         refcount: mapcount + 2,
-        ..Event::ZERO
+        ..Event::rmap(op, Level::Pte, FolioKind::Anon, 0, folio, mm, base, 1)
     };
     for i in 0..folios {
         let folio = 0xffff_ea00_0000_0000 + i * 64;
@@ -99,14 +86,9 @@ fn synthetic_stream(records: &mut Stream, folios: u64) {
         }
         let outcome = if forked { WriteFaultOutcome::Copy } else { WriteFaultOutcome::Reuse };
         records.push(&encode(&Event {
-            event_type: EventType::WriteFault as u8,
-            outcome: outcome as u8,
-            kind: FolioKind::Anon as u8,
-            folio,
-            mm: parent,
             duration_ns: 1500,
             mapcount: others - 1,
-            ..Event::ZERO
+            ..Event::write_fault(outcome, FolioKind::Anon, 0, folio, parent)
         }));
         records.push(&encode(&rmap(RmapOp::Add, folio, parent, base, others)));
         records.push(&encode(&rmap(RmapOp::Remove, folio, parent, base, others + 1)));
@@ -180,7 +162,7 @@ fn uptime(total_events: u64) -> bool {
     let mut samples = Vec::new();
     let started = Instant::now();
     let take = |sink: &mut Sink, aggregator: &mut Aggregator, record: &[u8], events: &mut u64| {
-        sink.take(aggregator, record).expect("no recording");
+        sink.ingest(aggregator, record).expect("no recording");
         *events += 1;
     };
     let mut i = 0u64;
@@ -209,33 +191,18 @@ fn uptime(total_events: u64) -> bool {
         // mapped by PTE, or one for the PMD (_large_mapcount for a large folio).
         let mapped = if level == Level::Pmd { 1 } else { nr_pages as i32 };
         let rmap = |op: RmapOp, mapped_before: bool| Event {
-            event_type: EventType::Rmap as u8,
-            op: op as u8,
-            level: level as u8,
-            kind: kind as u8,
-            order,
-            folio,
-            mm,
             tgid,
-            base,
-            nr_pages,
             mapcount: if mapped_before { mapped - 1 } else { -1 },
             refcount: 2,
-            ..Event::ZERO
+            ..Event::rmap(op, level, kind, order, folio, mm, base, nr_pages)
         };
         take(&mut sink, &mut aggregator, &encode(&rmap(add, false)), &mut events);
         if i.is_multiple_of(8) {
             let fault = Event {
-                event_type: EventType::WriteFault as u8,
-                outcome: WriteFaultOutcome::Reuse as u8,
-                kind: kind as u8,
-                order,
-                folio,
-                mm,
                 tgid,
                 duration_ns: 1500,
                 mapcount: 0,
-                ..Event::ZERO
+                ..Event::write_fault(WriteFaultOutcome::Reuse, kind, order, folio, mm)
             };
             take(&mut sink, &mut aggregator, &encode(&fault), &mut events);
             faults += 1;
@@ -350,7 +317,7 @@ fn main() {
     synthetic_stream(&mut stream, 1_000_000);
     let kinds = [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping];
     let disagreements = |metrics: &Metrics| -> u64 {
-        kinds.iter().map(|&k| metrics.disagreements.with_label_values(&[kind_label(k)]).get()).sum()
+        kinds.iter().map(|&k| metrics.disagreements.with_label_values(&[k.label()]).get()).sum()
     };
     let mut best = f64::INFINITY;
     for _ in 0..3 {
@@ -363,7 +330,7 @@ fn main() {
             if i == scenario_records {
                 after_scenarios = (aggregator.table().len(), disagreements(&metrics));
             }
-            sink.take(&mut aggregator, record).unwrap();
+            sink.ingest(&mut aggregator, record).unwrap();
         }
         aggregator.publish_metrics();
         best = best.min(started.elapsed().as_secs_f64());
@@ -384,19 +351,20 @@ fn main() {
     let before = heap_bytes();
     for i in 0..live_folios {
         let event = Event {
-            event_type: EventType::Rmap as u8,
-            op: RmapOp::AddNew as u8,
-            level: Level::Pte as u8,
-            kind: FolioKind::Anon as u8,
-            folio: 0xffff_ea00_0000_0000 + i * 64,
-            mm: 1 + i % 64,
-            base: 0x7f00_0000_0000 + i * 4096,
-            nr_pages: 1,
             mapcount: 0,
             refcount: 1,
-            ..Event::ZERO
+            ..Event::rmap(
+                RmapOp::AddNew,
+                Level::Pte,
+                FolioKind::Anon,
+                0,
+                0xffff_ea00_0000_0000 + i * 64,
+                1 + i % 64,
+                0x7f00_0000_0000 + i * 4096,
+                1,
+            )
         };
-        sink.take(&mut aggregator, &encode(&event)).unwrap();
+        sink.ingest(&mut aggregator, &encode(&event)).unwrap();
     }
     let grown = heap_bytes().saturating_sub(before);
     println!("table_live_folios {}", aggregator.table().len());

@@ -1,0 +1,106 @@
+//! `mapcountd`: the command line and its dispatch. The daemon itself is
+//! `run`; `check` and `replay` are its subcommands; `settings` merges flags
+//! and the configuration file.
+
+mod check;
+mod replay;
+mod run;
+mod settings;
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use settings::{RunArgs, Settings, parse_at_least_one};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+#[derive(Parser)]
+#[command(
+    name = "mapcountd",
+    version,
+    about = "Measures how folios are mapped, from the kernel's rmap calls, for Prometheus."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what would be attached and the resolved field offsets; exit 1 if core probes are missing.
+    Check {
+        /// Read this BTF file instead of the running kernel's (needs no root).
+        #[arg(long, value_name = "PATH")]
+        btf: Option<PathBuf>,
+        /// Also load every kprobe program into this kernel without attaching
+        /// (the verifier checks each); needs root.
+        #[arg(long, conflicts_with = "btf")]
+        load: bool,
+    },
+    /// Aggregate a record file (written with --record) and print the metrics.
+    Replay {
+        file: PathBuf,
+        /// Most folios the table tracks, lowered to fit a cgroup memory limit.
+        #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20, value_parser = parse_at_least_one)]
+        folio_table_size: usize,
+    },
+}
+
+/// Exit status for bad flags or configuration, as clap uses for bad flags.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (command, settings) = match cli.command {
+        Some(command) => (Some(command), None),
+        None => match Settings::resolve(cli.run) {
+            Ok(settings) => (None, Some(settings)),
+            Err(e) => {
+                eprintln!("mapcountd: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    let log_level = settings.as_ref().map_or("info", |s| s.log_level.as_str());
+    let filter = match EnvFilter::try_new(log_level) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("mapcountd: bad log level {log_level:?}: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // The filter sits behind a reload handle: SIGHUP can change the log level.
+    let (filter, log_filter) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    // aya-log records arrive through the `log` crate.
+    if let Err(e) = tracing_log::LogTracer::init() {
+        eprintln!("mapcountd: cannot route eBPF log records: {e}");
+    }
+
+    let result = match (command, settings) {
+        (Some(Command::Check { btf, load }), _) => check::check(btf, load),
+        (Some(Command::Replay { file, folio_table_size }), _) => replay::replay(&file, folio_table_size),
+        (None, Some(settings)) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run::run(settings, log_filter))),
+        (None, None) => unreachable!("settings are resolved when there is no subcommand"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! `mapcountd replay`: a record file through the same aggregation.
+
+use std::{
+    fs::File,
+    io::BufReader,
+    path::Path,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context as _;
+use mapcount_daemon::{aggregate::Aggregator, ingest, metrics::Metrics, record};
+
+use crate::run::folio_table_size_for_host;
+
+pub(crate) fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
+    let folio_table_size = folio_table_size_for_host(folio_table_size);
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader =
+        record::Reader::new(BufReader::new(file)).with_context(|| format!("{}", path.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), folio_table_size);
+    // Records are replayed in the order they were recorded: the live daemon
+    // records each batch after sorting it.
+    let mut sink =
+        ingest::Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+    let mut records = 0u64;
+    while let Some(bytes) = reader.next_record().with_context(|| format!("{}", path.display()))? {
+        sink.ingest(&mut aggregator, bytes)?;
+        records += 1;
+    }
+    aggregator.publish_metrics();
+    print!("{}", metrics.render());
+    eprintln!("replayed {records} records from {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,121 @@
+//! The eBPF object in the kernel: loaded with this kernel's layout, the
+//! wake-up setting and the daemon's own identity, and the maps the daemon
+//! reads from it (the per-CPU counters and the event ring buffer).
+//! Attaching its programs is `probes`; draining the ring buffer, `ingest`.
+
+use std::{io, sync::Mutex};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+};
+use mapcount_common::KernelLayout;
+use tokio::io::unix::AsyncFd;
+
+use crate::config::Wakeup;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error(
+        "loading the eBPF object failed: {}{hint}",
+        error_chain(.0),
+        hint = if os_error(.0) == Some(libc::EPERM) {
+            "; mapcountd needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN before 5.8)"
+        } else {
+            ""
+        }
+    )]
+    Load(aya::EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("map {name}: {error}")]
+    Map { name: &'static str, error: aya::maps::MapError },
+    #[error("polling a ring buffer: {0}")]
+    Poll(#[from] io::Error),
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// The OS error code somewhere in an error's sources: hints are chosen
+/// by it, not by the wording of a message.
+pub fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(code) = e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
+            return Some(code);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Loads the embedded object with this kernel's layout. Nothing is attached yet.
+/// `whole_fault_windows`: see `probes::whole_fault_windows`.
+pub fn load(
+    layout: &KernelLayout,
+    ring_buffer_bytes: u32,
+    wakeup: Wakeup,
+    whole_fault_windows: bool,
+) -> Result<Ebpf, ObjectError> {
+    // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
+    let wakeup_bytes: u64 = match wakeup {
+        Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
+        Wakeup::EveryRecord => 0,
+    };
+    // The daemon's own address space is left out in the kernel.
+    let observer_tgid: u32 = std::process::id();
+    EbpfLoader::new()
+        .override_global("LAYOUT", layout, true)
+        .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+        .override_global("OBSERVER_TGID", &observer_tgid, true)
+        .override_global("WHOLE_FAULT_WINDOWS", &u32::from(whole_fault_windows), true)
+        .map_max_entries("EVENTS", ring_buffer_bytes)
+        .load(crate::EBPF_OBJECT)
+        .map_err(ObjectError::Load)
+}
+
+/// The kernel's per-CPU counters of records produced and lost.
+pub struct KernelCounters {
+    map: Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl KernelCounters {
+    pub fn from_object(ebpf: &mut Ebpf) -> Result<Self, ObjectError> {
+        let map = ebpf.take_map("COUNTERS").ok_or(ObjectError::MissingMap("COUNTERS"))?;
+        let map = PerCpuArray::try_from(map).map_err(|error| ObjectError::Map { name: "COUNTERS", error })?;
+        Ok(Self { map: Mutex::new(map) })
+    }
+
+    /// One value per possible CPU for a `counter` slot.
+    pub fn per_cpu(&self, slot: u32) -> Vec<u64> {
+        let map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.get(&slot, 0).map(|per_cpu| per_cpu.to_vec()).unwrap_or_default()
+    }
+
+    pub fn sum(&self, slot: u32) -> u64 {
+        self.per_cpu(slot).iter().sum()
+    }
+}
+
+pub fn event_ring(ebpf: &mut Ebpf) -> Result<AsyncFd<RingBuf<MapData>>, ObjectError> {
+    let map = ebpf.take_map("EVENTS").ok_or(ObjectError::MissingMap("EVENTS"))?;
+    let ring = RingBuf::try_from(map).map_err(|error| ObjectError::Map { name: "EVENTS", error })?;
+    register(ring)
+}
+
+pub fn register<T: std::os::fd::AsRawFd>(inner: T) -> Result<AsyncFd<T>, ObjectError> {
+    // SAFETY: `inner` owns its file descriptor, and the AsyncFd owns `inner`,
+    // so the descriptor stays open for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| ObjectError::Poll(e.into_parts().1))
+}
