@@ -6,6 +6,13 @@
 //! together with the record-file version.
 #![no_std]
 
+// User space (the daemon, the workload) has the standard library; the
+// eBPF side has only core.
+#[cfg(feature = "user")]
+extern crate std;
+#[cfg(feature = "user")]
+use std::{borrow::ToOwned, format, string::String};
+
 /// Value stored in a counter field when the running kernel has no such
 /// field (for example `_large_mapcount` before 6.10), or when the field is
 /// meaningless for this folio (per-folio counters of a small folio).
@@ -537,6 +544,84 @@ impl Event {
     }
 }
 
+/// One row of mapcountd's `/debug/folios?tgid=N`: one folio a process maps,
+/// named by the daemon's serial number (never its address). The daemon
+/// writes rows with [`FolioRow::line`], the workload reads them with
+/// [`FolioRow::parse`]: the columns are defined here only.
+#[cfg(feature = "user")]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FolioRow {
+    pub serial: u64,
+    /// [`FolioKind::label`].
+    pub kind: String,
+    pub order: u8,
+    /// Address spaces mapping it.
+    pub sharers: u32,
+    pub mapcount: u64,
+    pub ptes: u64,
+    pub pmds: u64,
+    pub partial: bool,
+    pub ever_partial: bool,
+    pub peak_sharers: u32,
+    pub peak_mapcount: u32,
+    pub peak_refcount: i32,
+    pub cow_copies: u16,
+    pub cow_reuses: u16,
+}
+
+#[cfg(feature = "user")]
+impl FolioRow {
+    /// The header line, a comment.
+    pub const HEADER: &'static str = "# serial kind order sharers mapcount ptes pmds partial ever_partial \
+         peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses";
+
+    pub fn line(&self) -> String {
+        format!(
+            "{} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            self.serial,
+            self.kind,
+            self.order,
+            self.sharers,
+            self.mapcount,
+            self.ptes,
+            self.pmds,
+            u8::from(self.partial),
+            u8::from(self.ever_partial),
+            self.peak_sharers,
+            self.peak_mapcount,
+            self.peak_refcount,
+            self.cow_copies,
+            self.cow_reuses
+        )
+    }
+
+    /// A row as [`FolioRow::line`] wrote it; `None` for a comment or a bad line.
+    pub fn parse(line: &str) -> Option<FolioRow> {
+        if line.starts_with('#') {
+            return None;
+        }
+        let mut f = line.split_whitespace();
+        let mut next = || f.next();
+        let row = FolioRow {
+            serial: next()?.parse().ok()?,
+            kind: next()?.to_owned(),
+            order: next()?.parse().ok()?,
+            sharers: next()?.parse().ok()?,
+            mapcount: next()?.parse().ok()?,
+            ptes: next()?.parse().ok()?,
+            pmds: next()?.parse().ok()?,
+            partial: next()? == "1",
+            ever_partial: next()? == "1",
+            peak_sharers: next()?.parse().ok()?,
+            peak_mapcount: next()?.parse().ok()?,
+            peak_refcount: next()?.parse().ok()?,
+            cow_copies: next()?.parse().ok()?,
+            cow_reuses: next()?.parse().ok()?,
+        };
+        next().is_none().then_some(row)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), contain only integers and have no implicit padding
@@ -551,6 +636,30 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(feature = "user")]
+    #[test]
+    fn folio_rows_read_back_as_written() {
+        let row = super::FolioRow {
+            serial: 7,
+            kind: "anon".to_owned(),
+            order: 9,
+            sharers: 4,
+            mapcount: 2048,
+            ptes: 0,
+            pmds: 4,
+            partial: false,
+            ever_partial: true,
+            peak_sharers: 4,
+            peak_mapcount: 2048,
+            peak_refcount: 5,
+            cow_copies: 0,
+            cow_reuses: 1,
+        };
+        assert_eq!(super::FolioRow::parse(&row.line()), Some(row));
+        assert_eq!(super::FolioRow::parse(super::FolioRow::HEADER), None);
+        assert_eq!(super::FolioRow::parse("7 anon 9"), None);
+    }
+
     use core::mem::size_of;
 
     use super::*;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use mapcount_common::{
-    Event, FIELD_ABSENT, FolioKind, Level, RmapOp, WriteFaultOutcome, event_flags, fork_copy, shared_hint,
-    vma_class,
+    Event, FIELD_ABSENT, FolioKind, FolioRow, Level, RmapOp, WriteFaultOutcome, event_flags, fork_copy,
+    shared_hint, vma_class,
 };
 use prometheus::local::{LocalHistogram, LocalIntCounter};
 
@@ -440,33 +440,30 @@ impl Aggregator {
     /// Text for the debug view: the folios one process maps, by serial.
     /// At most `max_rows` rows; a last comment line says how many more there were.
     pub fn describe_tgid(&self, tgid: u32, max_rows: usize) -> String {
-        let mut out = String::from(
-            "# serial kind order sharers mapcount ptes pmds partial ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses\n",
-        );
+        let mut out = format!("{}\n", FolioRow::HEADER);
         let folios = self.table.mapped_by_tgid(tgid);
         if folios.len() > max_rows {
             out.push_str(&format!("# {} folios, the first {max_rows} by serial\n", folios.len()));
         }
         for f in folios.into_iter().take(max_rows) {
-            let ptes: u64 = f.mappings.iter().map(|m| u64::from(m.ptes)).sum();
-            let pmds: u64 = f.mappings.iter().map(|m| u64::from(m.pmds)).sum();
-            out.push_str(&format!(
-                "{} {} {} {} {} {} {} {} {} {} {} {} {} {}\n",
-                f.serial,
-                f.kind.label(),
-                f.order,
-                f.sharers(),
-                f.mapcount(),
-                ptes,
-                pmds,
-                u8::from(f.partially_mapped()),
-                u8::from(f.ever_partially_mapped),
-                f.peak_sharers,
-                f.peak_mapcount,
-                f.peak_refcount,
-                f.cow_copies,
-                f.cow_reuses
-            ));
+            let row = FolioRow {
+                serial: f.serial,
+                kind: f.kind.label().to_owned(),
+                order: f.order,
+                sharers: f.sharers(),
+                mapcount: f.mapcount(),
+                ptes: f.mappings.iter().map(|m| u64::from(m.ptes)).sum(),
+                pmds: f.mappings.iter().map(|m| u64::from(m.pmds)).sum(),
+                partial: f.partially_mapped(),
+                ever_partial: f.ever_partially_mapped,
+                peak_sharers: u32::from(f.peak_sharers),
+                peak_mapcount: f.peak_mapcount,
+                peak_refcount: f.peak_refcount,
+                cow_copies: f.cow_copies,
+                cow_reuses: f.cow_reuses,
+            };
+            out.push_str(&row.line());
+            out.push('\n');
         }
         out
     }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_binaries, cache_dir, kernels, vm, workspace_root};
+use crate::{build_binaries, cache_dir, ingest_bench, kernels, vm, workspace_root};
 
 /// `key=value` of a console line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
@@ -246,7 +246,7 @@ pub fn bench_vm(bin: &Path) -> anyhow::Result<String> {
     Ok(output)
 }
 
-/// Runs mapcount-bench and times mapcountd's start-up on this host, then
+/// Runs the ingest benchmark and times mapcountd's start-up on this host, then
 /// writes BENCHMARKS.md with the figures, the machine and the commit.
 pub fn bench() -> anyhow::Result<()> {
     let root = workspace_root();
@@ -255,13 +255,10 @@ pub fn bench() -> anyhow::Result<()> {
         "bench: booting Debian 7.3 with 4 vCPUs for the kernel-side figures (several minutes under TCG)"
     );
     let vm = parse(&bench_vm(&release)?);
-    let output = Command::new(release.join("mapcount-bench"))
-        .arg("--scenarios")
-        .arg(cache_dir().join("scenarios.rec"))
-        .output()
-        .context("mapcount-bench")?;
+    let scenarios = cache_dir().join("scenarios.rec");
+    let output = ingest_bench(&["--scenarios".as_ref(), scenarios.as_os_str()])?;
     if !output.status.success() {
-        bail!("mapcount-bench failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!("the ingest benchmark failed");
     }
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let figure = |key: &str| -> f64 {
@@ -388,7 +385,7 @@ pub fn bench() -> anyhow::Result<()> {
          Received records/s counts everything the daemon received (the guest's other processes too). Counts are\n\
          from the kernel's per-CPU counters and the CPU field of each record, after mapcountd detached and drained.\n\n{rate_table}\n\
          ## What was tried and what each change bought\n\n\
-         User space (mapcount-bench on this host; before and after measured back to back):\n\n\
+         User space (`cargo bench --bench ingest` on this host; before and after measured back to back):\n\n\
          - Counter handles resolved once per label set instead of a label lookup per event, folio table on FxHash,\n  \
            no allocation when counting sharers or checking partial mappings: ingest 0.56 M -> 2.2 M events/s,\n  \
            scrape with 1 M folios 274 ms -> 41 ms (gauges summed per (kind, order) before one update each).\n\

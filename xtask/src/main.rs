@@ -133,7 +133,21 @@ pub fn build_binaries() -> anyhow::Result<PathBuf> {
         "--release",
         "-p",
         "mapcount-daemon",
+        "-p",
+        "mapcount-workload",
         "--bins",
     ]))?;
     Ok(workspace_root().join("target/release"))
+}
+
+/// The ingest benchmark (mapcount-daemon/benches/ingest.rs) with `args`,
+/// built first by cargo; its figures are on stdout.
+pub fn ingest_bench(args: &[&std::ffi::OsStr]) -> anyhow::Result<std::process::Output> {
+    Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        .args(["bench", "-p", "mapcount-daemon", "--bench", "ingest", "--"])
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run the ingest benchmark")
 }

@@ -56,7 +56,7 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow:
         tally.passed += passed;
         tally.failed += failed;
         tally.add(host_verifier_test(&bin));
-        tally.add(long_uptime(&bin)?);
+        tally.add(long_uptime()?);
         deploy_checks(&bin, &mut tally)?;
         for kernel in &kernels {
             tally.add(check_against_btf(&bin, kernel, &btf_dir)?);
@@ -318,12 +318,10 @@ pub fn check_against_btf(bin: &Path, kernel: &kernels::Kernel, btf_dir: &Path) -
 pub const UPTIME_EVENTS: u64 = 100_000_000;
 
 /// The aggregator over a long uptime: every counter equal to what the
-/// stream put in, no folio left, RSS flat (mapcount-bench --uptime).
-pub fn long_uptime(bin: &Path) -> anyhow::Result<bool> {
-    let output = Command::new(bin.join("mapcount-bench"))
-        .args(["--uptime", &UPTIME_EVENTS.to_string()])
-        .output()
-        .context("cannot run mapcount-bench --uptime")?;
+/// stream put in, no folio left, RSS flat (the ingest benchmark's --uptime).
+pub fn long_uptime() -> anyhow::Result<bool> {
+    let events = UPTIME_EVENTS.to_string();
+    let output = crate::ingest_bench(&["--uptime".as_ref(), events.as_ref()])?;
     print!("{}", String::from_utf8_lossy(&output.stdout));
     println!("long uptime: {}", if output.status.success() { "pass" } else { "FAIL" });
     Ok(output.status.success())

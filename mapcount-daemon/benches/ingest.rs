@@ -1,6 +1,6 @@
-//! `mapcount-bench`: the user-space side of the performance budget, on
-//! this host, without root. `cargo xtask bench` runs it and writes
-//! BENCHMARKS.md.
+//! The ingest benchmark: the user-space side of the performance budget,
+//! on this host, without root (`cargo bench --bench ingest`). `cargo xtask
+//! bench` runs it and writes BENCHMARKS.md.
 //!
 //! - ingest: decode and aggregate, on one core, the scenarios' recorded
 //!   stream (`--scenarios FILE`, from the bench VM) followed by synthetic

@@ -1,0 +1,196 @@
+//! The loops `cargo xtask bench` times, the lossless-rate driver, start-up
+//! timing, and the comparison of a live run with its replay.
+
+use std::{
+    process::ExitCode,
+    ptr,
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    memory::{PAGE, map_anon, unmap, write_each_page},
+    metrics::{MetricsSource, Scrape},
+};
+
+/// The rmap-heavy loops whose time the kernel-side cost is measured on.
+/// Each prints `MAPCOUNT-COST loop=NAME ns=N events=E`, E being the
+/// records mapcountd produced meanwhile when one is running (else 0).
+/// With `pause`, that mapcountd is stopped (SIGSTOP) while a loop runs, so
+/// the loop pays for the probes and the ring buffer only, not for the
+/// daemon's user-space work on the same (emulated) CPUs.
+pub(crate) fn cost(metrics: &MetricsSource, pause: Option<i32>) {
+    let produced = || metrics.scrape().map_or(0.0, |s| s.sum("mapcount_events_produced_total", &[]));
+    let signal = |sig: libc::c_int| {
+        if let Some(pid) = pause {
+            // SAFETY: plain kill(2) on the daemon the caller named.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    let time = |name: &str, work: &dyn Fn()| {
+        let before = produced();
+        signal(libc::SIGSTOP);
+        let started = Instant::now();
+        work();
+        let ns = started.elapsed().as_nanos();
+        signal(libc::SIGCONT);
+        println!("MAPCOUNT-COST loop={name} ns={ns} events={}", produced() - before);
+    };
+    // Fault in and unmap small pages: one rmap add and one remove per page.
+    time("faults", &|| {
+        for _ in 0..500 {
+            let p = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+            write_each_page(p, 64, 1);
+            unmap(p, 64);
+        }
+    });
+    // Fork and copy on write: the child writes every page the parent owns.
+    time("fork_cow", &|| {
+        let p = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+        for round in 0..100u8 {
+            write_each_page(p, 64, round);
+            // SAFETY: the child only writes to its copy and exits.
+            match unsafe { libc::fork() } {
+                0 => {
+                    write_each_page(p, 64, round.wrapping_add(1));
+                    unsafe { libc::_exit(0) };
+                }
+                child => unsafe {
+                    libc::waitpid(child, ptr::null_mut(), 0);
+                },
+            }
+        }
+        unmap(p, 64);
+    });
+    // Map and unmap THPs: one PMD add and one PMD remove each.
+    time("thp", &|| {
+        for _ in 0..100 {
+            let raw = map_anon(1024, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+            let aligned = (raw as usize).next_multiple_of(512 * PAGE) as *mut u8;
+            // SAFETY: within our mapping (1024 pages hold an aligned 512).
+            unsafe { libc::madvise(aligned.cast(), 512 * PAGE, libc::MADV_HUGEPAGE) };
+            write_each_page(aligned, 1, 1);
+            unmap(raw, 1024);
+        }
+    });
+}
+
+/// One process per CPU, pinned, each mapping, touching and unmapping one
+/// page at a time (two rmap records) at its share of `events_per_second`.
+pub(crate) fn rate(events_per_second: u64, seconds: u64) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cycles_per_second = (events_per_second as f64 / 2.0 / cpus as f64).max(1.0);
+    let mut workers = Vec::new();
+    for cpu in 0..cpus {
+        // SAFETY: the worker maps, touches, unmaps and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: a zeroed cpu_set_t with one bit set.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+                }
+                let started = Instant::now();
+                let mut done = 0u64;
+                while started.elapsed() < Duration::from_secs(seconds) {
+                    let due = (started.elapsed().as_secs_f64() * cycles_per_second) as u64;
+                    if done >= due {
+                        sleep(Duration::from_micros(200));
+                        continue;
+                    }
+                    let p = map_anon(1, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+                    write_each_page(p, 1, 1);
+                    unmap(p, 1);
+                    done += 1;
+                }
+                println!("MAPCOUNT-RATE-WORKER cpu={cpu} cycles={done}");
+                unsafe { libc::_exit(0) };
+            }
+            pid => workers.push(pid),
+        }
+    }
+    for pid in workers {
+        unsafe { libc::waitpid(pid, ptr::null_mut(), 0) };
+    }
+}
+
+/// Runs `command` and prints the milliseconds from exec to the first
+/// successful GET of `/-/ready` at the metrics address; leaves it running.
+pub(crate) fn time_ready(metrics: &MetricsSource, command: &[String]) -> ExitCode {
+    let Some((program, rest)) = command.split_first() else {
+        eprintln!("usage: mapcount-workload time-ready [--metrics HOST:PORT/PATH] -- PROGRAM ARGS...");
+        return ExitCode::from(2);
+    };
+    let started = Instant::now();
+    // Not our stdout: a shell reading it through $(...) would wait for the daemon to exit.
+    let child = std::process::Command::new(program).args(rest).stdout(std::process::Stdio::null()).spawn();
+    let Ok(child) = child else {
+        eprintln!("cannot run {program}");
+        return ExitCode::FAILURE;
+    };
+    while started.elapsed() < Duration::from_secs(120) {
+        if metrics.get("/-/ready").is_ok() {
+            println!("MAPCOUNT-READY ms={} pid={}", started.elapsed().as_millis(), child.id());
+            return ExitCode::SUCCESS;
+        }
+        sleep(Duration::from_millis(2));
+    }
+    println!("MAPCOUNT-READY ms=timeout pid={}", child.id());
+    ExitCode::FAILURE
+}
+
+/// The daemon's final metrics against `mapcountd replay` of its record
+/// file: every series derived from events must be identical.
+pub(crate) fn compare(live: &str, replayed: &str) -> ExitCode {
+    let read = |path: &str| std::fs::read_to_string(path).map(|t| Scrape::parse(&t));
+    let (Ok(live), Ok(replayed)) = (read(live), read(replayed)) else {
+        println!("MAPCOUNT-CHECK replay/identical_series known=0 reported=unreadable FAIL");
+        return ExitCode::FAILURE;
+    };
+    // Not derived from events: attach state, build and kernel facts, the
+    // kernel-side counters read at scrape time (losses, left-out calls), and
+    // the daemon's own serving, recording and logging.
+    let skip = [
+        "mapcount_http_",
+        "mapcount_record",
+        "mapcount_log_lines_suppressed_total",
+        "mapcount_probe_attached",
+        "mapcount_build_info",
+        "mapcount_kernel_info",
+        "mapcount_events_lost_total",
+        "mapcount_events_produced_total",
+        "mapcount_rmap_calls_left_out_total",
+        "mapcount_kernel_vmstat",
+    ];
+    let derived = |s: &Scrape| -> Vec<(String, f64)> {
+        let mut v: Vec<_> =
+            s.0.iter().filter(|(name, _)| !skip.iter().any(|k| name.starts_with(k))).cloned().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (live, replayed) = (derived(&live), derived(&replayed));
+    // Histogram sums of fractional values (durations) are the same values
+    // added in different groups: the daemon adds per scrape, replay once.
+    // They may differ in the last bits; everything else must be exact.
+    let same = |series: &str, a: f64, b: f64| {
+        let name = series.split('{').next().unwrap_or(series);
+        a == b || (name.ends_with("_sum") && (a - b).abs() <= 1e-9 * a.abs().max(b.abs()))
+    };
+    let mut mismatches = 0;
+    for (series, value) in &live {
+        let other = replayed.iter().find(|(s, _)| s == series).map(|(_, v)| *v);
+        if !other.is_some_and(|other| same(series, *value, other)) {
+            mismatches += 1;
+            println!("MAPCOUNT-NOTE replay differs: {series} live={value} replay={other:?}");
+        }
+    }
+    mismatches += replayed.iter().filter(|(s, _)| !live.iter().any(|(l, _)| l == s)).count();
+    let ok = mismatches == 0 && !live.is_empty();
+    println!(
+        "MAPCOUNT-CHECK replay/identical_series known={} reported={mismatches} accepted=0..=0 {}",
+        live.len(),
+        if ok { "PASS" } else { "FAIL" }
+    );
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

@@ -1,0 +1,59 @@
+//! What the kernel says, the known answers: pagemap, kpagecount and
+//! kpageflags.
+
+use std::{fs, io::Read as _};
+
+use anyhow::{anyhow, bail};
+
+use crate::memory::PAGE;
+
+/// The page frame number of the page at `address` in process `pid`.
+pub(crate) fn pid_pfn(pid: i32, address: usize) -> anyhow::Result<u64> {
+    pagemap_pfn(&format!("/proc/{pid}/pagemap"), address)
+}
+
+/// The page frame number of the page at `address` (pagemap).
+pub(crate) fn pfn(address: usize) -> anyhow::Result<u64> {
+    pagemap_pfn("/proc/self/pagemap", address)
+}
+
+pub(crate) fn pagemap_pfn(path: &str, address: usize) -> anyhow::Result<u64> {
+    let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
+    let mut buf = [0u8; 8];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((address / PAGE) as u64 * 8))?;
+    f.read_exact(&mut buf).map_err(|e| anyhow!("pagemap: {e}"))?;
+    let entry = u64::from_le_bytes(buf);
+    let pfn = entry & ((1 << 55) - 1);
+    if entry >> 63 == 0 || pfn == 0 {
+        bail!("page not present or PFN hidden");
+    }
+    Ok(pfn)
+}
+
+/// The kernel's page flags (`/proc/kpageflags`) of the page at `address`.
+pub(crate) fn kpageflags(address: usize) -> anyhow::Result<u64> {
+    kpage_file("/proc/kpageflags", address)
+}
+
+/// The kernel's page_count() of the page at `address`: pagemap gives the
+/// PFN, kpagecount the count.
+pub(crate) fn kpagecount(address: usize) -> anyhow::Result<u64> {
+    kpage_file("/proc/kpagecount", address)
+}
+
+/// The entry of a `/proc/kpage*` file for the page at `address`.
+pub(crate) fn kpage_file(file: &str, address: usize) -> anyhow::Result<u64> {
+    let read_u64 = |path: &str, index: u64| -> anyhow::Result<u64> {
+        let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
+        let mut buf = [0u8; 8];
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(index * 8))?;
+        f.read_exact(&mut buf).map_err(|e| anyhow!("{path}: {e}"))?;
+        Ok(u64::from_le_bytes(buf))
+    };
+    let entry = read_u64("/proc/self/pagemap", (address / PAGE) as u64)?;
+    let pfn = entry & ((1 << 55) - 1);
+    if entry >> 63 == 0 || pfn == 0 {
+        bail!("page not present or PFN hidden");
+    }
+    read_u64(file, pfn)
+}

@@ -1,0 +1,52 @@
+//! d. 2 MiB of shmem mapped and read by 5 of 6 processes: 5 sharers.
+
+use std::{ffi::CString, ptr};
+
+use anyhow::anyhow;
+
+use super::{THP, Waiters};
+use crate::{
+    check::Checker,
+    memory::{PAGE, read_each_page},
+    metrics::MetricsSource,
+};
+
+pub(super) fn shared_file(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
+    let name = CString::new("mapcount-shared").unwrap();
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return Err(anyhow!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    unsafe { libc::ftruncate(fd, THP as i64) };
+    let map_and_read = move || {
+        let p = unsafe { libc::mmap(ptr::null_mut(), THP, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        read_each_page(p.cast(), THP / PAGE);
+        p
+    };
+    // The parent writes the data, so every page exists before anyone maps it.
+    let data = vec![3u8; THP];
+    unsafe { libc::pwrite(fd, data.as_ptr().cast(), THP, 0) };
+    // The parent runs the readers' code once too (and unmaps the file):
+    // code pages that only the readers ran would have 5 sharers as well.
+    let own = map_and_read();
+    unsafe { libc::munmap(own, THP) };
+    // Six children, five of which map the file: code pages that only
+    // the children run (waiting, exiting) have six sharers or more,
+    // whatever the parent ran, so exactly five is the file's pages.
+    let readers = Waiters::spawn(6, |i| {
+        if i < 5 {
+            map_and_read();
+        }
+    });
+    metrics.settled_scrape()?;
+    // The readers also map the workload's own binary, which lives in
+    // the initramfs (tmpfs, so shmem too) and has 7 sharers with the parent.
+    let rows = metrics.folios_of(readers.pids[0])?;
+    let five: Vec<_> = rows.iter().filter(|r| r.kind == "shmem" && r.sharers == 5).collect();
+    let pages: usize = five.iter().map(|r| 1usize << r.order).sum();
+    checker.exact("d_shared_file/shmem_pages_with_5_sharers", THP / PAGE, pages as f64);
+    readers.release();
+    unsafe { libc::close(fd) };
+    Ok(())
+}
