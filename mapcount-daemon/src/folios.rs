@@ -339,6 +339,8 @@ pub struct FolioTable {
     slots: Vec<Option<FolioState>>,
     /// Empty slots, reused before the slab grows.
     free: Vec<Slot>,
+    /// Where the next eviction looks for a victim in the slab.
+    evict_next: usize,
     /// Address space → region → slots of folios mapped there: what fork,
     /// mremap and teardown look up. Entries go stale (the folio left, the
     /// mapping moved): a region's list is pruned when it is read, and the
@@ -363,6 +365,7 @@ impl FolioTable {
         Self {
             by_folio: HashTable::new(),
             slots: Vec::new(),
+            evict_next: 0,
             free: Vec::new(),
             by_mm: HashMap::default(),
             by_mm_len: 0,
@@ -423,10 +426,20 @@ impl FolioTable {
         let mut evicted = false;
         if self.by_folio.len() >= self.capacity {
             // Any entry will do: the table is a cache of live folios, and
-            // the count of evictions tells how much it missed.
-            if let Some(&victim) = self.by_folio.iter().next() {
-                self.remove(victim);
-                evicted = true;
+            // the count of evictions tells how much it missed. A cursor
+            // over the slab finds one at once (the slab of a full table
+            // has few holes); the hash table's first entry would not: it
+            // lies further from the start after every removal, and a
+            // table under eviction pressure slowed down without bound.
+            let slab = self.slots.len();
+            for _ in 0..slab {
+                let slot = self.evict_next % slab;
+                self.evict_next = slot + 1;
+                if self.slots[slot].is_some() {
+                    self.remove(slot as Slot);
+                    evicted = true;
+                    break;
+                }
             }
         }
         let hash = hash(state.folio);
@@ -1333,5 +1346,21 @@ mod tests {
         let applied = table.apply(&call(3, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
         assert!(applied.evicted);
         assert_eq!(table.len(), 2);
+    }
+
+    /// Under steady eviction pressure the oldest entries go, one each time.
+    #[test]
+    fn eviction_goes_round_the_slab() {
+        let mut table = FolioTable::new(3);
+        for folio in 1..=3 {
+            table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+        }
+        for folio in 4..=100_000 {
+            let applied = table.apply(&call(folio, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
+            assert!(applied.evicted);
+            assert!(table.find(folio - 3).is_none(), "folio {} should have gone", folio - 3);
+            assert!(table.find(folio - 2).is_some());
+        }
+        assert_eq!(table.len(), 3);
     }
 }

@@ -16,7 +16,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -35,14 +35,9 @@ const DAEMON_OPEN_FILES: u64 = 1024;
 /// (Prometheus's default scrape timeout is 10 s).
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(2);
 
-struct Daemon(Child);
+mod common;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Daemon, self_signed_certificate};
 
 fn set_open_files(limit: u64) -> std::io::Result<()> {
     let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
@@ -266,14 +261,7 @@ fn scrapes_are_answered_while_a_client_holds_thousands_of_connections() {
     let plain = run("plain", &[], "http", &[], b"GET /metr");
 
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("hostile-tls");
-    std::fs::create_dir_all(&dir).unwrap();
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-keyout", "key.pem", "-out", "cert.pem"])
-        .current_dir(&dir)
-        .output()
-        .expect("openssl runs");
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    self_signed_certificate(&dir);
     std::fs::write(dir.join("web.yml"), "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n")
         .unwrap();
     let web_config = dir.join("web.yml");

@@ -9,19 +9,14 @@
 
 use std::{
     net::{TcpListener, TcpStream},
-    process::{Child, Command},
+    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
 
-struct Daemon(Child);
+mod common;
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Daemon, self_signed_certificate};
 
 fn curl(args: &[&str]) -> (i32, String) {
     let out = Command::new("curl")
@@ -38,14 +33,7 @@ fn curl(args: &[&str]) -> (i32, String) {
 #[ignore = "starts mapcountd, which needs root: run through `cargo xtask test`"]
 fn tls_and_basic_auth() {
     let dir = std::env::temp_dir().join(format!("mapcount-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-keyout", "key.pem", "-out", "cert.pem"])
-        .current_dir(&dir)
-        .output()
-        .expect("openssl runs");
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    self_signed_certificate(&dir);
     let hash = bcrypt::hash("s3cret", 4).unwrap();
     std::fs::write(
         dir.join("web.yml"),

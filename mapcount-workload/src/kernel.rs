@@ -57,3 +57,55 @@ pub(crate) fn kpage_file(file: &str, address: usize) -> anyhow::Result<u64> {
     }
     read_u64(file, pfn)
 }
+
+/// `/proc/kpageflags` bits (include/uapi/linux/kernel-page-flags.h).
+pub(crate) mod kpf {
+    pub const COMPOUND_HEAD: u64 = 1 << 15;
+    pub const COMPOUND_TAIL: u64 = 1 << 16;
+    pub const ANON: u64 = 1 << 12;
+    pub const KSM: u64 = 1 << 21;
+}
+
+/// Small anonymous pages this process maps that the kernel counts as
+/// mapped `count` times (kpagecount), over every private writable mapping
+/// in `/proc/self/maps` without a file. Large folios' pages are left out:
+/// kpagecount counts their pages, not address spaces.
+pub(crate) fn small_anon_pages_mapped(count: u64) -> anyhow::Result<usize> {
+    let maps = fs::read_to_string("/proc/self/maps")?;
+    let mut pagemap = fs::File::open("/proc/self/pagemap")?;
+    let mut kpageflags = fs::File::open("/proc/kpageflags")?;
+    let mut kpagecount = fs::File::open("/proc/kpagecount")?;
+    let read_u64 = |f: &mut fs::File, index: u64| -> anyhow::Result<u64> {
+        let mut buf = [0u8; 8];
+        std::io::Seek::seek(f, std::io::SeekFrom::Start(index * 8))?;
+        f.read_exact(&mut buf)?;
+        Ok(u64::from_le_bytes(buf))
+    };
+    let mut found = 0;
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(perms)) = (fields.first(), fields.get(1)) else { continue };
+        // A path (a file, [vdso], [vvar]) other than the heap and stack.
+        if fields.get(5).is_some_and(|path| *path != "[heap]" && *path != "[stack]") || !perms.ends_with('p')
+        {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else { continue };
+        let (start, end) = (u64::from_str_radix(start, 16)?, u64::from_str_radix(end, 16)?);
+        for page in start / PAGE as u64..end / PAGE as u64 {
+            let entry = read_u64(&mut pagemap, page)?;
+            let pfn = entry & ((1 << 55) - 1);
+            if entry >> 63 == 0 || pfn == 0 {
+                continue;
+            }
+            let flags = read_u64(&mut kpageflags, pfn)?;
+            if flags & kpf::ANON == 0 || flags & (kpf::COMPOUND_HEAD | kpf::COMPOUND_TAIL | kpf::KSM) != 0 {
+                continue;
+            }
+            if read_u64(&mut kpagecount, pfn)? == count {
+                found += 1;
+            }
+        }
+    }
+    Ok(found)
+}

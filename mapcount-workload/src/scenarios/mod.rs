@@ -5,11 +5,13 @@
 
 mod driver_pages;
 mod file_pmd_fork;
+mod hugetlb;
 mod ksm;
 mod large_folio_cow;
 mod mprotect_fork;
 mod mremap_fork;
 mod partial;
+mod pinned_fork;
 mod pmd_reuse;
 mod refcount;
 mod shared_file;
@@ -22,11 +24,13 @@ use std::{fs, ptr};
 use anyhow::anyhow;
 use driver_pages::driver_pages;
 use file_pmd_fork::file_pmd_fork;
+use hugetlb::hugetlb;
 use ksm::ksm;
 use large_folio_cow::large_folio_cow;
 use mprotect_fork::mprotect_fork;
 use mremap_fork::mremap_fork;
 use partial::partial;
+use pinned_fork::pinned_fork;
 use pmd_reuse::pmd_reuse;
 use refcount::refcount;
 use shared_file::shared_file;
@@ -83,7 +87,6 @@ pub(super) struct Waiters {
 }
 
 impl Waiters {
-    /// `child` runs in each child before it waits.
     /// `child(i)` runs in the i-th child before it waits.
     pub(crate) fn spawn(n: usize, child: impl Fn(usize)) -> Waiters {
         let mut fds = [0; 2];
@@ -121,7 +124,7 @@ pub(super) fn my_pid() -> i32 {
 
 pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> anyhow::Result<()> {
     type Scenario = fn(&MetricsSource, &mut Checker) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 13] = [
+    let scenarios: [(&str, Scenario); 15] = [
         ("a_shared_thp", shared_thp),
         ("b_partial", partial),
         ("c_cow_large", large_folio_cow),
@@ -135,6 +138,8 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
         ("k_pmd_reuse", pmd_reuse),
         ("l_thp_cow", thp_cow),
         ("m_unshare", unshare),
+        ("n_pinned_fork", pinned_fork),
+        ("o_hugetlb", hugetlb),
     ];
     let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
     for (name, scenario) in scenarios {
