@@ -144,7 +144,7 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(offset, e.message().to_owned())
         })?;
-        let check = |key: &str, span: std::ops::Range<usize>, result: Result<(), String>| {
+        let check = |key: &str, span: std::ops::Range<usize>, result: Result<(), ValueError>| {
             result.map_err(|why| invalid(span.start, format!("{key}: {why}")))
         };
         if let Some(size) = &config.ringbuf.size {
@@ -182,63 +182,94 @@ impl Config {
 
 // Checks shared by the flags (as clap value parsers) and the file's keys.
 
-pub fn ring_buffer_size(n: u32) -> Result<u32, String> {
+/// A value that parses but makes no sense, with what was given.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValueError {
+    #[error("{0} is not a power of two of at least 4096")]
+    RingBufferSize(u32),
+    #[error("must be at least 1")]
+    Zero,
+    #[error("{0:?} does not start with /: no request could reach it")]
+    PathWithoutSlash(String),
+    #[error("{0:?} holds a ?, # or space: no request path equals it")]
+    PathWithQuery(String),
+    #[error("{0:?} is not a duration like 90s, 2m or 500ms")]
+    Duration(String),
+    #[error("{0:?}: must be longer than 0")]
+    ZeroDuration(String),
+    #[error("{0:?} is not a size like 1048576, 512M or 1G")]
+    Size(String),
+    #[error("{0:?} is too large")]
+    SizeTooLarge(String),
+    #[error("{0:?} is below 1M")]
+    SizeTooSmall(String),
+    #[error("{0:?} names no level: use one of off, error, warn, info, debug, trace (or target=level)")]
+    LogLevel(String),
+    #[error("empty: use one of error, warn, info, debug, trace")]
+    EmptyLogLevel,
+    #[error("{0}")]
+    NotANumber(#[from] std::num::ParseIntError),
+}
+
+pub fn ring_buffer_size(n: u32) -> Result<u32, ValueError> {
     if n < 4096 || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two of at least 4096"));
+        return Err(ValueError::RingBufferSize(n));
     }
     Ok(n)
 }
 
-pub fn at_least_one(n: usize) -> Result<usize, String> {
+pub fn at_least_one(n: usize) -> Result<usize, ValueError> {
     if n == 0 {
-        return Err("must be at least 1".to_owned());
+        return Err(ValueError::Zero);
     }
     Ok(n)
 }
 
 /// A path the endpoint can serve: `/` and then no query or fragment.
-pub fn telemetry_path(path: &str) -> Result<String, String> {
+pub fn telemetry_path(path: &str) -> Result<String, ValueError> {
     if !path.starts_with('/') {
-        return Err(format!("{path:?} does not start with /: no request could reach it"));
+        return Err(ValueError::PathWithoutSlash(path.to_owned()));
     }
     if path.contains(['?', '#', ' ']) {
-        return Err(format!("{path:?} holds a ?, # or space: no request path equals it"));
+        return Err(ValueError::PathWithQuery(path.to_owned()));
     }
     Ok(path.to_owned())
 }
 
 /// `90s`, `2m`, `500ms`, `1h`: a positive duration in Prometheus's spelling.
-pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+pub fn duration(text: &str) -> Result<std::time::Duration, ValueError> {
     let unit_at = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(unit_at);
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90s, 2m or 500ms"))?;
+    let n: u64 = number.parse().map_err(|_| ValueError::Duration(text.to_owned()))?;
     let millis = match unit {
         "ms" => n,
         "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
-        _ => return Err(format!("{text:?} is not a duration like 90s, 2m or 500ms")),
+        _ => return Err(ValueError::Duration(text.to_owned())),
     };
     if millis == 0 {
-        return Err(format!("{text:?}: must be longer than 0"));
+        return Err(ValueError::ZeroDuration(text.to_owned()));
     }
     Ok(std::time::Duration::from_millis(millis))
 }
 
 /// `4096`, `512K`, `100M`, `1G`: bytes, at least 1 MiB (a record file's
 /// batch is larger than that at a busy moment).
-pub fn byte_size(text: &str) -> Result<u64, String> {
+pub fn byte_size(text: &str) -> Result<u64, ValueError> {
     let (number, shift) = match text.strip_suffix(['K', 'M', 'G', 'T']) {
         Some(number) => {
             (number, 10 * (1 + "KMGT".find(text.chars().last().unwrap_or('K')).unwrap_or(0) as u32))
         }
         None => (text, 0),
     };
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a size like 1048576, 512M or 1G"))?;
-    let bytes =
-        n.checked_shl(shift).filter(|b| b >> shift == n).ok_or_else(|| format!("{text:?} is too large"))?;
+    let n: u64 = number.parse().map_err(|_| ValueError::Size(text.to_owned()))?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .ok_or_else(|| ValueError::SizeTooLarge(text.to_owned()))?;
     if bytes < 1 << 20 {
-        return Err(format!("{text:?} is below 1M"));
+        return Err(ValueError::SizeTooSmall(text.to_owned()));
     }
     Ok(bytes)
 }
@@ -246,19 +277,16 @@ pub fn byte_size(text: &str) -> Result<u64, String> {
 /// A log filter as in RUST_LOG, where every directive names a level:
 /// `info`, `debug,hyper=warn`. An unknown word would otherwise be taken as
 /// a module name and leave every line silenced.
-pub fn log_level(filter: &str) -> Result<String, String> {
+pub fn log_level(filter: &str) -> Result<String, ValueError> {
     const LEVELS: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
     for directive in filter.split(',').filter(|d| !d.is_empty()) {
         let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
         if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            return Err(format!(
-                "{directive:?} names no level: use one of {} (or target=level)",
-                LEVELS.join(", ")
-            ));
+            return Err(ValueError::LogLevel(directive.to_owned()));
         }
     }
     if filter.split(',').all(str::is_empty) {
-        return Err("empty: use one of error, warn, info, debug, trace".to_owned());
+        return Err(ValueError::EmptyLogLevel);
     }
     Ok(filter.to_owned())
 }

@@ -42,8 +42,25 @@ struct TlsFiles {
 pub enum WebConfigError {
     #[error("cannot read {path}: {error}")]
     Read { path: String, error: std::io::Error },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
+    #[error("{path}: {error}")]
+    Syntax { path: String, error: serde_norway::Error },
+    #[error("{path}: basic_auth_users.{user}: not a bcrypt hash")]
+    NotBcrypt { path: String, user: String },
+    #[error("{path}: {error}")]
+    Tls { path: String, error: TlsError },
+}
+
+/// Why the TLS settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls_server_config.cert_file {}: {error}", path.display())]
+    Certificate { path: PathBuf, error: rustls_pki_types::pem::Error },
+    #[error("tls_server_config.cert_file {}: no certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("tls_server_config.key_file {}: {error}", path.display())]
+    Key { path: PathBuf, error: rustls_pki_types::pem::Error },
+    #[error("tls_server_config: {0}")]
+    Config(#[from] rustls::Error),
 }
 
 /// What the HTTP server enforces.
@@ -59,19 +76,20 @@ impl WebSecurity {
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|error| WebConfigError::Read { path: name.clone(), error })?;
-        let invalid = |message: String| WebConfigError::Invalid { path: name.clone(), message };
-        let file: File = serde_norway::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let file: File = serde_norway::from_str(&text)
+            .map_err(|error| WebConfigError::Syntax { path: name.clone(), error })?;
         for (user, hash) in &file.basic_auth_users {
             if !hash.starts_with("$2") {
-                return Err(invalid(format!("basic_auth_users.{user}: not a bcrypt hash")));
+                return Err(WebConfigError::NotBcrypt { path: name, user: user.clone() });
             }
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let tls = match file.tls_server_config {
             None => None,
-            Some(files) => {
-                Some(acceptor(&base.join(&files.cert_file), &base.join(&files.key_file)).map_err(invalid)?)
-            }
+            Some(files) => Some(
+                acceptor(&base.join(&files.cert_file), &base.join(&files.key_file))
+                    .map_err(|error| WebConfigError::Tls { path: name, error })?,
+            ),
         };
         Ok(WebSecurity { tls, users: file.basic_auth_users })
     }
@@ -91,23 +109,22 @@ impl WebSecurity {
     }
 }
 
-fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let certificate = |error| TlsError::Certificate { path: cert.to_owned(), error };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("tls_server_config.cert_file {}: {e}", cert.display()))?
+        .map_err(certificate)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("tls_server_config.cert_file {}: {e}", cert.display()))?;
+        .map_err(certificate)?;
     if certs.is_empty() {
-        return Err(format!("tls_server_config.cert_file {}: no certificate", cert.display()));
+        return Err(TlsError::NoCertificate { path: cert.to_owned() });
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("tls_server_config.key_file {}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|error| TlsError::Key { path: key.to_owned(), error })?;
     let config =
         rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| format!("tls_server_config: {e}"))?;
+            .with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

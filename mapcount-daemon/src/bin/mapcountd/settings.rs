@@ -95,14 +95,23 @@ pub(crate) struct Settings {
     pub(crate) log_level: String,
 }
 
+/// A configuration file that cannot be used (exit status 2).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] mapcount_daemon::config::ConfigError),
+    #[error(transparent)]
+    Web(#[from] mapcount_daemon::web_config::WebConfigError),
+}
+
 impl Settings {
-    pub(crate) fn resolve(args: RunArgs) -> Result<Settings, String> {
+    pub(crate) fn resolve(args: RunArgs) -> Result<Settings, SettingsError> {
         let file = match &args.config_file {
-            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            Some(path) => Config::load(path)?,
             None => Config::default(),
         };
         let web_security = match &args.web_config_file {
-            Some(path) => WebSecurity::load(path).map_err(|e| e.to_string())?,
+            Some(path) => WebSecurity::load(path)?,
             None => WebSecurity::default(),
         };
         // The file's values were checked when it was read.
@@ -165,12 +174,12 @@ impl Settings {
     }
 }
 
-pub(crate) fn parse_ring_size(s: &str) -> Result<u32, String> {
-    config::ring_buffer_size(s.parse().map_err(|e| format!("{e}"))?)
+pub(crate) fn parse_ring_size(s: &str) -> Result<u32, config::ValueError> {
+    config::ring_buffer_size(s.parse()?)
 }
 
-pub(crate) fn parse_at_least_one(s: &str) -> Result<usize, String> {
-    config::at_least_one(s.parse().map_err(|e| format!("{e}"))?)
+pub(crate) fn parse_at_least_one(s: &str) -> Result<usize, config::ValueError> {
+    config::at_least_one(s.parse()?)
 }
 
 /// Handle to change the log filter of the running daemon.
