@@ -4,42 +4,13 @@
 use std::process::ExitCode;
 
 use crate::{
+    checker::Checker,
     demo::{
         ANON_PAGES, COW_PAGES, FILE_PAGES, SHARED_PAGES, ZERO_PAGES, run_anon, run_file, run_fork_cow,
         run_shared, run_zero_page,
     },
     metrics::{MetricsSource, Scrape},
 };
-
-pub(crate) struct Checker {
-    passed: u32,
-    failed: u32,
-}
-
-impl Checker {
-    pub(crate) fn exact(&mut self, name: &str, known: usize, reported: f64) {
-        self.range(name, known, reported, known as f64, known as f64);
-    }
-
-    /// A line for a comparison this kernel cannot make: neither passed nor failed.
-    pub(crate) fn not_applicable(&mut self, name: &str, why: &str) {
-        println!("MAPCOUNT-NOTE {name} not applicable: {why}");
-    }
-
-    /// `reported` must lie in `[at_least, at_most]`.
-    pub(crate) fn range(&mut self, name: &str, known: usize, reported: f64, at_least: f64, at_most: f64) {
-        let ok = reported >= at_least && reported <= at_most;
-        if ok {
-            self.passed += 1
-        } else {
-            self.failed += 1
-        }
-        println!(
-            "MAPCOUNT-CHECK {name} known={known} reported={reported} accepted={at_least}..={at_most} {}",
-            if ok { "PASS" } else { "FAIL" }
-        );
-    }
-}
 
 /// The daemon and the shell fault pages of their own while a scenario runs;
 /// the guest runs nothing else, so a margin this size separates that noise
@@ -49,7 +20,7 @@ pub(crate) fn noise_margin(known: usize) -> f64 {
 }
 
 pub(crate) fn check(metrics: &MetricsSource, scratch: &str, expect_mode: &str) -> ExitCode {
-    let mut checker = Checker { passed: 0, failed: 0 };
+    let mut checker = Checker::default();
     let result = (|| -> anyhow::Result<()> {
         let base = metrics.settled_scrape()?;
         for probe in [

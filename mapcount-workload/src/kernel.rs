@@ -63,13 +63,13 @@ pub(crate) mod kpf {
     pub const COMPOUND_HEAD: u64 = 1 << 15;
     pub const COMPOUND_TAIL: u64 = 1 << 16;
     pub const ANON: u64 = 1 << 12;
-    pub const KSM: u64 = 1 << 21;
 }
 
 /// Small anonymous pages this process maps that the kernel counts as
-/// mapped `count` times (kpagecount), over every private writable mapping
-/// in `/proc/self/maps` without a file. Large folios' pages are left out:
-/// kpagecount counts their pages, not address spaces.
+/// mapped `count` times (kpagecount), over every private mapping in
+/// `/proc/self/maps`: those without a file, and the copies written into
+/// private file mappings (a library's data). Large folios' pages are left
+/// out: kpagecount counts their pages, not address spaces.
 pub(crate) fn small_anon_pages_mapped(count: u64) -> anyhow::Result<usize> {
     let maps = fs::read_to_string("/proc/self/maps")?;
     let mut pagemap = fs::File::open("/proc/self/pagemap")?;
@@ -99,7 +99,10 @@ pub(crate) fn small_anon_pages_mapped(count: u64) -> anyhow::Result<usize> {
                 continue;
             }
             let flags = read_u64(&mut kpageflags, pfn)?;
-            if flags & kpf::ANON == 0 || flags & (kpf::COMPOUND_HEAD | kpf::COMPOUND_TAIL | kpf::KSM) != 0 {
+            // KPF_KSM is no help here: 6.12 sets it on every anonymous page
+            // (PAGE_MAPPING_KSM includes PAGE_MAPPING_ANON in the test of
+            // stable_page_flags). The KSM scenario unmaps its pages.
+            if flags & kpf::ANON == 0 || flags & (kpf::COMPOUND_HEAD | kpf::COMPOUND_TAIL) != 0 {
                 continue;
             }
             if read_u64(&mut kpagecount, pfn)? == count {

@@ -14,6 +14,7 @@
 
 mod bench;
 mod check;
+mod checker;
 mod demo;
 mod kernel;
 mod memory;

@@ -5,7 +5,10 @@ use std::{collections::BTreeMap, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{build_binaries, cache_dir, ingest_bench, kernels, vm, workspace_root};
+use crate::{
+    kernels, vm,
+    workspace::{build_binaries, cache_dir, ingest_bench, workspace_root},
+};
 
 /// `key=value` of a console line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::workspace_root;
+use crate::workspace::workspace_root;
 
 /// Each fuzz target's share of `cargo xtask test`; `cargo xtask fuzz
 /// --seconds N` runs longer.

@@ -12,9 +12,9 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    cache_dir,
     checks::{self, Tally},
-    kernels, run_cmd, vm,
+    kernels, vm,
+    workspace::{cache_dir, run_cmd},
 };
 
 /// The user space the test installs into: the release mapcountd is built

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cache_dir, run_cmd};
+use crate::workspace::{cache_dir, run_cmd};
 
 pub struct KernelSpec {
     /// Short name used on the command line.

@@ -4,7 +4,11 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{build_binaries, checks::Tally, kernels, run_cmd, workspace_root};
+use crate::{
+    checks::Tally,
+    kernels,
+    workspace::{build_binaries, run_cmd, workspace_root},
+};
 
 /// Builds the .deb with cargo-deb (metadata in mapcount-daemon/Cargo.toml)
 /// and prints its file list; returns the package's path.

@@ -12,7 +12,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cache_dir, checks::CheckResult, run_cmd, vm, workspace_root};
+use crate::{
+    checks::CheckResult,
+    vm,
+    workspace::{cache_dir, run_cmd, workspace_root},
+};
 
 /// The alert the refcount scenario (a THP mapped 1,000 times: a refcount of
 /// 512,512, ratio 0.000239) is built to trigger once its threshold is

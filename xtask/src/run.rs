@@ -2,7 +2,10 @@
 
 use std::{path::Path, process::Command};
 
-use crate::{build_binaries, kernels, run_cmd, vm};
+use crate::{
+    kernels, vm,
+    workspace::{build_binaries, run_cmd},
+};
 
 pub fn host_can_trace() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe/type").exists()

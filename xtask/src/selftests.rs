@@ -8,7 +8,11 @@ use std::{fs, path::PathBuf, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{cache_dir, checks::CheckResult, kernels, run_cmd, vm};
+use crate::{
+    checks::CheckResult,
+    kernels, vm,
+    workspace::{cache_dir, run_cmd},
+};
 
 /// The tests run, in order, and what each exercises.
 pub const TESTS: &[&str] = &[

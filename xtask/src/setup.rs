@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::run_cmd;
+use crate::workspace::run_cmd;
 
 /// Debian packages: LLVM 22 for bpf-linker (matching the nightly's LLVM),
 /// qemu and the initramfs tools for the VM tests, decompressors for kernel

@@ -2,7 +2,11 @@
 
 use std::path::Path;
 
-use crate::{build_binaries, cache_dir, checks::Tally, kernels, vm};
+use crate::{
+    checks::Tally,
+    kernels, vm,
+    workspace::{build_binaries, cache_dir},
+};
 
 /// The overload run inside `cargo xtask test`; `cargo xtask soak` runs longer.
 pub const OVERLOAD_SECONDS_IN_TEST: u64 = 60;

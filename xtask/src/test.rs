@@ -9,7 +9,6 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
-    build_binaries, cache_dir,
     checks::{CheckResult, Tally},
     fuzz::{FUZZ_SECONDS_IN_TEST, fuzz},
     install, kernels,
@@ -17,7 +16,8 @@ use crate::{
     prometheus::{self, promtool, promtool_check_metrics},
     selftests,
     soak::{OVERLOAD_SECONDS_IN_TEST, soak},
-    vm, workspace_root,
+    vm,
+    workspace::{build_binaries, cache_dir, workspace_root},
 };
 
 /// One cell of the VM matrix.
@@ -321,7 +321,7 @@ pub const UPTIME_EVENTS: u64 = 100_000_000;
 /// stream put in, no folio left, RSS flat (the ingest benchmark's --uptime).
 pub fn long_uptime() -> anyhow::Result<bool> {
     let events = UPTIME_EVENTS.to_string();
-    let output = crate::ingest_bench(&["--uptime".as_ref(), events.as_ref()])?;
+    let output = crate::workspace::ingest_bench(&["--uptime".as_ref(), events.as_ref()])?;
     print!("{}", String::from_utf8_lossy(&output.stdout));
     println!("long uptime: {}", if output.status.success() { "pass" } else { "FAIL" });
     Ok(output.status.success())

@@ -12,7 +12,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cache_dir, checks::CheckResult, kernels::Kernel, run_cmd};
+use crate::{
+    checks::CheckResult,
+    kernels::Kernel,
+    workspace::{cache_dir, run_cmd},
+};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

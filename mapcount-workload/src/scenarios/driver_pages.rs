@@ -5,7 +5,7 @@ use std::ptr;
 
 use anyhow::anyhow;
 
-use crate::{check::Checker, memory::PAGE, metrics::MetricsSource};
+use crate::{checker::Checker, memory::PAGE, metrics::MetricsSource};
 
 pub(super) fn driver_pages(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
     let before = metrics.settled_scrape()?;

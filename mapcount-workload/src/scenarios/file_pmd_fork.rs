@@ -9,7 +9,7 @@ use anyhow::anyhow;
 
 use super::{THP, Waiters, map_thp_aligned, my_pid, sysfs_write};
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::{kpagecount, kpageflags},
     metrics::MetricsSource,
 };

@@ -9,7 +9,7 @@
 use std::{fs, ptr};
 
 use super::{THP, my_pid, sysfs_write};
-use crate::{check::Checker, metrics::MetricsSource};
+use crate::{checker::Checker, metrics::MetricsSource};
 
 fn huge_pages_free() -> anyhow::Result<u64> {
     let meminfo = fs::read_to_string("/proc/meminfo")?;

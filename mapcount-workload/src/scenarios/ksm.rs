@@ -4,7 +4,7 @@ use std::{fs, ptr, thread::sleep, time::Duration};
 
 use super::sysfs_write;
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{PAGE, map_anon, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
 };

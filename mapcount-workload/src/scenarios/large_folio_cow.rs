@@ -5,7 +5,7 @@ use std::{fs, ptr};
 
 use super::{Waiters, at_least, map_thp_aligned, sysfs_write};
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
 };

@@ -39,7 +39,7 @@ use thp_cow::thp_cow;
 use unshare::unshare;
 
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::kpagecount,
     metrics::{MetricsSource, Scrape},
 };

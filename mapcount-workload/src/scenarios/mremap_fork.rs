@@ -7,7 +7,7 @@ use anyhow::anyhow;
 
 use super::{THP, Waiters, map_thp_aligned, thps_mapped, thps_with_sharers};
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{PAGE, unmap, write_each_page},
     metrics::MetricsSource,
 };

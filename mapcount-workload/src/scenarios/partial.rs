@@ -6,7 +6,7 @@ use std::{fs, ptr};
 
 use super::{THP, at_least, map_thp_aligned, my_pid, sysfs_write};
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{PAGE, unmap, write_each_page},
     metrics::MetricsSource,
 };

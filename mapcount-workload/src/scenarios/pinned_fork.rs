@@ -10,7 +10,7 @@ use std::io;
 
 use super::{Waiters, my_pid};
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::{pfn, pid_pfn, small_anon_pages_mapped},
     memory::{PAGE, map_anon, unmap, write_each_page},
     metrics::MetricsSource,

@@ -7,7 +7,7 @@ use std::ptr;
 
 use super::{THP, Waiters, map_thp_aligned};
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::{kpageflags, pfn},
     memory::{PAGE, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},

@@ -8,7 +8,7 @@ use anyhow::anyhow;
 
 use super::{THP, sysfs_write};
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::kpagecount,
     memory::{PAGE, read_each_page},
     metrics::MetricsSource,

@@ -6,7 +6,7 @@ use anyhow::anyhow;
 
 use super::{THP, Waiters};
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{PAGE, read_each_page},
     metrics::MetricsSource,
 };

@@ -4,7 +4,7 @@ use std::ptr;
 
 use super::{THP, Waiters, map_thp_aligned, my_pid};
 use crate::{
-    check::Checker,
+    checker::Checker,
     memory::{PAGE, unmap},
     metrics::MetricsSource,
 };

@@ -8,7 +8,7 @@ use std::{ptr, thread::sleep, time::Duration};
 
 use super::{THP, Waiters, map_thp_aligned, thps_with_sharers};
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::{kpagecount, kpageflags},
     memory::{PAGE, unmap, write_each_page},
     metrics::MetricsSource,

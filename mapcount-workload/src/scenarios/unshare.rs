@@ -8,7 +8,7 @@ use anyhow::anyhow;
 
 use super::Waiters;
 use crate::{
-    check::Checker,
+    checker::Checker,
     kernel::{pfn, pid_pfn},
     memory::{PAGE, map_anon, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
