@@ -102,6 +102,18 @@ elif [ "$MODE" = selftests ]; then
             t=$(grep "^mapcount_table_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
             echo "MAPCOUNT-DRIFT phase=$1 counter=$c kernel=$k table=$t"
         done
+        # The mTHP counters of each anonymous folio size, where the kernel
+        # keeps them (6.13+): folios, and folios partially mapped.
+        for stats in /sys/kernel/mm/transparent_hugepage/hugepages-*kB/stats; do
+            [ -r "$stats/nr_anon" ] || continue
+            kb=$(echo "$stats" | sed 's/.*hugepages-\([0-9]*\)kB.*/\1/')
+            order=0; pages=$((kb / 4)); while [ $pages -gt 1 ]; do pages=$((pages / 2)); order=$((order + 1)); done
+            t=$(grep "^mapcount_folios{kind=\"anon\",order=\"$order\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            echo "MAPCOUNT-DRIFT phase=$1 counter=mthp_order${order}_nr_anon kernel=$(cat "$stats/nr_anon") table=${t:-0}"
+            [ -r "$stats/nr_anon_partially_mapped" ] || continue
+            t=$(grep "^mapcount_folios_partially_mapped{kind=\"anon\",order=\"$order\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            echo "MAPCOUNT-DRIFT phase=$1 counter=mthp_order${order}_nr_anon_partially_mapped kernel=$(cat "$stats/nr_anon_partially_mapped") table=${t:-0}"
+        done
     }
     settle
     drift begin
