@@ -552,6 +552,9 @@ impl Event {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FolioRow {
     pub serial: u64,
+    /// The process's own (user) address of the folio's first page, the
+    /// lowest where it maps the folio more than once. Never a kernel address.
+    pub address: u64,
     /// [`FolioKind::label`].
     pub kind: String,
     pub order: u8,
@@ -572,13 +575,14 @@ pub struct FolioRow {
 #[cfg(feature = "user")]
 impl FolioRow {
     /// The header line, a comment.
-    pub const HEADER: &'static str = "# serial kind order sharers mapcount ptes pmds partial ever_partial \
-         peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses";
+    pub const HEADER: &'static str = "# serial address kind order sharers mapcount ptes pmds partial \
+         ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses";
 
     pub fn line(&self) -> String {
         format!(
-            "{} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            "{} {:#x} {} {} {} {} {} {} {} {} {} {} {} {} {}",
             self.serial,
+            self.address,
             self.kind,
             self.order,
             self.sharers,
@@ -604,6 +608,7 @@ impl FolioRow {
         let mut next = || f.next();
         let row = FolioRow {
             serial: next()?.parse().ok()?,
+            address: u64::from_str_radix(next()?.strip_prefix("0x")?, 16).ok()?,
             kind: next()?.to_owned(),
             order: next()?.parse().ok()?,
             sharers: next()?.parse().ok()?,
@@ -641,6 +646,7 @@ mod tests {
     fn folio_rows_read_back_as_written() {
         let row = super::FolioRow {
             serial: 7,
+            address: 0x7f00_0020_0000,
             kind: "anon".to_owned(),
             order: 9,
             sharers: 4,

@@ -445,9 +445,10 @@ impl Aggregator {
         if folios.len() > max_rows {
             out.push_str(&format!("# {} folios, the first {max_rows} by serial\n", folios.len()));
         }
-        for f in folios.into_iter().take(max_rows) {
+        for (f, address) in folios.into_iter().take(max_rows) {
             let row = FolioRow {
                 serial: f.serial,
+                address,
                 kind: f.kind.label().to_owned(),
                 order: f.order,
                 sharers: f.sharers(),

@@ -412,11 +412,23 @@ impl FolioTable {
     }
 
     /// Folios mapped by the address space(s) a tgid was seen using.
-    pub fn mapped_by_tgid(&self, tgid: u32) -> Vec<&FolioState> {
+    /// The folios a process maps, by serial, each with the lowest user
+    /// address it has in that process (of the folio's first page).
+    pub fn mapped_by_tgid(&self, tgid: u32) -> Vec<(&FolioState, u64)> {
         let mms: Vec<u64> = self.mm_tgid.iter().filter(|(_, t)| **t == tgid).map(|(mm, _)| *mm).collect();
-        let mut found: Vec<&FolioState> =
-            self.iter().filter(|f| f.mappings.iter().any(|m| m.total() > 0 && mms.contains(&m.mm))).collect();
-        found.sort_by_key(|f| f.serial);
+        let mut found: Vec<(&FolioState, u64)> = self
+            .iter()
+            .filter_map(|f| {
+                let base = f
+                    .mappings
+                    .iter()
+                    .filter(|m| m.total() > 0 && mms.contains(&m.mm))
+                    .map(|m| m.base)
+                    .min()?;
+                Some((f, base))
+            })
+            .collect();
+        found.sort_by_key(|(f, _)| f.serial);
         found
     }
 
