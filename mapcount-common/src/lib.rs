@@ -570,17 +570,22 @@ pub struct FolioRow {
     pub peak_refcount: i32,
     pub cow_copies: u16,
     pub cow_reuses: u16,
+    /// The kernel's maybe-shared bit at the folio's last event (6.15+,
+    /// large folios): `set`, `clear` or `-`.
+    pub kernel_bit: String,
+    /// The same bit as the daemon simulates it now, on any kernel.
+    pub simulated_bit: String,
 }
 
 #[cfg(feature = "user")]
 impl FolioRow {
     /// The header line, a comment.
     pub const HEADER: &'static str = "# serial address kind order sharers mapcount ptes pmds partial \
-         ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses";
+         ever_partial peak_sharers peak_mapcount peak_refcount cow_copies cow_reuses kernel_bit simulated_bit";
 
     pub fn line(&self) -> String {
         format!(
-            "{} {:#x} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            "{} {:#x} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
             self.serial,
             self.address,
             self.kind,
@@ -595,7 +600,9 @@ impl FolioRow {
             self.peak_mapcount,
             self.peak_refcount,
             self.cow_copies,
-            self.cow_reuses
+            self.cow_reuses,
+            self.kernel_bit,
+            self.simulated_bit
         )
     }
 
@@ -622,6 +629,8 @@ impl FolioRow {
             peak_refcount: next()?.parse().ok()?,
             cow_copies: next()?.parse().ok()?,
             cow_reuses: next()?.parse().ok()?,
+            kernel_bit: next()?.to_owned(),
+            simulated_bit: next()?.to_owned(),
         };
         next().is_none().then_some(row)
     }
@@ -660,6 +669,8 @@ mod tests {
             peak_refcount: 5,
             cow_copies: 0,
             cow_reuses: 1,
+            kernel_bit: "set".to_owned(),
+            simulated_bit: "-".to_owned(),
         };
         assert_eq!(super::FolioRow::parse(&row.line()), Some(row));
         assert_eq!(super::FolioRow::parse(super::FolioRow::HEADER), None);

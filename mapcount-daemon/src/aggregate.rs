@@ -12,6 +12,7 @@ use prometheus::local::{LocalHistogram, LocalIntCounter};
 use crate::{
     decode::Decoded,
     folios::{FolioTable, Retired, RmapCall},
+    maybe_shared::{self, Heuristic, Verdict},
     metrics::Metrics,
 };
 
@@ -58,6 +59,8 @@ const LEVELS: usize = 4;
 const KINDS: usize = 6;
 const ORDERS: usize = 32;
 const OUTCOMES: usize = 7;
+const ALL_KINDS: [FolioKind; 5] =
+    [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping];
 
 fn kind_order(kind: FolioKind, order: u8) -> usize {
     kind as usize * ORDERS + usize::from(order).min(ORDERS - 1)
@@ -269,6 +272,19 @@ impl Aggregator {
                 if applied.evicted {
                     m.table_evictions.inc();
                 }
+                if let Some(agrees) = applied.shared_bit_agrees {
+                    m.shared_bit_checks.with_label_values(&[if agrees { "agree" } else { "differ" }]).inc();
+                    if !agrees {
+                        tracing::debug!(
+                            kind = kind.label(),
+                            order = raw.order,
+                            op = op.label(),
+                            level = level.label(),
+                            nr = raw.nr_pages,
+                            "the kernel's maybe-shared bit differs from its simulation"
+                        );
+                    }
+                }
                 if let Some(retired) = applied.retired {
                     self.handles.retired(m, &retired);
                 }
@@ -363,9 +379,18 @@ impl Aggregator {
     pub fn publish_metrics(&self) {
         self.handles.flush();
         let m = &*self.metrics;
-        for g in [&m.folios, &m.partially_mapped, &m.shared, &m.maybe_shared_bit, &m.refcount_max] {
+        for g in [
+            &m.folios,
+            &m.partially_mapped,
+            &m.shared,
+            &m.maybe_shared_bit,
+            &m.refcount_max,
+            &m.maybe_shared_verdicts,
+            &m.maybe_shared_false_positive_bytes,
+        ] {
             g.reset();
         }
+        self.publish_maybe_shared();
         // Count per (kind, order) first: one gauge update per label set, not per folio.
         #[derive(Clone, Copy, Default)]
         struct Counts {
@@ -401,8 +426,7 @@ impl Aggregator {
                 worst = Some((f.peak_refcount, f.vmas()));
             }
         }
-        for kind in [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping]
-        {
+        for kind in ALL_KINDS {
             for (order, c) in counts[kind as usize].iter().enumerate().filter(|(_, c)| c.folios > 0) {
                 let labels = [kind.label(), order_label(order as u8)];
                 m.folios.with_label_values(&labels).set(c.folios);
@@ -414,8 +438,7 @@ impl Aggregator {
             }
         }
         let mut highest = 0;
-        for kind in [FolioKind::Anon, FolioKind::Ksm, FolioKind::File, FolioKind::Shmem, FolioKind::NoMapping]
-        {
+        for kind in ALL_KINDS {
             for order in 0..ORDERS as u8 {
                 let Some(max) = self.refcount_max[kind_order(kind, order)] else { continue };
                 m.refcount_max.with_label_values(&[kind.label(), order_label(order)]).set(i64::from(max));
@@ -434,6 +457,63 @@ impl Aggregator {
         m.table_entries.set(self.table.len() as i64);
         for (counter, value) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat) {
             m.table_vmstat.with_label_values(&[counter]).set(value);
+        }
+    }
+
+    /// The confusion matrix of the kernel's maybe-shared guesses against
+    /// the exact answer, over the live large folios whose every mapping
+    /// the table places (see [`maybe_shared`]).
+    fn publish_maybe_shared(&self) {
+        const HEURISTICS: usize = Heuristic::ALL.len();
+        const VERDICTS: usize = Verdict::ALL.len();
+        // [heuristic][verdict][truth][kind][order]
+        let mut counts = vec![0i64; HEURISTICS * VERDICTS * 2 * KINDS * ORDERS];
+        let mut false_positive_bytes = [[0i64; KINDS]; HEURISTICS];
+        let index = |h: usize, v: usize, t: usize, k: usize, o: usize| {
+            (((h * VERDICTS + v) * 2 + t) * KINDS + k) * ORDERS + o
+        };
+        for f in self.table.iter().filter(|f| maybe_shared::applies(f.kind, f.order) && f.unknown == 0) {
+            let facts = maybe_shared::Facts::of(f);
+            let slots = self.table.mm_id_slots(f);
+            let order = usize::from(f.order).min(ORDERS - 1);
+            for (h, &heuristic) in Heuristic::ALL.iter().enumerate() {
+                let verdict = maybe_shared::verdict(heuristic, &facts, slots);
+                let v = Verdict::ALL.iter().position(|&x| x == verdict).unwrap_or(0);
+                counts[index(h, v, usize::from(facts.truly_shared), f.kind as usize, order)] += 1;
+                if verdict == Verdict::Shared && !facts.truly_shared {
+                    false_positive_bytes[h][f.kind as usize] += (f.pages() * 4096) as i64;
+                }
+            }
+        }
+        let m = &*self.metrics;
+        for (h, heuristic) in Heuristic::ALL.iter().enumerate() {
+            for (v, verdict) in Verdict::ALL.iter().enumerate() {
+                for (t, truth) in ["exclusive", "shared"].iter().enumerate() {
+                    for kind in ALL_KINDS {
+                        for order in 0..ORDERS {
+                            let n = counts[index(h, v, t, kind as usize, order)];
+                            if n > 0 {
+                                let labels = [
+                                    heuristic.label(),
+                                    verdict.label(),
+                                    truth,
+                                    kind.label(),
+                                    order_label(order as u8),
+                                ];
+                                m.maybe_shared_verdicts.with_label_values(&labels).set(n);
+                            }
+                        }
+                    }
+                }
+            }
+            for kind in ALL_KINDS {
+                let bytes = false_positive_bytes[h][kind as usize];
+                if bytes > 0 {
+                    m.maybe_shared_false_positive_bytes
+                        .with_label_values(&[heuristic.label(), kind.label()])
+                        .set(bytes);
+                }
+            }
         }
     }
 
@@ -462,6 +542,18 @@ impl Aggregator {
                 peak_refcount: f.peak_refcount,
                 cow_copies: f.cow_copies,
                 cow_reuses: f.cow_reuses,
+                kernel_bit: match f.shared_hint {
+                    shared_hint::MAYBE_SHARED => "set",
+                    shared_hint::EXCLUSIVE => "clear",
+                    _ => "-",
+                }
+                .to_owned(),
+                simulated_bit: match self.table.mm_id_slots(f) {
+                    Some(slots) if slots.shared_bit() => "set",
+                    Some(_) => "clear",
+                    None => "-",
+                }
+                .to_owned(),
             };
             out.push_str(&row.line());
             out.push('\n');

@@ -14,9 +14,11 @@
 use std::{collections::BTreeMap, hash::BuildHasher as _};
 
 use hashbrown::HashTable;
-use mapcount_common::{FolioKind, Level, RmapOp};
+use mapcount_common::{FolioKind, Level, RmapOp, shared_hint};
 use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 use smallvec::SmallVec;
+
+use crate::maybe_shared::{self, MmIdSlots};
 
 /// Consecutive events of a folio whose counts must differ from the
 /// kernel's before that is a disagreement (see `FolioTable::apply`).
@@ -47,7 +49,7 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    fn total(&self) -> u64 {
+    pub fn total(&self) -> u64 {
         u64::from(self.ptes) + u64::from(self.pmds) + u64::from(self.puds)
     }
 }
@@ -271,6 +273,9 @@ pub struct Applied {
     pub retired: Option<Retired>,
     /// A new folio pushed another out of the full table.
     pub evicted: bool,
+    /// The kernel's maybe-shared bit came with the event, and the
+    /// simulated one ([`MmIdSlots`]) was compared with it: equal or not.
+    pub shared_bit_agrees: Option<bool>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -354,6 +359,10 @@ pub struct FolioTable {
     /// Children whose fork is under way: the table copied their parent's
     /// mappings, and their own task has not run yet.
     forking: HashSet<u64>,
+    /// Large folios' simulated `_mm_ids`, by folio address: for folios
+    /// whose every mapping the table saw being made, until the table has
+    /// to correct itself (then the history the bit depends on is lost).
+    mm_ids: HashMap<u64, MmIdSlots>,
 }
 
 fn hash(folio: u64) -> u64 {
@@ -374,6 +383,7 @@ impl FolioTable {
             next_serial: 1,
             mm_tgid: HashMap::default(),
             forking: HashSet::default(),
+            mm_ids: HashMap::default(),
         }
     }
 
@@ -403,6 +413,11 @@ impl FolioTable {
 
     pub fn get_mut(&mut self, folio: u64) -> Option<&mut FolioState> {
         self.find(folio).map(|slot| self.state(slot))
+    }
+
+    /// The simulated `_mm_ids` of a large folio, where the table keeps one.
+    pub fn mm_id_slots(&self, folio: &FolioState) -> Option<&MmIdSlots> {
+        self.mm_ids.get(&folio.folio)
     }
 
     pub fn note_owner(&mut self, mm: u64, tgid: u32) {
@@ -473,6 +488,7 @@ impl FolioTable {
     #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     fn remove(&mut self, slot: Slot) -> FolioState {
         let state = self.slots[slot as usize].take().expect("indexed slots hold a folio");
+        self.mm_ids.remove(&state.folio);
         if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
             entry.remove();
         }
@@ -571,6 +587,11 @@ impl FolioTable {
                 });
                 state.unknown = narrow(unknown, u32::MAX);
             }
+            if state.complete && maybe_shared::applies(call.kind, call.order) {
+                self.mm_ids.insert(call.folio, MmIdSlots::default());
+            } else {
+                self.mm_ids.remove(&call.folio);
+            }
             match found {
                 // Freshly allocated at an address the table still holds
                 // (its last unmap was missed): start over in place.
@@ -585,6 +606,8 @@ impl FolioTable {
                 }
             }
         };
+        // Taken out while the folio's state is borrowed; put back at the end.
+        let mut sim = self.mm_ids.remove(&call.folio);
         let state = self.state(slot);
         if known.is_some()
             && let Some(kernel) = call.kernel_mapcount
@@ -607,6 +630,7 @@ impl FolioTable {
                         applied.preexisting_corrected = true;
                     }
                     state.differing_events = 0;
+                    sim = None;
                     // Adopt the kernel's count: mappings the daemon cannot
                     // place become unknown, mappings the kernel lacks go.
                     let placed = own - u64::from(state.unknown);
@@ -620,7 +644,23 @@ impl FolioTable {
             }
         }
         // Kind and order change (an anon folio becomes KSM, a split): the
-        // latest event is right.
+        // latest event is right. A split folio's pages start new `_mm_ids`
+        // the table did not see.
+        if state.order != call.order || state.kind != call.kind {
+            sim = None;
+        }
+        let kernel_bit = match call.shared_hint {
+            shared_hint::MAYBE_SHARED => Some(true),
+            shared_hint::EXCLUSIVE => Some(false),
+            _ => None,
+        };
+        // Read at the call's entry, before it changed the bit; for a new
+        // folio, after.
+        if call.op != RmapOp::AddNew
+            && let (Some(kernel), Some(sim)) = (kernel_bit, &sim)
+        {
+            applied.shared_bit_agrees = Some(sim.shared_bit() == kernel);
+        }
         state.kind = call.kind;
         state.order = call.order;
         state.peak_refcount = state.peak_refcount.max(call.refcount);
@@ -649,9 +689,20 @@ impl FolioTable {
                     Some(i) => add_to(&mut state.mappings[i], call, 1),
                     None => state.unknown = state.unknown.saturating_add(narrow(mappings_of(call), u32::MAX)),
                 }
+                if let Some(sim) = &mut sim {
+                    sim.add(call.mm, mappings_of(call));
+                }
             }
             RmapOp::Remove => {
                 applied.pmd_split_inferred = state.infer_pmd_split(call);
+                if let Some(sim) = &mut sim {
+                    if applied.pmd_split_inferred {
+                        // As 6.8+ split: 512 PTEs added, then the PMD removed.
+                        sim.add(call.mm, u64::from(PMD_PAGES));
+                        sim.sub(call.mm, 1);
+                    }
+                    sim.sub(call.mm, mappings_of(call));
+                }
                 // Filed at this address, else (a KSM or driver page whose
                 // VMA changed since) anywhere in the same address space.
                 let existing = state
@@ -676,11 +727,21 @@ impl FolioTable {
         if state.partially_mapped() {
             state.ever_partially_mapped = true;
         }
+        if call.op == RmapOp::AddNew
+            && let (Some(kernel), Some(sim)) = (kernel_bit, &sim)
+        {
+            applied.shared_bit_agrees = Some(sim.shared_bit() == kernel);
+        }
         if mapcount == 0 {
             let state = self.remove(slot);
             applied.retired = Some(Retired::of(&state));
-        } else if new_entry {
-            self.index(call.mm, call.base, slot);
+        } else {
+            if let Some(sim) = sim {
+                self.mm_ids.insert(call.folio, sim);
+            }
+            if new_entry {
+                self.index(call.mm, call.base, slot);
+            }
         }
         applied
     }
@@ -717,9 +778,12 @@ impl FolioTable {
             }
             m.ptes -= 1;
             state.mappings.retain(|m| m.total() > 0);
+            let folio = state.folio;
             if state.mapcount() == 0 {
                 self.remove(slot);
             }
+            // The kernel never added the mapping the table just took back.
+            self.mm_ids.remove(&folio);
             return 1;
         }
         0
@@ -743,7 +807,8 @@ impl FolioTable {
         let candidates = self.slots_in(src_mm, start.saturating_sub(reach), end);
         let mut copied = Vec::new();
         for slot in candidates {
-            let state = self.state(slot);
+            let Some(state) = self.slots[slot as usize].as_mut() else { continue };
+            let mut sim = self.mm_ids.get_mut(&state.folio);
             let size = state.pages() * PAGE;
             let mut gained = false;
             for i in 0..state.mappings.len() {
@@ -761,6 +826,10 @@ impl FolioTable {
                     m.pmds -= 1;
                     m.ptes += PMD_PAGES;
                     source = *m;
+                    if let Some(sim) = sim.as_deref_mut() {
+                        sim.add(src_mm, u64::from(PMD_PAGES));
+                        sim.sub(src_mm, 1);
+                    }
                 }
                 let ptes = source.ptes.min(narrow(inside, u32::MAX));
                 let (pmds, puds) = if copy_huge && whole { (source.pmds, source.puds) } else { (0, 0) };
@@ -779,9 +848,17 @@ impl FolioTable {
                     child.ptes = child.ptes.saturating_add(ptes.min(left));
                     child.pmds = child.pmds.saturating_add(pmds);
                     child.puds = child.puds.saturating_add(puds);
+                    if let Some(sim) = sim.as_deref_mut() {
+                        sim.add(dst_mm, u64::from(ptes.min(left)) + u64::from(pmds) + u64::from(puds));
+                    }
                     continue;
                 }
                 let child = Mapping { mm: dst_mm, base: source.base, ptes, pmds, puds };
+                // The child's mappings are added to the folio's counts
+                // (folio_try_dup_anon_rmap_*, folio_dup_file_rmap_*).
+                if let Some(sim) = sim.as_deref_mut() {
+                    sim.add(dst_mm, child.total());
+                }
                 if state.mappings.len() < MAX_MAPPINGS_PER_FOLIO {
                     state.mappings.push(child);
                     copied.push((slot, child.base));
@@ -817,7 +894,8 @@ impl FolioTable {
         let reach = u64::from(PMD_PAGES) * PAGE - PAGE;
         let mut moved = Vec::new();
         for slot in self.slots_in(mm, old.saturating_sub(reach), end) {
-            let state = self.state(slot);
+            let Some(state) = self.slots[slot as usize].as_mut() else { continue };
+            let mut sim = self.mm_ids.get_mut(&state.folio);
             let size = state.pages() * PAGE;
             for i in 0..state.mappings.len() {
                 let m = state.mappings[i];
@@ -834,6 +912,10 @@ impl FolioTable {
                     if m.pmds > 0 && m.ptes == 0 {
                         m.pmds -= 1;
                         m.ptes += PMD_PAGES;
+                        if let Some(sim) = sim.as_deref_mut() {
+                            sim.add(mm, u64::from(PMD_PAGES));
+                            sim.sub(mm, 1);
+                        }
                     }
                     let inside = (end.min(m.base + size) - old.max(m.base)) / PAGE;
                     let ptes = m.ptes.min(narrow(inside, u32::MAX));
@@ -890,6 +972,8 @@ impl FolioTable {
                 "mappings left at teardown"
             );
             state.mappings.retain(|m| m.mm != mm);
+            // The table was wrong about this folio: its simulated bit too.
+            self.mm_ids.remove(&state.folio);
             match torn.phantoms.iter_mut().find(|(kind, _)| *kind == state.kind) {
                 Some((_, count)) => *count += phantoms,
                 None => torn.phantoms.push((state.kind, phantoms)),
@@ -988,6 +1072,37 @@ mod tests {
         let applied = table.apply(&call(1, 102, THP, RmapOp::Remove, Level::Pmd, 512, Some(4)));
         assert_eq!(applied.disagreement, None);
         assert_eq!(table.folio(1).sharers(), 3);
+    }
+
+    /// A PTE-mapped 64 KiB folio, forked twice; the parent and the first
+    /// child unmap it. The second child alone maps it, but held no slot of
+    /// `_mm_ids`: the simulated bit stays set, as the kernel's does, and the
+    /// kernel's bit at each event is checked against it.
+    #[test]
+    fn the_maybe_shared_bit_is_simulated_through_fork() {
+        use crate::maybe_shared::{Facts, Heuristic, Verdict, verdict};
+        let with = |op, mm, kernel, hint| RmapCall {
+            order: 4,
+            shared_hint: hint,
+            ..call(7, mm, THP, op, Level::Pte, 16, Some(kernel))
+        };
+        let mut table = FolioTable::new(16);
+        let applied = table.apply(&with(RmapOp::AddNew, 100, 16, shared_hint::EXCLUSIVE));
+        assert_eq!(applied.shared_bit_agrees, Some(true));
+        table.fork(100, 101, THP, 2 * THP, true);
+        table.fork(100, 102, THP, 2 * THP, true);
+        // Read at entry: set since the first fork.
+        let applied = table.apply(&with(RmapOp::Remove, 100, 48, shared_hint::MAYBE_SHARED));
+        assert_eq!(applied.shared_bit_agrees, Some(true));
+        let applied = table.apply(&with(RmapOp::Remove, 101, 32, shared_hint::EXCLUSIVE));
+        assert_eq!(applied.shared_bit_agrees, Some(false), "a kernel saying otherwise is caught");
+        let state = table.folio(7);
+        let facts = Facts::of(state);
+        assert!(!facts.truly_shared);
+        let slots = table.mm_id_slots(state);
+        assert_eq!(slots.map(|s| s.shared_bit()), Some(true));
+        assert_eq!(verdict(Heuristic::MmIdSlots, &facts, slots), Verdict::Shared, "the false positive");
+        assert_eq!(verdict(Heuristic::LikelyMappedShared, &facts, slots), Verdict::Exclusive);
     }
 
     /// Folios come and go at one address, reusing one slot: fork reads one

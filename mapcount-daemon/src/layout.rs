@@ -469,6 +469,23 @@ pub fn has_function(btf: &Btf, name: &str) -> bool {
         .any(|id| matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))))
 }
 
+/// Whether fentry can take `name`: BTF describes it, and it does not return
+/// a struct or union by value, which the verifier refuses (`ptep_clear_flush`
+/// returns a `pte_t`).
+pub fn fentry_can_attach(btf: &Btf, name: &str) -> bool {
+    let returns_aggregate = |function: &btf_rs::Func| -> Result<bool, LayoutError> {
+        let Type::FuncProto(proto) = btf.resolve_chained_type(function)? else { return Ok(false) };
+        if proto.return_type_id() == 0 {
+            return Ok(false); // void
+        }
+        Ok(strip_to_aggregate(btf, btf.resolve_type_by_id(proto.return_type_id())?)?.is_some())
+    };
+    btf.resolve_ids_by_name(name).unwrap_or_default().into_iter().any(|id| match btf.resolve_type_by_id(id) {
+        Ok(Type::Func(function)) => matches!(returns_aggregate(&function), Ok(false)),
+        _ => false,
+    })
+}
+
 fn find_struct(btf: &Btf, name: &str) -> Result<Option<btf_rs::Struct>, LayoutError> {
     let types = match btf.resolve_types_by_name(name) {
         Ok(types) => types,

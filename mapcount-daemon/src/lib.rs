@@ -13,6 +13,7 @@ pub mod http;
 pub mod ingest;
 pub mod layout;
 pub mod log_limit;
+pub mod maybe_shared;
 pub mod metrics;
 pub mod object;
 pub mod privileges;

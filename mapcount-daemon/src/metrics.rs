@@ -27,6 +27,9 @@ pub struct Metrics {
     pub partially_mapped: IntGaugeVec,
     pub shared: IntGaugeVec,
     pub maybe_shared_bit: IntGaugeVec,
+    pub maybe_shared_verdicts: IntGaugeVec,
+    pub maybe_shared_false_positive_bytes: IntGaugeVec,
+    pub shared_bit_checks: IntCounterVec,
     pub refcount_max: IntGaugeVec,
     pub headroom_ratio: Gauge,
     pub headroom_vmas: Gauge,
@@ -168,6 +171,21 @@ impl Metrics {
                 "mapcount_folios_maybe_shared_bit",
                 "Live large folios whose kernel maybe-shared bit (6.15+) was set at their last event.",
                 KIND_ORDER,
+            ),
+            maybe_shared_verdicts: gauge(
+                "mapcount_maybe_shared_folios",
+                "Live large folios by what each kernel generation's guess at \"mapped by somebody else\" says (heuristic: folio_estimated_sharers 6.3-6.9, folio_likely_mapped_shared 6.10-6.14, folio_maybe_mapped_shared 6.15+; verdict: shared, exclusive, or undecided where the table cannot tell) and by the exact answer (truth), computed from the table whatever the running kernel. Folios with mappings the table could not place are left out. docs/audit.md.",
+                &["heuristic", "verdict", "truth", "kind", "order"],
+            ),
+            maybe_shared_false_positive_bytes: gauge(
+                "mapcount_maybe_shared_false_positive_bytes",
+                "Bytes of live large folios a heuristic calls shared that only one address space maps (see mapcount_maybe_shared_folios).",
+                &["heuristic", "kind"],
+            ),
+            shared_bit_checks: counter(
+                "mapcount_maybe_shared_bit_checks_total",
+                "rmap events of large folios at which the kernel's maybe-shared bit (folio->_mm_ids, 6.15+) was compared with the table's simulation of it; result=differ means a missed event or a wrong simulation (should stay 0).",
+                &["result"],
             ),
             refcount_max: gauge(
                 "mapcount_folio_refcount_max",

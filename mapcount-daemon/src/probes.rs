@@ -26,6 +26,16 @@ pub struct ProbeSpec {
     pub need: Need,
     /// Which metrics stay empty without it (for `mapcountd check`).
     pub feeds: &'static str,
+    pub when: When,
+}
+
+/// On which kernels a probe is wanted at all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum When {
+    Always,
+    /// Only where write faults are classified over `handle_mm_fault`
+    /// ([`whole_fault_windows`]); elsewhere it would only cost time.
+    WholeFaultWindows,
 }
 
 /// A kernel function and the programs that understand its arguments.
@@ -69,6 +79,7 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("page_add_anon_rmap", "page_add_anon", "page_add_anon_fentry"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: RMAP,
     },
     ProbeSpec {
@@ -76,6 +87,7 @@ pub const PROBES: &[ProbeSpec] = &[
         name: "anon_add_pmd",
         candidates: &[entry!("folio_add_anon_rmap_pmd", "add_anon_pmd", "add_anon_pmd_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
@@ -85,6 +97,7 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("page_add_new_anon_rmap", "page_add_new_anon", "page_add_new_anon_fentry"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: "op=\"add_new\" rmap rows, COW copy detection",
     },
     ProbeSpec {
@@ -94,6 +107,7 @@ pub const PROBES: &[ProbeSpec] = &[
             ret!("page_add_new_anon_rmap", "add_new_anon_return", "page_add_new_anon_fexit"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: "op=\"add_new\" rmap rows",
     },
     ProbeSpec {
@@ -103,18 +117,21 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("page_add_file_rmap", "page_add_file", "page_add_file_fentry"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: RMAP,
     },
     ProbeSpec {
         name: "file_add_pmd",
         candidates: &[entry!("folio_add_file_rmap_pmd", "add_file_pmd", "add_file_pmd_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
         name: "file_add_pud",
         candidates: &[entry!("folio_add_file_rmap_pud", "add_file_pud", "add_file_pud_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "PUD rows of the rmap metrics (6.15+)",
     },
     ProbeSpec {
@@ -124,18 +141,21 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("page_remove_rmap", "page_remove", "page_remove_fentry"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: RMAP,
     },
     ProbeSpec {
         name: "remove_pmd",
         candidates: &[entry!("folio_remove_rmap_pmd", "remove_pmd", "remove_pmd_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "PMD rows of the rmap metrics (6.8+)",
     },
     ProbeSpec {
         name: "remove_pud",
         candidates: &[entry!("folio_remove_rmap_pud", "remove_pud", "remove_pud_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "PUD rows of the rmap metrics (6.15+)",
     },
     ProbeSpec {
@@ -147,6 +167,7 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("handle_mm_fault", "fault_window_entry_kprobe", "fault_window_entry_fentry"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: COW,
     },
     ProbeSpec {
@@ -156,6 +177,7 @@ pub const PROBES: &[ProbeSpec] = &[
             ret!("handle_mm_fault", "fault_window_return_kretprobe", "fault_window_return_fexit"),
         ],
         need: Need::Core,
+        when: When::Always,
         feeds: COW,
     },
     // The reuse marker. wp_page_reuse is static and often not probe-able
@@ -169,12 +191,14 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("ptep_set_access_flags", "reuse_marker", "reuse_marker_fentry"),
         ],
         need: Need::Optional,
+        when: When::Always,
         feeds: "outcome=\"reuse\" of exclusive pages (else counted as \"other\")",
     },
     ProbeSpec {
         name: "fork",
         candidates: &[entry!("copy_page_range", "fork_copy_kprobe", "fork_copy_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "sharing across fork (mapcount_folios_shared, sharers), mapcount_forks_total",
     },
     ProbeSpec {
@@ -184,6 +208,7 @@ pub const PROBES: &[ProbeSpec] = &[
             entry!("page_move_anon_rmap", "move_anon_marker", "move_anon_marker_fentry"),
         ],
         need: Need::Optional,
+        when: When::Always,
         feeds: "outcome=\"reuse\" of pages shared before fork",
     },
     // Entries moved by mremap, reported at return (kprobe mode keeps the
@@ -192,8 +217,14 @@ pub const PROBES: &[ProbeSpec] = &[
     // and handed to do_wp_page (not counted here then).
     ProbeSpec {
         name: "write_fault_clear_flush",
-        candidates: &[entry!("ptep_clear_flush", "clear_flush_marker", "clear_flush_marker_fentry")],
+        // fentry cannot take ptep_clear_flush (it returns a pte_t struct);
+        // on x86 it flushes through flush_tlb_mm_range, which fentry can.
+        candidates: &[
+            entry!("ptep_clear_flush", "clear_flush_marker", "clear_flush_marker_fentry"),
+            entry!("flush_tlb_mm_range", "clear_flush_marker", "clear_flush_marker_fentry"),
+        ],
         need: Need::Optional,
+        when: When::WholeFaultWindows,
         feeds: "outcome=\"copy\" where do_wp_page is inlined (copies are then not told from first touches)",
     },
     ProbeSpec {
@@ -204,6 +235,7 @@ pub const PROBES: &[ProbeSpec] = &[
             "pmd_write_fault_entry_fentry"
         )],
         need: Need::Optional,
+        when: When::Always,
         feeds: "write faults on PMD-mapped THPs (order=\"9\" rows of mapcount_cow_faults_total)",
     },
     ProbeSpec {
@@ -214,18 +246,21 @@ pub const PROBES: &[ProbeSpec] = &[
             "pmd_write_fault_return_fexit"
         )],
         need: Need::Optional,
+        when: When::Always,
         feeds: "write faults on PMD-mapped THPs (order=\"9\" rows of mapcount_cow_faults_total)",
     },
     ProbeSpec {
         name: "move",
         candidates: &[entry!("move_page_tables", "move_entry", "move_entry_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "sharing across fork after mremap (mappings stay at the old address)",
     },
     ProbeSpec {
         name: "move_return",
         candidates: &[ret!("move_page_tables", "move_return", "move_fexit")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "sharing across fork after mremap (mappings stay at the old address)",
     },
     // Teardown: at exit_mmap's return, what is still filed under the mm is a
@@ -234,12 +269,14 @@ pub const PROBES: &[ProbeSpec] = &[
         name: "teardown",
         candidates: &[entry!("exit_mmap", "teardown_entry", "teardown_entry_fentry")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "mapcount_phantom_mappings_total{found=\"teardown\"}",
     },
     ProbeSpec {
         name: "teardown_return",
         candidates: &[ret!("exit_mmap", "teardown_return", "teardown_fexit")],
         need: Need::Optional,
+        when: When::Always,
         feeds: "mapcount_phantom_mappings_total{found=\"teardown\"}",
     },
 ];
@@ -312,6 +349,8 @@ pub enum ProbeStatus {
         function: String,
         error: AttachError,
     },
+    /// Not wanted on this kernel (see [`When`]).
+    NotWanted,
 }
 
 /// Why a program did not attach to a function that exists.
@@ -391,12 +430,17 @@ pub fn attach_all(
     symbols: &KernelSymbols,
     btf: Option<&Btf>,
     mode: AttachMode,
+    whole_fault_windows: bool,
 ) -> Result<Vec<ProbeReport>, ProbesError> {
     if mode != AttachMode::Fentry {
         load_kprobes(ebpf)?;
     }
     let mut reports = Vec::with_capacity(PROBES.len());
     for spec in PROBES {
+        if spec.when == When::WholeFaultWindows && !whole_fault_windows {
+            reports.push(ProbeReport { spec, status: ProbeStatus::NotWanted });
+            continue;
+        }
         let mut status = ProbeStatus::NoFunction;
         'candidates: for candidate in spec.candidates {
             let Some(function) = symbols.find(candidate.function) else { continue };

@@ -828,24 +828,32 @@ fn write_fault_entry(vmf: u64) {
     }
     let fault_flags: u32 = read_at(vmf, layout!(vmf_flags)).unwrap_or(0);
     let unshare_flag = layout!(fault_flag_unshare);
-    let window = WriteFaultWindow {
-        start_ns: now(),
-        vmf,
-        mm,
-        vma_shared: (flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
-        saw_new_anon: 0,
-        saw_reuse: 0,
-        unshare: (unshare_flag != OFFSET_ABSENT && fault_flags & unshare_flag != 0) as u8,
-        raw_pfn_vma: (flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
-        whole_fault: 0,
-        saw_clear_flush: 0,
-        saw_remove: 0,
-        saw_map: 0,
-        counted: 0,
-        _pad: [0; 6],
-        folio: 0,
-    };
-    store_window(window);
+    let unshare = unshare_flag != OFFSET_ABSENT && fault_flags & unshare_flag != 0;
+    store_window(WriteFaultWindow::opened(vmf, mm, flags, unshare, false));
+}
+
+impl WriteFaultWindow {
+    /// A window opened now, for a fault on a VMA of `mm` with `vma_flags`.
+    #[inline(always)]
+    fn opened(vmf: u64, mm: u64, vma_flags: u64, unshare: bool, whole_fault: bool) -> Self {
+        Self {
+            start_ns: now(),
+            vmf,
+            mm,
+            vma_shared: (vma_flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
+            saw_new_anon: 0,
+            saw_reuse: 0,
+            unshare: unshare as u8,
+            raw_pfn_vma: (vma_flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
+            whole_fault: whole_fault as u8,
+            saw_clear_flush: 0,
+            saw_remove: 0,
+            saw_map: 0,
+            counted: 0,
+            _pad: [0; 6],
+            folio: 0,
+        }
+    }
 }
 
 #[inline(always)]
@@ -1061,23 +1069,7 @@ fn fault_window_entry(vma: u64, fault_flags: u64) {
         count(counter::OBSERVER_SKIPPED);
         return;
     }
-    store_window(WriteFaultWindow {
-        start_ns: now(),
-        vmf: 0,
-        mm: facts.mm,
-        vma_shared: (facts.flags & (vm_flags::SHARED | vm_flags::MAYSHARE) != 0) as u8,
-        saw_new_anon: 0,
-        saw_reuse: 0,
-        unshare: (fault_flags & unshare_bit != 0) as u8,
-        raw_pfn_vma: (facts.flags & (vm_flags::PFNMAP | vm_flags::MIXEDMAP) != 0) as u8,
-        whole_fault: 1,
-        saw_clear_flush: 0,
-        saw_remove: 0,
-        saw_map: 0,
-        counted: 0,
-        _pad: [0; 6],
-        folio: 0,
-    });
+    store_window(WriteFaultWindow::opened(0, facts.mm, facts.flags, fault_flags & unshare_bit != 0, true));
 }
 
 /// Inside a whole-fault window: an rmap call of this thread.
@@ -1173,7 +1165,11 @@ pub fn fault_window_return_fexit(ctx: FExitContext) -> u32 {
     0
 }
 
-/// ptep_clear_flush(): a present PTE replaced (inside a window: a COW).
+/// ptep_clear_flush(): a present PTE replaced (inside a window: a COW). In
+/// fentry mode, which cannot take ptep_clear_flush (it returns a struct),
+/// the TLB flush inside it, flush_tlb_mm_range(): the other paths of a
+/// fault that flush (NUMA hinting, migration) map no new anonymous folio,
+/// and a copy needs both.
 #[inline(always)]
 fn mark_clear_flush() {
     if let Some(window) = open_write_fault(thread_id()) {

@@ -35,10 +35,28 @@ pub(crate) fn kpageflags(address: usize) -> anyhow::Result<u64> {
     kpage_file("/proc/kpageflags", address)
 }
 
+/// `KPF_THP`: the page belongs to a transparent huge page (of any order).
+pub(crate) const KPF_THP: u64 = 1 << 22;
+
+/// Whether the page at `address` is part of a THP, as the kernel says.
+pub(crate) fn is_thp(address: usize) -> anyhow::Result<bool> {
+    Ok(kpageflags(address)? & KPF_THP != 0)
+}
+
 /// The kernel's page_count() of the page at `address`: pagemap gives the
 /// PFN, kpagecount the count.
 pub(crate) fn kpagecount(address: usize) -> anyhow::Result<u64> {
     kpage_file("/proc/kpagecount", address)
+}
+
+/// The kernel's page_count() of page frame `pfn`.
+pub(crate) fn kpagecount_of_frame(pfn: u64) -> anyhow::Result<u64> {
+    let path = "/proc/kpagecount";
+    let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
+    let mut buf = [0u8; 8];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(pfn * 8))?;
+    f.read_exact(&mut buf).map_err(|e| anyhow!("{path}: {e}"))?;
+    Ok(u64::from_le_bytes(buf))
 }
 
 /// The entry of a `/proc/kpage*` file for the page at `address`.

@@ -298,7 +298,7 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     .args([
         "-append",
         &format!(
-            "console=ttyS0 quiet panic=-1 transparent_hugepage=madvise mapcount.attach={} mapcount.soak={}{}",
+            "console=ttyS0 quiet panic=-1 oops=panic transparent_hugepage=madvise mapcount.attach={} mapcount.soak={}{}",
             boot.attach_mode,
             boot.soak_seconds,
             boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()

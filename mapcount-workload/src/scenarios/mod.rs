@@ -1,13 +1,14 @@
 //! The scenarios: each maps, forks, moves or pins memory in a way that
 //! has a known answer from the kernel (pagemap, kpagecount, kpageflags),
 //! and checks mapcountd's view against it. One file each; `run_all` runs
-//! them in order (a to m). See README.md in this folder to add one.
+//! them in order (a to p). See README.md in this folder to add one.
 
 mod driver_pages;
 mod file_pmd_fork;
 mod hugetlb;
 mod ksm;
 mod large_folio_cow;
+mod maybe_shared;
 mod mprotect_fork;
 mod mremap_fork;
 mod partial;
@@ -27,6 +28,7 @@ use file_pmd_fork::file_pmd_fork;
 use hugetlb::hugetlb;
 use ksm::ksm;
 use large_folio_cow::large_folio_cow;
+use maybe_shared::maybe_shared;
 use mprotect_fork::mprotect_fork;
 use mremap_fork::mremap_fork;
 use partial::partial;
@@ -40,7 +42,7 @@ use unshare::unshare;
 
 use crate::{
     checker::Checker,
-    kernel::kpagecount,
+    kernel::{is_thp, kpagecount},
     metrics::{MetricsSource, Scrape},
 };
 
@@ -109,6 +111,10 @@ impl Waiters {
         Waiters { pids, release: fds[1] }
     }
 
+    pub(crate) fn pids(&self) -> &[i32] {
+        &self.pids
+    }
+
     pub(crate) fn release(self) {
         unsafe { libc::close(self.release) };
         for pid in self.pids {
@@ -124,7 +130,7 @@ pub(super) fn my_pid() -> i32 {
 
 pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> anyhow::Result<()> {
     type Scenario = fn(&MetricsSource, &mut Checker) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 15] = [
+    let scenarios: [(&str, Scenario); 16] = [
         ("a_shared_thp", shared_thp),
         ("b_partial", partial),
         ("c_cow_large", large_folio_cow),
@@ -140,6 +146,7 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
         ("m_unshare", unshare),
         ("n_pinned_fork", pinned_fork),
         ("o_hugetlb", hugetlb),
+        ("p_maybe_shared", maybe_shared),
     ];
     let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
     for (name, scenario) in scenarios {
@@ -173,7 +180,7 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
 pub(super) fn thps_mapped(addresses: &[usize], count: u64) -> anyhow::Result<usize> {
     let mut found = 0;
     for &address in addresses {
-        if kpagecount(address)? == count {
+        if is_thp(address)? && kpagecount(address)? == count {
             found += 1;
         }
     }

@@ -7,6 +7,7 @@ use std::{fs, ptr};
 use super::{THP, at_least, map_thp_aligned, my_pid, sysfs_write};
 use crate::{
     checker::Checker,
+    kernel::is_thp,
     memory::{PAGE, unmap, write_each_page},
     metrics::MetricsSource,
 };
@@ -14,6 +15,11 @@ use crate::{
 pub(super) fn partial(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
     let p = map_thp_aligned(THP);
     unsafe { ptr::write_volatile(p, 1) };
+    if !is_thp(p as usize)? {
+        checker.not_applicable("b_partial", "the kernel gave no THP");
+        unmap(p, THP / PAGE);
+        return Ok(());
+    }
     unmap(unsafe { p.add(THP / 2) }, THP / 2 / PAGE);
     metrics.settled_scrape()?;
     let rows = metrics.folios_of(my_pid())?;
@@ -31,6 +37,11 @@ pub(super) fn partial(metrics: &MetricsSource, checker: &mut Checker) -> anyhow:
     sysfs_write(mthp, "madvise")?;
     let q = map_thp_aligned(64 << 10);
     write_each_page(q, 16, 1);
+    if !is_thp(q as usize)? {
+        checker.not_applicable("b_partial/order4_partially_mapped", "the kernel gave no 64 KiB folio");
+        unmap(q, 16);
+        return Ok(());
+    }
     unsafe { libc::madvise(q.cast(), 3 * PAGE, libc::MADV_DONTNEED) };
     metrics.settled_scrape()?;
     let rows = metrics.folios_of(my_pid())?;

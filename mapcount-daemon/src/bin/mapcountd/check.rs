@@ -11,7 +11,7 @@ use mapcount_daemon::{
     config::Wakeup,
     layout::{self, DEFAULT_BTF_PATH},
     object,
-    probes::{self, KernelSymbols, Need},
+    probes::{self, KernelSymbols, Need, When},
 };
 
 pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<ExitCode> {
@@ -36,14 +36,25 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
     let kprobes_possible =
         btf_path.is_some() || Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
     let mut core_missing = 0;
-    println!("\n{:<22} {:<30} {:<8} {:<8} empty without it", "probe", "function", "mode", "need");
+    println!("\n{:<24} {:<30} {:<8} {:<8} empty without it", "probe", "function", "mode", "need");
+    let whole_fault = match &symbols {
+        Some(symbols) => probes::whole_fault_windows(symbols),
+        None => !layout::has_function(&btf, "do_wp_page"),
+    };
     for spec in probes::PROBES {
+        if spec.when == When::WholeFaultWindows && !whole_fault {
+            println!(
+                "{:<24} {:<30} {:<8} {:<8} (only where do_wp_page is inlined)",
+                spec.name, "-", "-", "-"
+            );
+            continue;
+        }
         let found = spec.candidates.iter().find_map(|c| {
             let function = match &symbols {
                 Some(symbols) => symbols.find(c.function)?,
                 None => layout::has_function(&btf, c.function).then(|| c.function.to_owned())?,
             };
-            let fentry = layout::has_function(&btf, c.function)
+            let fentry = layout::fentry_can_attach(&btf, c.function)
                 && traceable.as_ref().is_none_or(|t| t.contains(c.function));
             Some((function, fentry))
         });
@@ -57,12 +68,8 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
             core_missing += 1;
         }
         let feeds = if found.is_none() { spec.feeds } else { "" };
-        println!("{:<22} {:<30} {:<8} {:<8} {feeds}", spec.name, function, mode, need);
+        println!("{:<24} {:<30} {:<8} {:<8} {feeds}", spec.name, function, mode, need);
     }
-    let whole_fault = match &symbols {
-        Some(symbols) => probes::whole_fault_windows(symbols),
-        None => !layout::has_function(&btf, "do_wp_page"),
-    };
     println!(
         "\nwrite faults: {}",
         if whole_fault {

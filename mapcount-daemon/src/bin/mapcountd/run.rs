@@ -47,7 +47,8 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
             None
         }
     };
-    let reports = probes::attach_all(&mut ebpf, &symbols, aya_btf.as_ref(), args.attach_mode)?;
+    let reports =
+        probes::attach_all(&mut ebpf, &symbols, aya_btf.as_ref(), args.attach_mode, whole_fault_windows)?;
 
     let metrics = Arc::new(Metrics::new());
     metrics.kernel_info.with_label_values(&[&kernel_release()]).set(1);
@@ -73,6 +74,10 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
             ProbeStatus::AttachFailed { function, error } => {
                 tracing::warn!(probe = report.spec.name, function, %error, "not attached: attach failed");
                 (function.as_str(), "none", 0)
+            }
+            ProbeStatus::NotWanted => {
+                tracing::debug!(probe = report.spec.name, "not attached: not needed on this kernel");
+                continue;
             }
         };
         metrics.probe_attached.with_label_values(&[report.spec.name, function, mode]).set(attached);

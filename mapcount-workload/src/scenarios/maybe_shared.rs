@@ -1,0 +1,127 @@
+//! p. The kernel's two-slot guess at "mapped by somebody else" (6.15+
+//! `folio_maybe_mapped_shared`), wrong on purpose: a 64 KiB folio mapped
+//! by three processes (the parent, then two fork children); the parent and
+//! the first child unmap it. The second child alone maps it, but it never
+//! held one of the folio's two `_mm_ids` slots, so the kernel keeps the
+//! shared bit set. The kernel's answers: kpagecount of each of the child's
+//! pages (one mapping each: exclusive), and on 6.15+ the bit itself, which
+//! arrives with the child's next rmap event (a page it drops).
+
+use std::fs;
+
+use super::{Waiters, at_least, map_thp_aligned, sysfs_write};
+use crate::{
+    checker::Checker,
+    kernel::{is_thp, kpagecount_of_frame, pid_pfn},
+    memory::{PAGE, unmap, write_each_page},
+    metrics::{MetricsSource, Scrape},
+};
+
+const PAGES: usize = 16;
+
+pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
+    let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
+    if !at_least((6, 8)) || fs::metadata(mthp).is_err() {
+        checker.not_applicable("p_maybe_shared", "no anonymous mTHP on this kernel");
+        return Ok(());
+    }
+    sysfs_write(mthp, "madvise")?;
+    let q = map_thp_aligned(PAGES * PAGE);
+    write_each_page(q, PAGES, 3);
+    if !is_thp(q as usize)? {
+        checker.not_applicable("p_maybe_shared", "the kernel gave no 64 KiB folio");
+        unmap(q, PAGES);
+        return Ok(());
+    }
+    let before = metrics.settled_scrape()?;
+    // The first child takes the folio's second slot.
+    let first = Waiters::spawn(1, |_| {});
+    // The second child finds no slot free. When told to (`go`), it drops
+    // its last page, so that an rmap event carries the kernel's bit.
+    let (go_read, go_write) = pipe();
+    let (done_read, done_write) = pipe();
+    let last_page = q as usize + (PAGES - 1) * PAGE;
+    let second = Waiters::spawn(1, |_| {
+        unsafe { libc::close(go_write) };
+        unsafe { libc::close(done_read) };
+        let mut byte = [0u8; 1];
+        unsafe { libc::read(go_read, byte.as_mut_ptr().cast(), 1) };
+        unsafe { libc::madvise(last_page as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
+        unsafe { libc::write(done_write, byte.as_ptr().cast(), 1) };
+    });
+    let survivor = second.pids()[0];
+    unmap(q, PAGES);
+    first.release();
+    unsafe { libc::close(go_write) };
+    let mut byte = [0u8; 1];
+    unsafe { libc::read(done_read, byte.as_mut_ptr().cast(), 1) };
+    for fd in [go_read, done_read, done_write] {
+        unsafe { libc::close(fd) };
+    }
+
+    // The kernel: each page the child still maps is mapped once.
+    let mut mapped = 0;
+    let mut mapped_once = 0;
+    for i in 0..PAGES - 1 {
+        if let Ok(frame) = pid_pfn(survivor, q as usize + i * PAGE) {
+            mapped += 1;
+            mapped_once += usize::from(kpagecount_of_frame(frame)? == 1);
+        }
+    }
+    let after = metrics.settled_scrape()?;
+    let rows = metrics.folios_of(survivor)?;
+    let row = rows.iter().find(|r| r.address == q as usize as u64 && r.order == 4);
+    checker.exact("p_maybe_shared/pages_mapped", mapped, row.map_or(0.0, |r| r.mapcount as f64));
+    let exclusive = usize::from(mapped > 0 && mapped_once == mapped);
+    checker.exact("p_maybe_shared/sharers", exclusive, row.map_or(0.0, |r| f64::from(r.sharers)));
+    let simulated_set = row.is_some_and(|r| r.simulated_bit == "set");
+    match row.map(|r| r.kernel_bit.as_str()) {
+        Some(kernel @ ("set" | "clear")) => {
+            let kernel_set = kernel == "set";
+            checker.exact(
+                "p_maybe_shared/kernel_bit_simulated",
+                usize::from(kernel_set),
+                f64::from(u8::from(simulated_set)),
+            );
+            // Exclusive in truth, shared by the bit: the false positive the
+            // audit counts.
+            let false_positives = |s: &Scrape| {
+                s.sum(
+                    "mapcount_maybe_shared_folios",
+                    &[
+                        ("heuristic", "folio_maybe_mapped_shared"),
+                        ("verdict", "shared"),
+                        ("truth", "exclusive"),
+                        ("kind", "anon"),
+                        ("order", "4"),
+                    ],
+                )
+            };
+            checker.exact(
+                "p_maybe_shared/false_positives",
+                usize::from(kernel_set) * exclusive,
+                false_positives(&after) - false_positives(&before),
+            );
+        }
+        _ => {
+            println!(
+                "MAPCOUNT-NOTE p_maybe_shared: simulated bit {}",
+                if simulated_set { "set" } else { "clear" }
+            );
+            checker.not_applicable(
+                "p_maybe_shared/kernel_bit_simulated",
+                "the kernel keeps no maybe-shared bit",
+            );
+        }
+    }
+    let differ = |s: &Scrape| s.sum("mapcount_maybe_shared_bit_checks_total", &[("result", "differ")]);
+    checker.exact("p_maybe_shared/bit_differences", 0, differ(&after) - differ(&before));
+    second.release();
+    Ok(())
+}
+
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    unsafe { libc::pipe(fds.as_mut_ptr()) };
+    (fds[0], fds[1])
+}
