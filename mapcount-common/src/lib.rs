@@ -384,6 +384,9 @@ pub struct KernelLayout {
     pub pmc_old_addr: u32,
     pub pmc_new_addr: u32,
     pub pmc_len: u32,
+    /// `sizeof(struct page)` (not an offset): from a page frame number to
+    /// its `struct page` in the vmemmap.
+    pub page_size: u32,
 }
 
 impl KernelLayout {
@@ -428,6 +431,7 @@ impl KernelLayout {
         pmc_old_addr: OFFSET_ABSENT,
         pmc_new_addr: OFFSET_ABSENT,
         pmc_len: OFFSET_ABSENT,
+        page_size: OFFSET_ABSENT,
     };
 }
 
@@ -692,7 +696,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 40 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 41 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.

@@ -428,6 +428,10 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     layout.pg_head_bit = enum_value(btf, "pageflags", "PG_head")?;
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
     layout.pg_swapcache_bit = enum_value(btf, "pageflags", "PG_swapcache")?;
+    if let Some(page) = find_struct(btf, "page")? {
+        layout.page_size = page.size() as u32;
+        fields.push(ResolvedField { slot: "page (size)", member: None, offset: Some(layout.page_size) });
+    }
     // Write faults over the whole handle_mm_fault call need it (do_wp_page inlined).
     if let Ok(write) = enum_value(btf, "fault_flag", "FAULT_FLAG_WRITE") {
         layout.fault_flag_write = write;
@@ -602,6 +606,7 @@ mod tests {
                 assert!(expected.is_some(), "bpftool finds {value}");
                 assert_eq!(row(&format!("pageflags.{value} (bit)")), expected, "{}: {value}", file.display());
             }
+            assert_eq!(row("page (size)"), dump.struct_size("page"), "{}: struct page", file.display());
             eprintln!("{}: {} fields agree with bpftool", file.display(), resolved.fields.len());
         }
     }
@@ -615,6 +620,7 @@ mod tests {
             name: String,
             /// For qualifiers and typedefs: the type they refer to.
             type_id: u32,
+            size: Option<u32>,
             /// Struct/union members (name, type id, bit offset) or enum values (name, -, value).
             members: Vec<(String, u32, u32)>,
         }
@@ -646,7 +652,8 @@ mod tests {
                         let kind = rest.split_whitespace().next().unwrap().to_owned();
                         let name = rest.split('\'').nth(1).unwrap_or("").to_owned();
                         let type_id = field(rest, "type_id=").and_then(|v| v.parse().ok()).unwrap_or(0);
-                        types.insert(id, BtfType { kind, name, type_id, members: Vec::new() });
+                        let size = field(rest, "size=").and_then(|v| v.parse().ok());
+                        types.insert(id, BtfType { kind, name, type_id, size, members: Vec::new() });
                         current = Some(id);
                     } else if let (Some(id), Some(rest)) = (current, line.strip_prefix('\t')) {
                         let name = rest.split('\'').nth(1).unwrap_or("").to_owned();
@@ -693,6 +700,13 @@ mod tests {
                     .values()
                     .find(|t| t.kind == "STRUCT" && t.name == strukt && !t.members.is_empty())?;
                 self.find_bits(t, member).map(|bits| bits / 8)
+            }
+
+            pub fn struct_size(&self, strukt: &str) -> Option<u32> {
+                self.types
+                    .values()
+                    .find(|t| t.kind == "STRUCT" && t.name == strukt && !t.members.is_empty())?
+                    .size
             }
 
             pub fn enum_value(&self, enumeration: &str, value: &str) -> Option<u32> {

@@ -60,12 +60,14 @@ pub fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 /// Loads the embedded object with this kernel's layout. Nothing is attached yet.
-/// `whole_fault_windows`: see `probes::whole_fault_windows`.
+/// `whole_fault_windows`: see `probes::whole_fault_windows`;
+/// `vmemmap_base_address`: see `probes::KernelSymbols`.
 pub fn load(
     layout: &KernelLayout,
     ring_buffer_bytes: u32,
     wakeup: Wakeup,
     whole_fault_windows: bool,
+    vmemmap_base_address: u64,
 ) -> Result<Ebpf, ObjectError> {
     // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
     let wakeup_bytes: u64 = match wakeup {
@@ -79,6 +81,7 @@ pub fn load(
         .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
         .override_global("OBSERVER_TGID", &observer_tgid, true)
         .override_global("WHOLE_FAULT_WINDOWS", &u32::from(whole_fault_windows), true)
+        .override_global("VMEMMAP_BASE_ADDRESS", &vmemmap_base_address, true)
         .map_max_entries("EVENTS", ring_buffer_bytes)
         .load(crate::EBPF_OBJECT)
         .map_err(ObjectError::Load)

@@ -188,7 +188,7 @@ pub const PROBES: &[ProbeSpec] = &[
         name: "write_fault_reuse",
         candidates: &[
             entry!("wp_page_reuse", "reuse_marker", "reuse_marker_fentry"),
-            entry!("ptep_set_access_flags", "reuse_marker", "reuse_marker_fentry"),
+            entry!("ptep_set_access_flags", "reuse_pte_marker", "reuse_pte_marker_fentry"),
         ],
         need: Need::Optional,
         when: When::Always,
@@ -290,6 +290,9 @@ pub fn whole_fault_windows(symbols: &KernelSymbols) -> bool {
 /// Function names the kernel has out of line, from `/proc/kallsyms`.
 pub struct KernelSymbols {
     names: HashSet<String>,
+    /// Address of the variable `vmemmap_base` (x86-64), 0 if absent or
+    /// hidden (kallsyms shows zeros without privileges). Never shown.
+    pub vmemmap_base_address: u64,
 }
 
 impl KernelSymbols {
@@ -298,16 +301,20 @@ impl KernelSymbols {
     }
 
     pub fn parse(kallsyms: &str) -> Self {
+        let mut vmemmap_base_address = 0;
         let names = kallsyms
             .lines()
             .filter_map(|line| {
                 let mut fields = line.split_ascii_whitespace();
-                let (_addr, kind, name) = (fields.next()?, fields.next()?, fields.next()?);
+                let (address, kind, name) = (fields.next()?, fields.next()?, fields.next()?);
+                if name == "vmemmap_base" && matches!(kind, "d" | "D") {
+                    vmemmap_base_address = u64::from_str_radix(address, 16).unwrap_or(0);
+                }
                 // Text symbols only; module symbols carry a "[module]" fourth field and are fine too.
                 matches!(kind, "t" | "T").then(|| name.to_owned())
             })
             .collect();
-        Self { names }
+        Self { names, vmemmap_base_address }
     }
 
     /// Functions that function tracing (fentry) may attach to, when tracefs
@@ -532,8 +539,10 @@ mod tests {
             "ffffffff81000000 T do_wp_page\n\
              ffffffff81000100 t wp_page_reuse.isra.0\n\
              ffffffff81000200 D folio_add_new_anon_rmap\n\
-             ffffffff81000300 t folio_remove_rmap_ptes [some_module]\n",
+             ffffffff81000300 t folio_remove_rmap_ptes [some_module]\n\
+             ffffffff82000000 D vmemmap_base\n",
         );
+        assert_eq!(symbols.vmemmap_base_address, 0xffffffff82000000);
         assert_eq!(symbols.find("do_wp_page").as_deref(), Some("do_wp_page"));
         assert_eq!(symbols.find("wp_page_reuse").as_deref(), Some("wp_page_reuse.isra.0"));
         assert_eq!(symbols.find("folio_add_new_anon_rmap"), None, "data symbols are not functions");

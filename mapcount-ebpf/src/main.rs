@@ -47,6 +47,13 @@ static WAKEUP_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 static WHOLE_FAULT_WINDOWS: u32 = 0;
 
+/// Where the kernel keeps the start of its `struct page` array (the
+/// address of x86-64's `vmemmap_base`, from /proc/kallsyms), or 0: turns
+/// the page frame of a PTE into its page, in a whole-fault window whose
+/// reuse shows no folio otherwise.
+#[unsafe(no_mangle)]
+static VMEMMAP_BASE_ADDRESS: u64 = 0;
+
 /// Set by the daemon: its own thread group id. Its address space is left
 /// out (its ring buffer alone is thousands of driver-page mappings, and its
 /// heap and stacks come and go with every scrape).
@@ -937,6 +944,41 @@ entry_probe!(reuse_marker, reuse_marker_fentry, |a| {
     let _ = a;
     mark_reuse()
 });
+
+/// ptep_set_access_flags(vma, address, ptep, entry, dirty): a reuse; in a
+/// whole-fault window, also the folio, from the page frame in `entry`.
+#[inline(always)]
+fn mark_reuse_at(pte: u64) {
+    if let Some(window) = open_write_fault(thread_id()) {
+        unsafe {
+            (*window).saw_reuse = 1;
+            if (*window).whole_fault != 0 && (*window).folio == 0 {
+                let page = page_of_pte(pte);
+                if page != 0 {
+                    (*window).folio = page_folio(page);
+                }
+            }
+        }
+    }
+}
+
+/// The `struct page` of a present x86-64 PTE's frame, or 0.
+#[inline(always)]
+fn page_of_pte(pte: u64) -> u64 {
+    const PRESENT: u64 = 1;
+    const PFN_MASK: u64 = 0x000f_ffff_ffff_f000;
+    let at = unsafe { core::ptr::read_volatile(&raw const VMEMMAP_BASE_ADDRESS) };
+    let size = layout!(page_size);
+    if at == 0 || size == OFFSET_ABSENT || pte & PRESENT == 0 {
+        return 0;
+    }
+    match read_at::<u64>(at, 0) {
+        Some(vmemmap) if vmemmap != 0 => vmemmap + ((pte & PFN_MASK) >> 12) * size as u64,
+        _ => 0,
+    }
+}
+
+entry_probe!(reuse_pte_marker, reuse_pte_marker_fentry, |a| mark_reuse_at(a.raw(3)));
 /// folio_move_anon_rmap(folio, vma) / page_move_anon_rmap(page, vma):
 /// a reuse, and (for a window over handle_mm_fault, which has no
 /// vmf->page to read) the folio it was about.

@@ -122,6 +122,8 @@ elif [ "$MODE" = selftests ]; then
         settle
         d0=$(metric mapcount_mapcount_disagreements_total)
         p0=$(metric mapcount_phantom_mappings_total)
+        b0=$(metric 'mapcount_maybe_shared_bit_checks_total{result="differ"')
+        c0=$(metric mapcount_maybe_shared_bit_checks_total)
         start=$(cut -d. -f1 /proc/uptime)
         (cd /selftests && timeout $SELFTEST_TIMEOUT ./$t >/tmp/selftest.log 2>&1)
         rc=$?
@@ -129,8 +131,10 @@ elif [ "$MODE" = selftests ]; then
         settle
         d1=$(metric mapcount_mapcount_disagreements_total)
         p1=$(metric mapcount_phantom_mappings_total)
+        b1=$(metric 'mapcount_maybe_shared_bit_checks_total{result="differ"')
+        c1=$(metric mapcount_maybe_shared_bit_checks_total)
         alive=0; kill -0 $daemon 2>/dev/null && alive=1
-        echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) seconds=$((end - start)) daemon_alive=$alive"
+        echo "MAPCOUNT-SELFTEST test=$t exit=$rc ok=$(grep -c '^ok ' /tmp/selftest.log) not_ok=$(grep -c '^not ok ' /tmp/selftest.log) skip=$(grep -c 'SKIP' /tmp/selftest.log) disagreements=$((d1 - d0)) phantoms=$((p1 - p0)) bit_checks=$((c1 - c0)) bit_differences=$((b1 - b0)) seconds=$((end - start)) daemon_alive=$alive"
         grep '^not ok ' /tmp/selftest.log | head -20 | sed "s/^/selftest $t: /"
         tail -n 4 /tmp/selftest.log | sed "s/^/selftest $t (last lines): /"
     done

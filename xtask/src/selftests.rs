@@ -76,7 +76,7 @@ fn known_gap(kernel: &str, test: &str, check: &str) -> Option<&'static str> {
         .map(|(_, _, _, why)| *why)
 }
 
-/// `MAPCOUNT-SELFTEST` lines: one row of the report and three checks per test.
+/// `MAPCOUNT-SELFTEST` lines: one row of the report and four checks per test.
 pub fn parse(console: &str, kernel: &str) -> (Vec<String>, Vec<CheckResult>) {
     let mut rows = Vec::new();
     let mut results = Vec::new();
@@ -88,7 +88,7 @@ pub fn parse(console: &str, kernel: &str) -> (Vec<String>, Vec<CheckResult>) {
             |key: &str| rest.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("-").to_owned();
         let test = field("test=");
         rows.push(format!(
-            "{:<22} exit {:>3}  ok {:>3}  not ok {:>3}  skip {:>3}  disagreements {:>4}  phantoms {:>4}  {:>4} s",
+            "{:<22} exit {:>3}  ok {:>3}  not ok {:>3}  skip {:>3}  disagreements {:>4}  phantoms {:>4}  bit differences {:>4} of {:>6}  {:>4} s",
             test,
             field("exit="),
             field("ok="),
@@ -96,9 +96,16 @@ pub fn parse(console: &str, kernel: &str) -> (Vec<String>, Vec<CheckResult>) {
             field("skip="),
             field("disagreements="),
             field("phantoms="),
+            field("bit_differences="),
+            field("bit_checks="),
             field("seconds="),
         ));
-        for (check, key) in [("disagreements", "disagreements="), ("phantom_mappings", "phantoms=")] {
+        for (check, key) in [
+            ("disagreements", "disagreements="),
+            ("phantom_mappings", "phantoms="),
+            // 6.15+: the kernel's maybe-shared bit against the table's simulation.
+            ("maybe_shared_bit_differences", "bit_differences="),
+        ] {
             let value = field(key);
             if value != "0"
                 && let Some(why) = known_gap(kernel, &test, check)

@@ -42,6 +42,7 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
     let (done_read, done_write) = pipe();
     let last_page = q as usize + (PAGES - 1) * PAGE;
     let second = Waiters::spawn(1, |_| {
+        first.forget_in_child();
         unsafe { libc::close(go_write) };
         unsafe { libc::close(done_read) };
         let mut byte = [0u8; 1];

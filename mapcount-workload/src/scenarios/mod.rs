@@ -115,6 +115,12 @@ impl Waiters {
         &self.pids
     }
 
+    /// For a process forked after these children: it inherited the write
+    /// end that releases them, and must close it, or they never return.
+    pub(crate) fn forget_in_child(&self) {
+        unsafe { libc::close(self.release) };
+    }
+
     pub(crate) fn release(self) {
         unsafe { libc::close(self.release) };
         for pid in self.pids {

@@ -86,7 +86,7 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
         println!("this kernel has no kprobe PMU (CONFIG_KPROBES=n): kprobes cannot attach");
     }
     if load {
-        let mut ebpf = object::load(&resolved.layout, 1 << 16, Wakeup::Batch, false)?;
+        let mut ebpf = object::load(&resolved.layout, 1 << 16, Wakeup::Batch, false, 0)?;
         let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
         let loaded = probes::load_kprobes(&mut ebpf)?;
         println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");

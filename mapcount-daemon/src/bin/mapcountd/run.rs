@@ -37,7 +37,13 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
             "do_wp_page is not out of line in this kernel: write faults are classified over handle_mm_fault"
         );
     }
-    let mut ebpf = object::load(&resolved.layout, args.ring_buffer_bytes, args.wakeup, whole_fault_windows)?;
+    let mut ebpf = object::load(
+        &resolved.layout,
+        args.ring_buffer_bytes,
+        args.wakeup,
+        whole_fault_windows,
+        symbols.vmemmap_base_address,
+    )?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     // aya's own BTF parse, for fentry targets; without it every probe uses kprobes.
     let aya_btf = match aya::Btf::from_sys_fs() {
