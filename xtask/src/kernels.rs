@@ -81,7 +81,17 @@ fn build_small() -> anyhow::Result<Kernel> {
     let kernel =
         Kernel { name: SMALL.to_owned(), vmlinuz: dir.join("bzImage"), modules: dir.join("modules") };
     let stamp = dir.join("config.built");
-    if kernel.vmlinuz.exists() && fs::read_to_string(&stamp).is_ok_and(|built| built == config) {
+    // Comments in the config do not call for a new build.
+    let settings = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    if kernel.vmlinuz.exists()
+        && fs::read_to_string(&stamp).is_ok_and(|built| settings(&built) == settings(config))
+    {
         return Ok(kernel);
     }
     fs::create_dir_all(&kernel.modules)?;

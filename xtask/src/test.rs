@@ -70,6 +70,18 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool) -> anyhow:
         let extra = if prometheus { prometheus::image_extra()? } else { vm::Extra::default() };
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test, extra)?;
         for mode in modes {
+            if kernel.name == kernels::SMALL && mode == "kprobe" {
+                // Its scenarios pass in kprobe mode, then the kernel itself
+                // jumps to a NULL or non-executable address from the
+                // ftrace call site of a probed function (handle_mm_fault,
+                // folio_add_file_rmap_ptes) while probes attach or detach;
+                // Debian's kernels do not. Its cell tests fentry mode.
+                println!(
+                    "kernel {} ({mode}): not run (the kernel crashes in ftrace-based kprobes)",
+                    kernel.name
+                );
+                continue;
+            }
             let started = std::time::Instant::now();
             // The small kernel finds one CPU without ACPI tables to read.
             let cpus = if kernel.name == kernels::SMALL { 1 } else { 2 };
