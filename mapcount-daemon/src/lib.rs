@@ -6,6 +6,7 @@
 //! [`metrics`], and [`http`] serves them; [`record`] keeps the raw stream.
 
 pub mod aggregate;
+pub mod audit;
 pub mod config;
 pub mod decode;
 pub mod folios;

@@ -37,6 +37,12 @@ if [ "$MODE" = test ]; then
     fi
     mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
     echo "MAPCOUNT-WORKLOAD-EXIT $?"
+    # The audit table of the live daemon (docs/audit.md): it must answer.
+    mapcountd audit >/tmp/audit.txt 2>&1
+    rc=$?
+    sed 's/^/MAPCOUNT-AUDIT /' /tmp/audit.txt
+    if [ $rc -eq 0 ]; then result=PASS; else result=FAIL; fi
+    echo "MAPCOUNT-CHECK audit/report_exit_status known=0 reported=$rc accepted=0..=0 $result"
     if [ -x /usr/bin/prometheus ]; then
         for _ in $(seq 1 30); do
             alerts=$(wget -q -O - http://127.0.0.1:9090/api/v1/alerts)

@@ -1,7 +1,8 @@
 //! `mapcountd`: the command line and its dispatch. The daemon itself is
-//! `run`; `check` and `replay` are its subcommands; `settings` merges flags
+//! `run`; `check`, `replay` and `audit` are its subcommands; `settings` merges flags
 //! and the configuration file.
 
+mod audit;
 mod check;
 mod replay;
 mod run;
@@ -46,6 +47,16 @@ enum Command {
         #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20, value_parser = parse_at_least_one)]
         folio_table_size: usize,
     },
+    /// How wrong the kernel's maybe-shared guesses are on this host: a
+    /// table from a running daemon's metrics (docs/audit.md).
+    Audit {
+        /// The daemon's metrics, over plain HTTP.
+        #[arg(long, default_value = "http://127.0.0.1:9730/metrics")]
+        url: String,
+        /// Read a saved scrape instead (`-`: stdin).
+        #[arg(long, value_name = "PATH", conflicts_with = "url")]
+        file: Option<PathBuf>,
+    },
 }
 
 /// Exit status for bad flags or configuration, as clap uses for bad flags.
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
     let result = match (command, settings) {
         (Some(Command::Check { btf, load }), _) => check::check(btf, load),
         (Some(Command::Replay { file, folio_table_size }), _) => replay::replay(&file, folio_table_size),
+        (Some(Command::Audit { url, file }), _) => audit::audit(&url, file.as_deref()),
         (None, Some(settings)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

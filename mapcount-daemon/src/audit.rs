@@ -1,0 +1,198 @@
+//! `mapcountd audit`: the kernel's maybe-shared guesses against the exact
+//! answer, as a short table, from a daemon's `/metrics` text (see
+//! [`crate::maybe_shared`] and docs/audit.md).
+
+use std::collections::HashMap;
+
+use crate::maybe_shared::Heuristic;
+
+/// One sample of the text exposition: metric name, labels, value.
+struct Sample<'a> {
+    name: &'a str,
+    labels: HashMap<&'a str, &'a str>,
+    value: f64,
+}
+
+/// The samples of `text` (Prometheus text format); comments and lines
+/// that do not parse are skipped. Label values with commas or escaped
+/// quotes are not expected here: mapcountd's audit labels have none.
+fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let value = value.parse().ok()?;
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split(',')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| {
+                let (key, value) = l.split_once('=')?;
+                Some((key, value.strip_prefix('"')?.strip_suffix('"')?))
+            })
+            .collect();
+        Some(Sample { name, labels, value })
+    })
+}
+
+#[derive(Clone, Copy, Default)]
+struct Row {
+    shared: f64,
+    wrongly_shared: f64,
+    missed: f64,
+    undecided: f64,
+    wrong_bytes: f64,
+}
+
+fn kernels(heuristic: Heuristic) -> &'static str {
+    match heuristic {
+        Heuristic::Page0Mapcount => "6.3-6.9",
+        Heuristic::LikelyMappedShared => "6.10-6.14",
+        Heuristic::MmIdSlots => "6.15+",
+    }
+}
+
+/// The report for a daemon's metrics text.
+pub fn report(metrics: &str) -> String {
+    let mut rows: HashMap<&str, Row> = HashMap::new();
+    let mut truth = [0.0f64; 2]; // exclusive, shared (counted once, from one heuristic)
+    let (mut agree, mut differ, mut checked) = (0.0, 0.0, false);
+    let reference = Heuristic::MmIdSlots.label();
+    for s in samples(metrics) {
+        let heuristic = s.labels.get("heuristic").copied().unwrap_or("");
+        match s.name {
+            "mapcount_maybe_shared_folios" => {
+                let truly_shared = s.labels.get("truth") == Some(&"shared");
+                if heuristic == reference {
+                    truth[usize::from(truly_shared)] += s.value;
+                }
+                let row = rows.entry(heuristic).or_default();
+                match s.labels.get("verdict").copied() {
+                    Some("shared") => {
+                        row.shared += s.value;
+                        if !truly_shared {
+                            row.wrongly_shared += s.value;
+                        }
+                    }
+                    Some("exclusive") if truly_shared => row.missed += s.value,
+                    Some("undecided") => row.undecided += s.value,
+                    _ => {}
+                }
+            }
+            "mapcount_maybe_shared_false_positive_bytes" => {
+                rows.entry(heuristic).or_default().wrong_bytes += s.value;
+            }
+            "mapcount_maybe_shared_bit_checks_total" => {
+                checked = true;
+                match s.labels.get("result").copied() {
+                    Some("agree") => agree += s.value,
+                    Some("differ") => differ += s.value,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = format!(
+        "Live large folios whose every mapping mapcountd placed: {:.0} ({:.0} mapped by two or more address spaces, {:.0} by one).\n\n",
+        truth[0] + truth[1],
+        truth[1],
+        truth[0]
+    );
+    out.push_str(&format!(
+        "{:<40} {:>8} {:>8} {:>11} {:>7} {:>10}\n",
+        "guess (kernels)", "shared", "wrongly", "wrong MiB", "missed", "undecided"
+    ));
+    for heuristic in Heuristic::ALL {
+        let row = rows.get(heuristic.label()).copied().unwrap_or_default();
+        out.push_str(&format!(
+            "{:<40} {:>8.0} {:>8.0} {:>11.1} {:>7.0} {:>10.0}\n",
+            format!("{} ({})", heuristic.label(), kernels(heuristic)),
+            row.shared,
+            row.wrongly_shared,
+            row.wrong_bytes / f64::from(1u32 << 20),
+            row.missed,
+            row.undecided
+        ));
+    }
+    out.push_str(
+        "\nshared: folios the guess calls shared; wrongly: of those, mapped by one address space;\n\
+         missed: mapped by several, called exclusive; undecided: the table cannot tell how\n\
+         the first page is mapped (docs/audit.md).\n",
+    );
+    out.push_str(&if checked {
+        format!(
+            "\nThe kernel's own maybe-shared bit against the simulation: {agree:.0} events agree, {differ:.0} differ{}.\n",
+            if differ > 0.0 { " (a missed event or a wrong simulation)" } else { "" }
+        )
+    } else {
+        "\nThis kernel keeps no maybe-shared bit (before 6.15): the 6.15+ row is a simulation only.\n".to_owned()
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mapcount_common::{
+        Event, EventType, FolioKind, ForkEvent, Level, RmapOp, event_flags, fork_copy, shared_hint,
+    };
+
+    use super::*;
+    use crate::{aggregate::Aggregator, decode::Decoded, metrics::Metrics};
+
+    /// Scenario p's folio through the aggregator: the report counts the
+    /// one false positive of the two-slot bit, and the kernel's bit checks.
+    #[test]
+    fn reports_the_two_slot_false_positive() {
+        let metrics = Arc::new(Metrics::new());
+        let mut aggregator = Aggregator::new(Arc::clone(&metrics), 16);
+        let rmap = |op: RmapOp, mm: u64, nr: u32, mapcount: i32, hint: u8| {
+            let mut raw = Event::ZERO;
+            raw.event_type = EventType::Rmap as u8;
+            raw.op = op as u8;
+            raw.level = Level::Pte as u8;
+            raw.kind = FolioKind::Anon as u8;
+            raw.order = 4;
+            raw.folio = 0xffff_ea00_0010_0000;
+            raw.mm = mm;
+            raw.base = 0x7f00_0000_0000;
+            raw.nr_pages = nr;
+            raw.mapcount = mapcount;
+            raw.shared_hint = hint;
+            raw.flags = event_flags::OWN_MM;
+            Decoded::Rmap { op, level: Level::Pte, kind: FolioKind::Anon, raw }
+        };
+        aggregator.apply(&rmap(RmapOp::AddNew, 1, 16, 15, shared_hint::EXCLUSIVE));
+        for child in [2, 3] {
+            aggregator.apply(&Decoded::Fork(ForkEvent {
+                event_type: EventType::Fork as u8,
+                copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
+                _pad: [0; 6],
+                src_mm: 1,
+                start: 0x7f00_0000_0000,
+                dst_mm: child,
+                end: 0x7f00_0020_0000,
+                timestamp_ns: 0,
+                tgid: 0,
+                cpu: 0,
+            }));
+        }
+        aggregator.apply(&rmap(RmapOp::Remove, 1, 16, 47, shared_hint::MAYBE_SHARED));
+        aggregator.apply(&rmap(RmapOp::Remove, 2, 16, 31, shared_hint::MAYBE_SHARED));
+        aggregator.publish_metrics();
+        let text = report(&metrics.render());
+        let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or("").to_owned();
+        assert!(
+            text.starts_with("Live large folios whose every mapping mapcountd placed: 1 (0 mapped by two"),
+            "{text}"
+        );
+        let fields: Vec<String> =
+            line("folio_maybe_mapped_shared").split_whitespace().map(str::to_owned).collect();
+        // name, (6.15+), shared, wrongly, MiB, missed, undecided
+        assert_eq!(fields[2..], ["1", "1", "0.1", "0", "0"], "{text}");
+        assert!(text.contains("3 events agree, 0 differ."), "{text}");
+    }
+}
