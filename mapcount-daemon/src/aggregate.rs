@@ -302,6 +302,17 @@ impl Aggregator {
                         WriteFaultOutcome::Reuse => state.count_write_fault(false),
                         _ => {}
                     }
+                    // The copy's unmap of the old page came first: what is
+                    // left of a large folio all belonging to the faulting
+                    // address space means nobody else mapped it.
+                    if outcome == WriteFaultOutcome::Copy
+                        && kind == Some(FolioKind::Anon)
+                        && raw.order > 0
+                        && state.unknown == 0
+                        && state.mappings.iter().all(|m| m.mm == raw.mm)
+                    {
+                        m.exclusive_large_copies.with_label_values(&[order_label(raw.order)]).inc();
+                    }
                 }
             }
             Decoded::Fork(fork) => {

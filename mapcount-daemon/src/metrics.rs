@@ -30,6 +30,7 @@ pub struct Metrics {
     pub maybe_shared_verdicts: IntGaugeVec,
     pub maybe_shared_false_positive_bytes: IntGaugeVec,
     pub shared_bit_checks: IntCounterVec,
+    pub exclusive_large_copies: IntCounterVec,
     pub refcount_max: IntGaugeVec,
     pub headroom_ratio: Gauge,
     pub headroom_vmas: Gauge,
@@ -186,6 +187,11 @@ impl Metrics {
                 "mapcount_maybe_shared_bit_checks_total",
                 "rmap events of large folios at which the kernel's maybe-shared bit (folio->_mm_ids, 6.15+) was compared with the table's simulation of it; result=differ means a missed event or a wrong simulation (should stay 0).",
                 &["result"],
+            ),
+            exclusive_large_copies: counter(
+                "mapcount_cow_copies_of_exclusive_large_folios_total",
+                "Write faults that copied a page of a large anonymous folio only the faulting address space mapped, where reusing it was possible: 6.15+ copy when the maybe-shared bit is set, earlier kernels never reuse a large folio. By folio order.",
+                &["order"],
             ),
             refcount_max: gauge(
                 "mapcount_folio_refcount_max",

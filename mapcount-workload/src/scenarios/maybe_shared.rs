@@ -5,7 +5,10 @@
 //! held one of the folio's two `_mm_ids` slots, so the kernel keeps the
 //! shared bit set. The kernel's answers: kpagecount of each of the child's
 //! pages (one mapping each: exclusive), and on 6.15+ the bit itself, which
-//! arrives with the child's next rmap event (a page it drops).
+//! arrives with the child's next rmap event (a page it drops). Then the
+//! child writes its first page: 6.15+ copy it because of the bit, earlier
+//! kernels because they never reuse a large folio, though nobody else
+//! maps it (the kernel's answer: the page's frame changed).
 
 use std::fs;
 
@@ -33,6 +36,9 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
         unmap(q, PAGES);
         return Ok(());
     }
+    // The folio's frames, to tell its pages from copies later.
+    let first_frame = crate::kernel::pfn(q as usize)?;
+    let frames = first_frame..first_frame + PAGES as u64;
     let before = metrics.settled_scrape()?;
     // The first child takes the folio's second slot.
     let first = Waiters::spawn(1, |_| {});
@@ -48,6 +54,7 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
         let mut byte = [0u8; 1];
         unsafe { libc::read(go_read, byte.as_mut_ptr().cast(), 1) };
         unsafe { libc::madvise(last_page as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
+        unsafe { std::ptr::write_volatile(q, 9) };
         unsafe { libc::write(done_write, byte.as_ptr().cast(), 1) };
     });
     let survivor = second.pids()[0];
@@ -60,15 +67,19 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
         unsafe { libc::close(fd) };
     }
 
-    // The kernel: each page the child still maps is mapped once.
+    // The kernel: each page of the folio the child still maps is mapped
+    // once; its first page is a copy now, if its frame changed.
     let mut mapped = 0;
     let mut mapped_once = 0;
-    for i in 0..PAGES - 1 {
-        if let Ok(frame) = pid_pfn(survivor, q as usize + i * PAGE) {
+    for i in 1..PAGES - 1 {
+        if let Ok(frame) = pid_pfn(survivor, q as usize + i * PAGE)
+            && frames.contains(&frame)
+        {
             mapped += 1;
             mapped_once += usize::from(kpagecount_of_frame(frame)? == 1);
         }
     }
+    let copied = pid_pfn(survivor, q as usize).is_ok_and(|frame| !frames.contains(&frame));
     let after = metrics.settled_scrape()?;
     let rows = metrics.folios_of(survivor)?;
     let row = rows.iter().find(|r| r.address == q as usize as u64 && r.order == 4);
@@ -115,6 +126,13 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
             );
         }
     }
+    // The copy of a page of a folio nobody else mapped.
+    let wasted = |s: &Scrape| s.sum("mapcount_cow_copies_of_exclusive_large_folios_total", &[("order", "4")]);
+    checker.exact(
+        "p_maybe_shared/exclusive_copies",
+        usize::from(copied) * exclusive,
+        wasted(&after) - wasted(&before),
+    );
     let differ = |s: &Scrape| s.sum("mapcount_maybe_shared_bit_checks_total", &[("result", "differ")]);
     checker.exact("p_maybe_shared/bit_differences", 0, differ(&after) - differ(&before));
     second.release();
