@@ -17,12 +17,18 @@ pub(crate) fn pfn(address: usize) -> anyhow::Result<u64> {
     pagemap_pfn("/proc/self/pagemap", address)
 }
 
-pub(crate) fn pagemap_pfn(path: &str, address: usize) -> anyhow::Result<u64> {
+/// The 64-bit entry `index` of a `/proc` file of such entries (pagemap,
+/// kpagecount, kpageflags).
+fn read_entry(path: &str, index: u64) -> anyhow::Result<u64> {
     let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
     let mut buf = [0u8; 8];
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start((address / PAGE) as u64 * 8))?;
-    f.read_exact(&mut buf).map_err(|e| anyhow!("pagemap: {e}"))?;
-    let entry = u64::from_le_bytes(buf);
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(index * 8))?;
+    f.read_exact(&mut buf).map_err(|e| anyhow!("{path}: {e}"))?;
+    Ok(u64::from_le_bytes(buf))
+}
+
+pub(crate) fn pagemap_pfn(path: &str, address: usize) -> anyhow::Result<u64> {
+    let entry = read_entry(path, (address / PAGE) as u64)?;
     let pfn = entry & ((1 << 55) - 1);
     if entry >> 63 == 0 || pfn == 0 {
         bail!("page not present or PFN hidden");
@@ -51,27 +57,10 @@ pub(crate) fn kpagecount(address: usize) -> anyhow::Result<u64> {
 
 /// The kernel's page_count() of page frame `pfn`.
 pub(crate) fn kpagecount_of_frame(pfn: u64) -> anyhow::Result<u64> {
-    let path = "/proc/kpagecount";
-    let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
-    let mut buf = [0u8; 8];
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(pfn * 8))?;
-    f.read_exact(&mut buf).map_err(|e| anyhow!("{path}: {e}"))?;
-    Ok(u64::from_le_bytes(buf))
+    read_entry("/proc/kpagecount", pfn)
 }
 
 /// The entry of a `/proc/kpage*` file for the page at `address`.
 pub(crate) fn kpage_file(file: &str, address: usize) -> anyhow::Result<u64> {
-    let read_u64 = |path: &str, index: u64| -> anyhow::Result<u64> {
-        let mut f = fs::File::open(path).map_err(|e| anyhow!("{path}: {e}"))?;
-        let mut buf = [0u8; 8];
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(index * 8))?;
-        f.read_exact(&mut buf).map_err(|e| anyhow!("{path}: {e}"))?;
-        Ok(u64::from_le_bytes(buf))
-    };
-    let entry = read_u64("/proc/self/pagemap", (address / PAGE) as u64)?;
-    let pfn = entry & ((1 << 55) - 1);
-    if entry >> 63 == 0 || pfn == 0 {
-        bail!("page not present or PFN hidden");
-    }
-    read_u64(file, pfn)
+    read_entry(file, pfn(address)?)
 }
