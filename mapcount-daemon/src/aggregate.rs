@@ -11,7 +11,7 @@ use prometheus::local::{LocalHistogram, LocalIntCounter};
 
 use crate::{
     decode::Decoded,
-    folios::{FolioTable, Retired, RmapCall},
+    folios::{FolioState, FolioTable, Retired, RmapCall},
     maybe_shared::{self, Heuristic, Verdict},
     metrics::Metrics,
 };
@@ -401,7 +401,6 @@ impl Aggregator {
         ] {
             g.reset();
         }
-        self.publish_maybe_shared();
         // Count per (kind, order) first: one gauge update per label set, not per folio.
         #[derive(Clone, Copy, Default)]
         struct Counts {
@@ -414,7 +413,12 @@ impl Aggregator {
         let mut worst: Option<(i32, usize)> = None;
         // In the order of VMSTAT_COUNTERS.
         let mut vmstat = [0i64; 5];
+        // For the maybe-shared audit, gathered in the same walk of the table.
+        let mut audited = Vec::new();
         for f in self.table.iter() {
+            if maybe_shared::applies(f.kind, f.order) && f.unknown == 0 {
+                audited.push(f);
+            }
             let pages = f.pages_mapped() as i64;
             match f.kind {
                 FolioKind::Anon | FolioKind::Ksm => vmstat[0] += pages,
@@ -466,6 +470,7 @@ impl Aggregator {
         };
         m.headroom_vmas.set(vmas_left);
         m.table_entries.set(self.table.len() as i64);
+        self.publish_maybe_shared(&audited);
         for (counter, value) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat) {
             m.table_vmstat.with_label_values(&[counter]).set(value);
         }
@@ -474,7 +479,7 @@ impl Aggregator {
     /// The confusion matrix of the kernel's maybe-shared guesses against
     /// the exact answer, over the live large folios whose every mapping
     /// the table places (see [`maybe_shared`]).
-    fn publish_maybe_shared(&self) {
+    fn publish_maybe_shared(&self, folios: &[&FolioState]) {
         const HEURISTICS: usize = Heuristic::ALL.len();
         const VERDICTS: usize = Verdict::ALL.len();
         // [heuristic][verdict][truth][kind][order]
@@ -483,7 +488,7 @@ impl Aggregator {
         let index = |h: usize, v: usize, t: usize, k: usize, o: usize| {
             (((h * VERDICTS + v) * 2 + t) * KINDS + k) * ORDERS + o
         };
-        for f in self.table.iter().filter(|f| maybe_shared::applies(f.kind, f.order) && f.unknown == 0) {
+        for &f in folios {
             let facts = maybe_shared::Facts::of(f);
             let slots = self.table.mm_id_slots(f);
             let order = usize::from(f.order).min(ORDERS - 1);

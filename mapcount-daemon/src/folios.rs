@@ -488,7 +488,10 @@ impl FolioTable {
     #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     fn remove(&mut self, slot: Slot) -> FolioState {
         let state = self.slots[slot as usize].take().expect("indexed slots hold a folio");
-        self.mm_ids.remove(&state.folio);
+        // Only large folios have one: no lookup for the many small ones.
+        if state.order > 0 {
+            self.mm_ids.remove(&state.folio);
+        }
         if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
             entry.remove();
         }
@@ -587,16 +590,15 @@ impl FolioTable {
                 });
                 state.unknown = narrow(unknown, u32::MAX);
             }
-            if state.complete && maybe_shared::applies(call.kind, call.order) {
-                self.mm_ids.insert(call.folio, MmIdSlots::default());
-            } else {
-                self.mm_ids.remove(&call.folio);
-            }
-            match found {
+            let simulated = state.complete && maybe_shared::applies(call.kind, call.order);
+            let slot = match found {
                 // Freshly allocated at an address the table still holds
                 // (its last unmap was missed): start over in place.
                 Some(slot) => {
-                    *self.state(slot) = state;
+                    let old = std::mem::replace(self.state(slot), state);
+                    if old.order > 0 {
+                        self.mm_ids.remove(&call.folio);
+                    }
                     slot
                 }
                 None => {
@@ -604,10 +606,16 @@ impl FolioTable {
                     applied.evicted = evicted;
                     slot
                 }
+            };
+            if simulated {
+                self.mm_ids.insert(call.folio, MmIdSlots::default());
             }
+            slot
         };
         // Taken out while the folio's state is borrowed; put back at the end.
-        let mut sim = self.mm_ids.remove(&call.folio);
+        // A simulation exists only while the folio is large as the table
+        // knows it (it is dropped when the order changes).
+        let mut sim = if self.state(slot).order > 0 { self.mm_ids.remove(&call.folio) } else { None };
         let state = self.state(slot);
         if known.is_some()
             && let Some(kernel) = call.kernel_mapcount
@@ -808,7 +816,7 @@ impl FolioTable {
         let mut copied = Vec::new();
         for slot in candidates {
             let Some(state) = self.slots[slot as usize].as_mut() else { continue };
-            let mut sim = self.mm_ids.get_mut(&state.folio);
+            let mut sim = if state.order > 0 { self.mm_ids.get_mut(&state.folio) } else { None };
             let size = state.pages() * PAGE;
             let mut gained = false;
             for i in 0..state.mappings.len() {
@@ -895,7 +903,7 @@ impl FolioTable {
         let mut moved = Vec::new();
         for slot in self.slots_in(mm, old.saturating_sub(reach), end) {
             let Some(state) = self.slots[slot as usize].as_mut() else { continue };
-            let mut sim = self.mm_ids.get_mut(&state.folio);
+            let mut sim = if state.order > 0 { self.mm_ids.get_mut(&state.folio) } else { None };
             let size = state.pages() * PAGE;
             for i in 0..state.mappings.len() {
                 let m = state.mappings[i];

@@ -114,6 +114,9 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
                 usize::from(kernel_set) * exclusive,
                 false_positives(&after) - false_positives(&before),
             );
+            let differ =
+                |s: &Scrape| s.sum("mapcount_maybe_shared_bit_checks_total", &[("result", "differ")]);
+            checker.exact("p_maybe_shared/bit_differences", 0, differ(&after) - differ(&before));
         }
         _ => {
             println!(
@@ -133,8 +136,6 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
         usize::from(copied) * exclusive,
         wasted(&after) - wasted(&before),
     );
-    let differ = |s: &Scrape| s.sum("mapcount_maybe_shared_bit_checks_total", &[("result", "differ")]);
-    checker.exact("p_maybe_shared/bit_differences", 0, differ(&after) - differ(&before));
     second.release();
     Ok(())
 }
