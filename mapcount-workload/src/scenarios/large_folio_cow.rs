@@ -1,30 +1,18 @@
 //! c (large folios). A 64 KiB folio that only the parent maps after its
 //! child exits: reused since 6.15, copied before.
 
-use std::{fs, ptr};
+use std::ptr;
 
-use super::{Waiters, at_least, map_thp_aligned, sysfs_write};
+use super::{Waiters, map_64k_folio};
 use crate::{
     checker::Checker,
-    kernel::{is_thp, pfn},
-    memory::{unmap, write_each_page},
+    kernel::pfn,
+    memory::unmap,
     metrics::{MetricsSource, Scrape},
 };
 
 pub(super) fn large_folio_cow(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
-    let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
-    if !at_least((6, 8)) || fs::metadata(mthp).is_err() {
-        checker.not_applicable("c_cow/large_folio", "no anonymous mTHP on this kernel");
-        return Ok(());
-    }
-    sysfs_write(mthp, "madvise")?;
-    let q = map_thp_aligned(64 << 10);
-    write_each_page(q, 16, 1);
-    if !is_thp(q as usize)? {
-        checker.not_applicable("c_cow/large_folio", "the kernel gave no 64 KiB folio");
-        unmap(q, 16);
-        return Ok(());
-    }
+    let Some(q) = map_64k_folio(checker, "c_cow/large_folio", 1)? else { return Ok(()) };
     Waiters::spawn(1, |_| {}).release();
     let before = metrics.settled_scrape()?;
     let frame_before = pfn(q as usize)?;

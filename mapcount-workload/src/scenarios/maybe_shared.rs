@@ -10,32 +10,18 @@
 //! kernels because they never reuse a large folio, though nobody else
 //! maps it (the kernel's answer: the page's frame changed).
 
-use std::fs;
-
-use super::{Waiters, at_least, map_thp_aligned, sysfs_write};
+use super::{Waiters, map_64k_folio};
 use crate::{
     checker::Checker,
-    kernel::{is_thp, kpagecount_of_frame, pid_pfn},
-    memory::{PAGE, unmap, write_each_page},
+    kernel::{kpagecount_of_frame, pid_pfn},
+    memory::{PAGE, unmap},
     metrics::{MetricsSource, Scrape},
 };
 
 const PAGES: usize = 16;
 
 pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::Result<()> {
-    let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
-    if !at_least((6, 8)) || fs::metadata(mthp).is_err() {
-        checker.not_applicable("p_maybe_shared", "no anonymous mTHP on this kernel");
-        return Ok(());
-    }
-    sysfs_write(mthp, "madvise")?;
-    let q = map_thp_aligned(PAGES * PAGE);
-    write_each_page(q, PAGES, 3);
-    if !is_thp(q as usize)? {
-        checker.not_applicable("p_maybe_shared", "the kernel gave no 64 KiB folio");
-        unmap(q, PAGES);
-        return Ok(());
-    }
+    let Some(q) = map_64k_folio(checker, "p_maybe_shared", 3)? else { return Ok(()) };
     // The folio's frames, to tell its pages from copies later.
     let first_frame = crate::kernel::pfn(q as usize)?;
     let frames = first_frame..first_frame + PAGES as u64;

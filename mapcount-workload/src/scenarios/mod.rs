@@ -43,6 +43,7 @@ use unshare::unshare;
 use crate::{
     checker::Checker,
     kernel::{is_thp, kpagecount},
+    memory::{PAGE, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
 };
 
@@ -80,6 +81,27 @@ pub(super) fn map_thp_aligned(bytes: usize) -> *mut u8 {
     // SAFETY: within our mapping.
     unsafe { libc::madvise(aligned.cast(), bytes, libc::MADV_HUGEPAGE) };
     aligned
+}
+
+/// A 64 KiB anonymous folio (mTHP, order 4), its 16 pages written with
+/// `fill`; `None` after saying why not (`name` not applicable) where the
+/// kernel has no anonymous mTHP or gave a folio of another size.
+pub(super) fn map_64k_folio(checker: &mut Checker, name: &str, fill: u8) -> anyhow::Result<Option<*mut u8>> {
+    const PAGES: usize = 16;
+    let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
+    if !at_least((6, 8)) || fs::metadata(mthp).is_err() {
+        checker.not_applicable(name, "no anonymous mTHP on this kernel");
+        return Ok(None);
+    }
+    sysfs_write(mthp, "madvise")?;
+    let q = map_thp_aligned(PAGES * PAGE);
+    write_each_page(q, PAGES, fill);
+    if !is_thp(q as usize)? {
+        checker.not_applicable(name, "the kernel gave no 64 KiB folio");
+        unmap(q, PAGES);
+        return Ok(None);
+    }
+    Ok(Some(q))
 }
 
 /// Children that wait until the returned pipe's write end is closed.

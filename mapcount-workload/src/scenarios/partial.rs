@@ -2,13 +2,13 @@
 //! kernels with anonymous mTHP, 3 pages of a 64 KiB folio dropped: one
 //! partially mapped order-4 folio.
 
-use std::{fs, ptr};
+use std::ptr;
 
-use super::{THP, at_least, map_thp_aligned, my_pid, sysfs_write};
+use super::{THP, map_64k_folio, map_thp_aligned, my_pid};
 use crate::{
     checker::Checker,
     kernel::is_thp,
-    memory::{PAGE, unmap, write_each_page},
+    memory::{PAGE, unmap},
     metrics::MetricsSource,
 };
 
@@ -29,19 +29,7 @@ pub(super) fn partial(metrics: &MetricsSource, checker: &mut Checker) -> anyhow:
     checker.exact("b_partial/order9_partially_mapped", 1, partial9 as f64);
     unmap(p, THP / 2 / PAGE);
 
-    let mthp = "/sys/kernel/mm/transparent_hugepage/hugepages-64kB/enabled";
-    if !at_least((6, 8)) || fs::metadata(mthp).is_err() {
-        checker.not_applicable("b_partial/order4_partially_mapped", "no anonymous mTHP on this kernel");
-        return Ok(());
-    }
-    sysfs_write(mthp, "madvise")?;
-    let q = map_thp_aligned(64 << 10);
-    write_each_page(q, 16, 1);
-    if !is_thp(q as usize)? {
-        checker.not_applicable("b_partial/order4_partially_mapped", "the kernel gave no 64 KiB folio");
-        unmap(q, 16);
-        return Ok(());
-    }
+    let Some(q) = map_64k_folio(checker, "b_partial/order4_partially_mapped", 1)? else { return Ok(()) };
     unsafe { libc::madvise(q.cast(), 3 * PAGE, libc::MADV_DONTNEED) };
     metrics.settled_scrape()?;
     let rows = metrics.folios_of(my_pid())?;
