@@ -640,6 +640,113 @@ impl FolioRow {
     }
 }
 
+/// smaps' fixed point for PSS (`PSS_SHIFT` in fs/proc/task_mmu.c): each
+/// page adds `(PAGE_SIZE << PSS_SHIFT) / mapcount`, and the sum is shifted
+/// down when printed, so an equal sum prints equal kilobytes.
+pub const PSS_SHIFT: u32 = 12;
+
+/// What a kernel reports about some pages one process maps: smaps' Rss,
+/// Pss, Shared and Private, pagemap's `PM_MMAP_EXCLUSIVE` and
+/// `/proc/kpagecount`, summed over the pages.
+#[cfg(feature = "user")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmapsFigures {
+    pub rss_bytes: u64,
+    /// Bytes << [`PSS_SHIFT`].
+    pub pss_shifted: u64,
+    pub shared_bytes: u64,
+    pub private_bytes: u64,
+    /// Mapped pages pagemap calls exclusively mapped.
+    pub exclusive_pages: u64,
+    /// The sum of `/proc/kpagecount` over the mapped pages.
+    pub kpagecount_sum: u64,
+    /// Mapped bytes left out of the figures above: the daemon cannot tell
+    /// what the kernel reports for them (docs/audit.md).
+    pub undetermined_bytes: u64,
+}
+
+#[cfg(feature = "user")]
+impl SmapsFigures {
+    pub fn pss_kb(&self) -> u64 {
+        self.pss_shifted >> (PSS_SHIFT + 10)
+    }
+
+    pub fn add(&mut self, other: &SmapsFigures) {
+        self.rss_bytes += other.rss_bytes;
+        self.pss_shifted += other.pss_shifted;
+        self.shared_bytes += other.shared_bytes;
+        self.private_bytes += other.private_bytes;
+        self.exclusive_pages += other.exclusive_pages;
+        self.kpagecount_sum += other.kpagecount_sum;
+        self.undetermined_bytes += other.undetermined_bytes;
+    }
+}
+
+/// One figure of [`SmapsFigures`], in [`SmapsReport::text`]'s units.
+#[cfg(feature = "user")]
+type SmapsFigure = fn(&SmapsFigures) -> u64;
+
+/// mapcountd's `/debug/smaps?tgid=N&from=A&to=B`: the figures of one
+/// process's mappings of folios that start in `[A, B)`, exact and as a
+/// kernel without per-page mapcounts (`CONFIG_NO_PAGE_MAPCOUNT`) reports
+/// them. Written with [`SmapsReport::text`], read with [`SmapsReport::parse`].
+#[cfg(feature = "user")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SmapsReport {
+    pub exact: SmapsFigures,
+    pub no_page_mapcount: SmapsFigures,
+}
+
+#[cfg(feature = "user")]
+impl SmapsReport {
+    const ROWS: [(&'static str, SmapsFigure); 7] = [
+        ("Rss_kB", |f| f.rss_bytes >> 10),
+        ("Pss_kB", SmapsFigures::pss_kb),
+        ("Shared_kB", |f| f.shared_bytes >> 10),
+        ("Private_kB", |f| f.private_bytes >> 10),
+        ("Exclusive_pages", |f| f.exclusive_pages),
+        ("Kpagecount_sum", |f| f.kpagecount_sum),
+        ("Undetermined_kB", |f| f.undetermined_bytes >> 10),
+    ];
+
+    /// Kilobytes as smaps prints them (PSS rounded down once, from the sum).
+    pub fn text(&self) -> String {
+        let mut out = String::from("# figure exact no_page_mapcount\n");
+        for (name, value) in Self::ROWS {
+            out.push_str(&format!("{name} {} {}\n", value(&self.exact), value(&self.no_page_mapcount)));
+        }
+        out
+    }
+
+    /// Reads [`SmapsReport::text`] back, in its units: kilobytes (PSS
+    /// as printed, in `pss_shifted >> PSS_SHIFT` bytes), pages, counts.
+    pub fn parse(text: &str) -> Option<SmapsReport> {
+        let mut report = SmapsReport::default();
+        let mut seen = 0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let mut f = line.split_whitespace();
+            let (Some(name), Some(exact), Some(estimate)) = (f.next(), f.next(), f.next()) else {
+                continue;
+            };
+            let (exact, estimate): (u64, u64) = (exact.parse().ok()?, estimate.parse().ok()?);
+            for (figures, value) in [(&mut report.exact, exact), (&mut report.no_page_mapcount, estimate)] {
+                match name {
+                    "Rss_kB" => figures.rss_bytes = value << 10,
+                    "Pss_kB" => figures.pss_shifted = value << (PSS_SHIFT + 10),
+                    "Shared_kB" => figures.shared_bytes = value << 10,
+                    "Private_kB" => figures.private_bytes = value << 10,
+                    "Exclusive_pages" => figures.exclusive_pages = value,
+                    "Kpagecount_sum" => figures.kpagecount_sum = value,
+                    "Undetermined_kB" => figures.undetermined_bytes = value << 10,
+                    _ => continue,
+                }
+            }
+            seen += 1;
+        }
+        (seen == Self::ROWS.len()).then_some(report)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: both are repr(C), contain only integers and have no implicit padding
@@ -679,6 +786,23 @@ mod tests {
         assert_eq!(super::FolioRow::parse(&row.line()), Some(row));
         assert_eq!(super::FolioRow::parse(super::FolioRow::HEADER), None);
         assert_eq!(super::FolioRow::parse("7 anon 9"), None);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn smaps_reports_read_back_as_written() {
+        let figures = |kb: u64| super::SmapsFigures {
+            rss_bytes: kb << 10,
+            pss_shifted: (kb / 2) << (super::PSS_SHIFT + 10),
+            shared_bytes: 4096,
+            private_bytes: (kb << 10) - 4096,
+            exclusive_pages: kb / 4 - 1,
+            kpagecount_sum: kb / 2,
+            undetermined_bytes: 0,
+        };
+        let report = super::SmapsReport { exact: figures(2048), no_page_mapcount: figures(64) };
+        assert_eq!(super::SmapsReport::parse(&report.text()), Some(report));
+        assert_eq!(super::SmapsReport::parse("Rss_kB 4 4\n"), None);
     }
 
     use core::mem::size_of;

@@ -1,20 +1,27 @@
 //! Events to metrics. Pure: no kernel, no I/O, so it is tested with
 //! synthetic event streams.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mapcount_common::{
-    Event, FIELD_ABSENT, FolioKind, FolioRow, Level, RmapOp, WriteFaultOutcome, event_flags, fork_copy,
-    shared_hint, vma_class,
+    Event, FIELD_ABSENT, FolioKind, FolioRow, Level, PSS_SHIFT, RmapOp, SmapsFigures, WriteFaultOutcome,
+    event_flags, fork_copy, shared_hint, vma_class,
 };
 use prometheus::local::{LocalHistogram, LocalIntCounter};
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
+    cgroups::{self, CgroupNames},
     decode::Decoded,
     folios::{FolioState, FolioTable, Retired, RmapCall},
     maybe_shared::{self, Heuristic, Verdict},
     metrics::Metrics,
+    smaps,
 };
+
+/// Cgroups shown by name in `mapcount_cgroup_memory_bytes`; the rest are
+/// summed as "other" (a bounded number of series on any host).
+const CGROUPS_SHOWN: usize = 10;
 
 /// Folio orders as label values, without allocating per event.
 const ORDER_LABELS: [&str; 32] = [
@@ -170,6 +177,8 @@ pub struct Aggregator {
     sources: Vec<String>,
     /// Records received from each CPU, balanced against the kernel's counts.
     received_per_cpu: Vec<u64>,
+    /// For the per-cgroup figures; filled at scrape time (hence the lock).
+    cgroups: Mutex<CgroupNames>,
 }
 
 /// `folio_mapcount()` from the raw counters, where the kernel keeps one.
@@ -186,6 +195,12 @@ fn kernel_mapcount(raw: &Event) -> Option<u64> {
 const MAX_CPUS: usize = 8192;
 
 impl Aggregator {
+    /// Names the cgroups of live processes (reading /proc), for a daemon
+    /// tracing this host; a replay leaves them "unknown".
+    pub fn name_cgroups_from_proc(&mut self) {
+        self.cgroups = Mutex::new(CgroupNames::live());
+    }
+
     pub fn received_per_cpu(&self) -> &[u64] {
         &self.received_per_cpu
     }
@@ -198,6 +213,7 @@ impl Aggregator {
             refcount_max: vec![None; KINDS * ORDERS],
             received_per_cpu: Vec::new(),
             sources: Vec::new(),
+            cgroups: Mutex::new(CgroupNames::default()),
         }
     }
 
@@ -393,6 +409,7 @@ impl Aggregator {
         for g in [
             &m.folios,
             &m.partially_mapped,
+            &m.unmapped_bytes,
             &m.shared,
             &m.maybe_shared_bit,
             &m.refcount_max,
@@ -408,6 +425,7 @@ impl Aggregator {
             partial: i64,
             shared: i64,
             maybe_shared: i64,
+            unmapped_pages: i64,
         }
         let mut counts = [[Counts::default(); ORDERS]; KINDS];
         let mut worst: Option<(i32, usize)> = None;
@@ -415,7 +433,14 @@ impl Aggregator {
         let mut vmstat = [0i64; 5];
         // For the maybe-shared audit, gathered in the same walk of the table.
         let mut audited = Vec::new();
+        // What smaps reports, per address space: [exact, estimate].
+        let mut per_mm: HashMap<u64, [SmapsFigures; 2]> = HashMap::default();
         for f in self.table.iter() {
+            smaps::account(f, self.table.mm_id_slots(f), |m, exact, estimate| {
+                let sums = per_mm.entry(m.mm).or_default();
+                sums[0].add(exact);
+                sums[1].add(estimate);
+            });
             if maybe_shared::applies(f.kind, f.order) && f.unknown == 0 {
                 audited.push(f);
             }
@@ -435,6 +460,7 @@ impl Aggregator {
             let c = &mut counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
             c.folios += 1;
             c.partial += i64::from(f.partially_mapped());
+            c.unmapped_pages += smaps::unmapped_pages(f).unwrap_or(0) as i64;
             c.shared += i64::from(f.sharers() >= 2);
             c.maybe_shared += i64::from(f.shared_hint == shared_hint::MAYBE_SHARED);
             if worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
@@ -446,6 +472,9 @@ impl Aggregator {
                 let labels = [kind.label(), order_label(order as u8)];
                 m.folios.with_label_values(&labels).set(c.folios);
                 m.partially_mapped.with_label_values(&labels).set(c.partial);
+                if c.unmapped_pages > 0 {
+                    m.unmapped_bytes.with_label_values(&labels).set(c.unmapped_pages * 4096);
+                }
                 m.shared.with_label_values(&labels).set(c.shared);
                 if c.maybe_shared > 0 {
                     m.maybe_shared_bit.with_label_values(&labels).set(c.maybe_shared);
@@ -471,8 +500,56 @@ impl Aggregator {
         m.headroom_vmas.set(vmas_left);
         m.table_entries.set(self.table.len() as i64);
         self.publish_maybe_shared(&audited);
+        self.publish_cgroups(per_mm);
         for (counter, value) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat) {
             m.table_vmstat.with_label_values(&[counter]).set(value);
+        }
+    }
+
+    /// `mapcount_cgroup_memory_bytes`: the address spaces' figures summed
+    /// per cgroup; the [`CGROUPS_SHOWN`] that map most by name, the rest
+    /// as "other".
+    fn publish_cgroups(&self, per_mm: HashMap<u64, [SmapsFigures; 2]>) {
+        let mut names = self.cgroups.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut per_cgroup: HashMap<Arc<str>, [SmapsFigures; 2]> = HashMap::default();
+        let mut seen = rustc_hash::FxHashSet::default();
+        for (mm, [exact, estimate]) in per_mm {
+            let name = match self.table.tgid_of(mm) {
+                Some(tgid) => {
+                    seen.insert(tgid);
+                    names.name(tgid)
+                }
+                None => Arc::from(cgroups::UNKNOWN),
+            };
+            let sums = per_cgroup.entry(name).or_default();
+            sums[0].add(&exact);
+            sums[1].add(&estimate);
+        }
+        names.retain(|tgid| seen.contains(&tgid));
+        let mut ranked: Vec<_> = per_cgroup.into_iter().collect();
+        ranked.sort_by(|a, b| b.1[0].rss_bytes.cmp(&a.1[0].rss_bytes).then_with(|| a.0.cmp(&b.0)));
+        let mut other = [SmapsFigures::default(); 2];
+        for (_, sums) in ranked.iter().skip(CGROUPS_SHOWN) {
+            other[0].add(&sums[0]);
+            other[1].add(&sums[1]);
+        }
+        let shown = ranked.iter().take(CGROUPS_SHOWN).map(|(name, sums)| (&**name, sums));
+        let m = &self.metrics.cgroup_memory;
+        m.reset();
+        let other_row = (ranked.len() > CGROUPS_SHOWN).then_some(("other", &other));
+        for (cgroup, sums) in shown.chain(other_row) {
+            for (model, figures) in ["exact", "no_page_mapcount"].into_iter().zip(sums) {
+                let rows = [
+                    ("rss", figures.rss_bytes),
+                    ("pss", figures.pss_shifted >> PSS_SHIFT),
+                    ("private", figures.private_bytes),
+                    ("shared", figures.shared_bytes),
+                    ("undetermined", figures.undetermined_bytes),
+                ];
+                for (figure, value) in rows {
+                    m.with_label_values(&[cgroup, figure, model]).set(value as i64);
+                }
+            }
         }
     }
 
@@ -531,6 +608,11 @@ impl Aggregator {
                 }
             }
         }
+    }
+
+    /// `/debug/smaps`: see `FolioTable::smaps_of`.
+    pub fn smaps_of(&self, tgid: u32, from: u64, to: u64) -> mapcount_common::SmapsReport {
+        self.table.smaps_of(tgid, from, to)
     }
 
     /// Text for the debug view: the folios one process maps, by serial.

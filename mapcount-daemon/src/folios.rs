@@ -14,11 +14,14 @@
 use std::{collections::BTreeMap, hash::BuildHasher as _};
 
 use hashbrown::HashTable;
-use mapcount_common::{FolioKind, Level, RmapOp, shared_hint};
+use mapcount_common::{FolioKind, Level, RmapOp, SmapsReport, shared_hint};
 use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 use smallvec::SmallVec;
 
-use crate::maybe_shared::{self, MmIdSlots};
+use crate::{
+    maybe_shared::{self, MmIdSlots},
+    smaps,
+};
 
 /// Consecutive events of a folio whose counts must differ from the
 /// kernel's before that is a disagreement (see `FolioTable::apply`).
@@ -117,6 +120,19 @@ impl FolioState {
             differing_events: 0,
             complete: false,
         }
+    }
+
+    /// A folio whose every mapping the daemon saw being made.
+    pub fn complete(&self) -> bool {
+        self.complete
+    }
+
+    #[cfg(test)]
+    pub fn for_test(kind: FolioKind, order: u8, mappings: &[Mapping]) -> Self {
+        let mut state = Self::new(0, 0, kind, order);
+        state.mappings = mappings.iter().copied().collect();
+        state.complete = true;
+        state
     }
 
     /// Mappings as the kernel counts them (`folio_mapcount`).
@@ -426,6 +442,11 @@ impl FolioTable {
         }
     }
 
+    /// The process seen using an address space.
+    pub fn tgid_of(&self, mm: u64) -> Option<u32> {
+        self.mm_tgid.get(&mm).copied()
+    }
+
     /// Folios mapped by the address space(s) a tgid was seen using.
     /// The folios a process maps, by serial, each with the lowest user
     /// address it has in that process (of the folio's first page).
@@ -445,6 +466,23 @@ impl FolioTable {
             .collect();
         found.sort_by_key(|(f, _)| f.serial);
         found
+    }
+
+    /// What smaps, pagemap and kpagecount report for a process's mappings
+    /// of folios that start in `[from, to)` of its address space: exact,
+    /// and without per-page mapcounts (see `crate::smaps`).
+    pub fn smaps_of(&self, tgid: u32, from: u64, to: u64) -> SmapsReport {
+        let mms: Vec<u64> = self.mm_tgid.iter().filter(|(_, t)| **t == tgid).map(|(mm, _)| *mm).collect();
+        let mut report = SmapsReport::default();
+        for folio in self.iter() {
+            smaps::account(folio, self.mm_id_slots(folio), |m, exact, estimate| {
+                if mms.contains(&m.mm) && (from..to).contains(&m.base) {
+                    report.exact.add(exact);
+                    report.no_page_mapcount.add(estimate);
+                }
+            });
+        }
+        report
     }
 
     /// Adds a folio the table does not hold; returns its slot and whether

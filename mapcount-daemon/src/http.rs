@@ -72,6 +72,10 @@ pub trait Exposition: Send + Sync {
     fn metrics_text(&self) -> String;
     /// One process's folios (`/debug/folios?tgid=N`), at most `max_rows` rows.
     fn folios_of(&self, tgid: u32, max_rows: usize) -> String;
+    /// What smaps, pagemap and kpagecount report for one process's mappings
+    /// of folios starting in `[from, to)`, exact and without per-page
+    /// mapcounts (`/debug/smaps?tgid=N&from=A&to=B`).
+    fn smaps_of(&self, tgid: u32, from: u64, to: u64) -> String;
 }
 
 pub struct HttpState {
@@ -447,8 +451,8 @@ fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> 
             state.exposition.metrics_text(),
         );
     }
-    if path == "/debug/folios" {
-        return debug_folios(state, request.uri().query());
+    if path == "/debug/folios" || path == "/debug/smaps" {
+        return debug_walk(state, path, request.uri().query());
     }
     match path {
         "/-/healthy" | "/-/ready" => text(StatusCode::OK, "text/plain", "OK\n"),
@@ -466,12 +470,16 @@ fn respond<B>(state: &HttpState, request: &Request<B>) -> Response<Full<Bytes>> 
     }
 }
 
-/// The folios one process maps, for tests and for looking closer. Folios
-/// are named by the daemon's serial number, never an address.
-fn debug_folios(state: &HttpState, query: Option<&str>) -> Response<Full<Bytes>> {
-    let tgid = query.and_then(|q| q.strip_prefix("tgid=")).and_then(|t| t.parse::<u32>().ok());
-    let Some(tgid) = tgid else {
-        return text(StatusCode::BAD_REQUEST, "text/plain", "usage: /debug/folios?tgid=N\n");
+/// The debug views, for tests and for looking closer: `/debug/folios`, the
+/// folios one process maps, named by the daemon's serial number (never an
+/// address); `/debug/smaps`, what smaps reports for them.
+fn debug_walk(state: &HttpState, path: &str, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(query) = DebugQuery::parse(query.unwrap_or("")) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "usage: /debug/folios?tgid=N, /debug/smaps?tgid=N[&from=ADDRESS&to=ADDRESS]\n",
+        );
     };
     let mut allowed_at = state.debug_walk_allowed_at.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let now = Instant::now();
@@ -484,9 +492,41 @@ fn debug_folios(state: &HttpState, query: Option<&str>) -> Response<Full<Bytes>>
         response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         return response;
     }
-    let body = state.exposition.folios_of(tgid, DEBUG_FOLIOS_MAX_ROWS);
+    let body = if path == "/debug/smaps" {
+        state.exposition.smaps_of(query.tgid, query.from, query.to)
+    } else {
+        state.exposition.folios_of(query.tgid, DEBUG_FOLIOS_MAX_ROWS)
+    };
     *allowed_at = Some(Instant::now() + now.elapsed() * 9);
     text(StatusCode::OK, "text/plain", body)
+}
+
+/// `tgid=N`, and optionally a range of user addresses `from=A&to=B`
+/// (decimal, or hexadecimal with `0x`); the whole address space by default.
+#[derive(Debug, PartialEq, Eq)]
+struct DebugQuery {
+    tgid: u32,
+    from: u64,
+    to: u64,
+}
+
+impl DebugQuery {
+    fn parse(query: &str) -> Option<Self> {
+        let number = |v: &str| match v.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => v.parse().ok(),
+        };
+        let (mut tgid, mut from, mut to) = (None, 0, u64::MAX);
+        for pair in query.split('&') {
+            match pair.split_once('=')? {
+                ("tgid", v) => tgid = Some(v.parse().ok()?),
+                ("from", v) => from = number(v)?,
+                ("to", v) => to = number(v)?,
+                _ => return None,
+            }
+        }
+        Some(Self { tgid: tgid?, from, to })
+    }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<String>) -> Response<Full<Bytes>> {
@@ -498,6 +538,19 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<String>)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn debug_queries() {
+        use super::DebugQuery;
+        assert_eq!(DebugQuery::parse("tgid=7"), Some(DebugQuery { tgid: 7, from: 0, to: u64::MAX }));
+        assert_eq!(
+            DebugQuery::parse("tgid=7&from=0x7f0000200000&to=140737488355328"),
+            Some(DebugQuery { tgid: 7, from: 0x7f00_0020_0000, to: 1 << 47 })
+        );
+        for bad in ["", "tgid=x", "from=1", "tgid=1&size=2", "tgid=1&to=0xz"] {
+            assert_eq!(DebugQuery::parse(bad), None, "{bad}");
+        }
+    }
+
     use super::*;
 
     const FLOODER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));

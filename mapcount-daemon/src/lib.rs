@@ -7,6 +7,7 @@
 
 pub mod aggregate;
 pub mod audit;
+pub mod cgroups;
 pub mod config;
 pub mod decode;
 pub mod folios;
@@ -21,6 +22,7 @@ pub mod privileges;
 pub mod probes;
 pub mod record;
 pub mod resources;
+pub mod smaps;
 pub mod web_config;
 
 /// The eBPF object built by `build.rs` from `mapcount-ebpf`.

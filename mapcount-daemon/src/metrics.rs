@@ -25,10 +25,12 @@ pub struct Metrics {
     // Folio table.
     pub folios: IntGaugeVec,
     pub partially_mapped: IntGaugeVec,
+    pub unmapped_bytes: IntGaugeVec,
     pub shared: IntGaugeVec,
     pub maybe_shared_bit: IntGaugeVec,
     pub maybe_shared_verdicts: IntGaugeVec,
     pub maybe_shared_false_positive_bytes: IntGaugeVec,
+    pub cgroup_memory: IntGaugeVec,
     pub shared_bit_checks: IntCounterVec,
     pub exclusive_large_copies: IntCounterVec,
     pub refcount_max: IntGaugeVec,
@@ -163,6 +165,11 @@ impl Metrics {
                 "Live large folios with only some pages mapped and no PMD/PUD mapping.",
                 KIND_ORDER,
             ),
+            unmapped_bytes: gauge(
+                "mapcount_partially_mapped_unmapped_bytes",
+                "Bytes of mapped large folios that no page table maps (where the table knows each page's mapcount): what deferred splits would free, and what AnonPages (anon) or Mapped (file, shmem) over-count on a CONFIG_NO_PAGE_MAPCOUNT kernel.",
+                KIND_ORDER,
+            ),
             shared: gauge(
                 "mapcount_folios_shared",
                 "Live folios mapped by two or more address spaces.",
@@ -182,6 +189,11 @@ impl Metrics {
                 "mapcount_maybe_shared_false_positive_bytes",
                 "Bytes of live large folios a heuristic calls shared that only one address space maps (see mapcount_maybe_shared_folios).",
                 &["heuristic", "kind"],
+            ),
+            cgroup_memory: gauge(
+                "mapcount_cgroup_memory_bytes",
+                "What smaps reports for the processes of a cgroup (the 10 that map most, then cgroup=\"other\"), summed from the folio table: model=exact as a kernel with per-page mapcounts reports it, model=no_page_mapcount as CONFIG_NO_PAGE_MAPCOUNT estimates it; figure=rss, pss, private (USS), shared, or undetermined (bytes the daemon cannot place, left out of the others; docs/audit.md).",
+                &["cgroup", "figure", "model"],
             ),
             shared_bit_checks: counter(
                 "mapcount_maybe_shared_bit_checks_total",

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::anyhow;
-use mapcount_common::FolioRow;
+use mapcount_common::{FolioRow, SmapsReport};
 
 pub(crate) struct MetricsSource {
     pub(crate) address: String,
@@ -42,6 +42,23 @@ impl MetricsSource {
     pub(crate) fn folios_of(&self, pid: i32) -> anyhow::Result<Vec<FolioRow>> {
         let body = self.get(&format!("/debug/folios?tgid={pid}"))?;
         Ok(body.lines().filter(|l| !l.starts_with('#')).filter_map(FolioRow::parse).collect())
+    }
+
+    /// The daemon's figures for a process's pages in `[from, to)`. The
+    /// debug views share a time budget: asked again too soon, it says retry.
+    pub(crate) fn smaps_of(&self, pid: i32, from: usize, to: usize) -> anyhow::Result<SmapsReport> {
+        let path = format!("/debug/smaps?tgid={pid}&from={from:#x}&to={to:#x}");
+        let mut attempts = 0;
+        let body = loop {
+            match self.get(&path) {
+                Err(e) if attempts < 20 && e.to_string().contains(" 429 ") => {
+                    attempts += 1;
+                    sleep(Duration::from_millis(100));
+                }
+                other => break other?,
+            }
+        };
+        SmapsReport::parse(&body).ok_or_else(|| anyhow!("{path}: unreadable answer: {body}"))
     }
 
     /// Scrapes until the daemon has drained the events of what just ran.

@@ -10,7 +10,7 @@
 //! kernels because they never reuse a large folio, though nobody else
 //! maps it (the kernel's answer: the page's frame changed).
 
-use super::{Waiters, map_64k_folio};
+use super::{Waiters, check_smaps, map_64k_folio, pipe};
 use crate::{
     checker::Checker,
     kernel::{kpagecount_of_frame, pid_pfn},
@@ -122,12 +122,11 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
         usize::from(copied) * exclusive,
         wasted(&after) - wasted(&before),
     );
+    // What smaps, pagemap and kpagecount say of the child's pages: exact,
+    // private; estimated by the bit, shared.
+    let from = q as usize;
+    let result =
+        check_smaps(metrics, checker, "p_maybe_shared", &[("child", survivor)], from, from + PAGES * PAGE);
     second.release();
-    Ok(())
-}
-
-fn pipe() -> (i32, i32) {
-    let mut fds = [0; 2];
-    unsafe { libc::pipe(fds.as_mut_ptr()) };
-    (fds[0], fds[1])
+    result
 }

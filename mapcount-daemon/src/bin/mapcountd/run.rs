@@ -97,7 +97,9 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     metrics.register_read_at_scrape(move |slot| for_scrape.sum(slot))?;
     let mut events = object::event_ring(&mut ebpf)?;
 
-    let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), args.folio_table_size)));
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), args.folio_table_size);
+    aggregator.name_cgroups_from_proc();
+    let aggregator = Arc::new(Mutex::new(aggregator));
     let record = match &args.record {
         Some(path) => {
             let recording = record::Recording::create(path, args.record_max_size)
@@ -249,5 +251,9 @@ impl http::Exposition for Published {
 
     fn folios_of(&self, tgid: u32, max_rows: usize) -> String {
         self.lock().describe_tgid(tgid, max_rows)
+    }
+
+    fn smaps_of(&self, tgid: u32, from: u64, to: u64) -> String {
+        self.lock().smaps_of(tgid, from, to).text()
     }
 }
