@@ -434,13 +434,9 @@ impl Aggregator {
         // For the maybe-shared audit, gathered in the same walk of the table.
         let mut audited = Vec::new();
         // What smaps reports, per address space: [exact, estimate].
-        let mut per_mm: HashMap<u64, [SmapsFigures; 2]> = HashMap::default();
+        let mut per_mm = smaps::ByAddressSpace::default();
         for f in self.table.iter() {
-            smaps::account(f, self.table.mm_id_slots(f), |m, exact, estimate| {
-                let sums = per_mm.entry(m.mm).or_default();
-                sums[0].add(exact);
-                sums[1].add(estimate);
-            });
+            per_mm.add(f, if f.order > 0 { self.table.mm_id_slots(f) } else { None });
             if maybe_shared::applies(f.kind, f.order) && f.unknown == 0 {
                 audited.push(f);
             }
@@ -509,11 +505,11 @@ impl Aggregator {
     /// `mapcount_cgroup_memory_bytes`: the address spaces' figures summed
     /// per cgroup; the [`CGROUPS_SHOWN`] that map most by name, the rest
     /// as "other".
-    fn publish_cgroups(&self, per_mm: HashMap<u64, [SmapsFigures; 2]>) {
+    fn publish_cgroups(&self, per_mm: smaps::ByAddressSpace) {
         let mut names = self.cgroups.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut per_cgroup: HashMap<Arc<str>, [SmapsFigures; 2]> = HashMap::default();
         let mut seen = rustc_hash::FxHashSet::default();
-        for (mm, [exact, estimate]) in per_mm {
+        for (mm, exact, estimate) in per_mm.into_figures() {
             let name = match self.table.tgid_of(mm) {
                 Some(tgid) => {
                     seen.insert(tgid);

@@ -1,8 +1,13 @@
 //! Which cgroup a process is in, for the per-cgroup memory figures: the
-//! cgroup v2 path (the `0::` line of `/proc/PID/cgroup`), read once per
-//! process and kept while it maps folios.
+//! cgroup v2 path (the `0::` line of `/proc/PID/cgroup`), read again when
+//! older than [`REREAD_AFTER`] (processes move: systemd moves what it
+//! starts), and forgotten when the process maps nothing.
 
-use std::{fs, sync::Arc};
+use std::{
+    fs,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -11,11 +16,15 @@ use rustc_hash::FxHashMap as HashMap;
 /// this host's).
 pub const UNKNOWN: &str = "unknown";
 
+/// How stale a process's cgroup may be: one read per process per this
+/// long, whatever the scrape interval.
+pub const REREAD_AFTER: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 pub struct CgroupNames {
     /// Reads /proc; off when replaying a record.
     live: bool,
-    by_tgid: HashMap<u32, Arc<str>>,
+    by_tgid: HashMap<u32, (Arc<str>, Instant)>,
 }
 
 impl CgroupNames {
@@ -27,10 +36,16 @@ impl CgroupNames {
         if !self.live {
             return Arc::from(UNKNOWN);
         }
-        self.by_tgid
-            .entry(tgid)
-            .or_insert_with(|| Arc::from(read(tgid).as_deref().unwrap_or(UNKNOWN)))
-            .clone()
+        let now = Instant::now();
+        let fresh = |(_, read_at): &(Arc<str>, Instant)| now.duration_since(*read_at) < REREAD_AFTER;
+        match self.by_tgid.get(&tgid) {
+            Some(entry) if fresh(entry) => entry.0.clone(),
+            _ => {
+                let name: Arc<str> = Arc::from(read(tgid).as_deref().unwrap_or(UNKNOWN));
+                self.by_tgid.insert(tgid, (name.clone(), now));
+                name
+            }
+        }
     }
 
     /// Forgets processes `keep` does not name (they unmapped everything).

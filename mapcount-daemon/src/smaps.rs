@@ -27,6 +27,7 @@
 //! every large folio whose every mapping the daemon saw being made.
 
 use mapcount_common::{PSS_SHIFT, SmapsFigures};
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     folios::{FolioState, Mapping},
@@ -179,6 +180,115 @@ pub fn account(
     }
 }
 
+/// The figures of every address space, gathered in one walk of the table
+/// for the per-cgroup metrics. It runs at every scrape over every folio,
+/// so small folios, most of any table, take a short path (their two
+/// columns are the same: three sums), and address spaces are found
+/// through a small direct-mapped cache before the hash map.
+pub struct ByAddressSpace {
+    index: HashMap<u64, usize>,
+    small: Vec<SmallSums>,
+    /// Large folios: exactly, and as estimated.
+    large: Vec<[SmapsFigures; 2]>,
+    mms: Vec<u64>,
+    recent: [(u64, usize); RECENT],
+}
+
+const RECENT: usize = 64;
+
+#[derive(Clone, Copy, Default)]
+struct SmallSums {
+    pages: u64,
+    pss_shifted: u64,
+    private_pages: u64,
+}
+
+impl Default for ByAddressSpace {
+    fn default() -> Self {
+        Self {
+            index: HashMap::default(),
+            small: Vec::new(),
+            large: Vec::new(),
+            mms: Vec::new(),
+            recent: [(0, usize::MAX); RECENT],
+        }
+    }
+}
+
+impl ByAddressSpace {
+    fn slot(&mut self, mm: u64) -> usize {
+        // mm_struct addresses differ in their middle bits.
+        let way = (mm.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % RECENT;
+        let (cached, i) = self.recent[way];
+        if cached == mm && i != usize::MAX {
+            return i;
+        }
+        let next = self.mms.len();
+        let i = *self.index.entry(mm).or_insert(next);
+        if i == next {
+            self.mms.push(mm);
+            self.small.push(SmallSums::default());
+            self.large.push(Default::default());
+        }
+        self.recent[way] = (mm, i);
+        i
+    }
+
+    pub fn add(&mut self, folio: &FolioState, slots: Option<&MmIdSlots>) {
+        if folio.order == 0 {
+            let mapcount = folio.mapcount();
+            let pss =
+                if mapcount >= 2 { (PAGE_SIZE << PSS_SHIFT) / mapcount } else { PAGE_SIZE << PSS_SHIFT };
+            for m in folio.mappings.iter().filter(|m| m.total() > 0) {
+                let pages = pages_covered(m, 1);
+                let i = self.slot(m.mm);
+                let sums = &mut self.small[i];
+                sums.pages += pages;
+                sums.pss_shifted += pages * pss;
+                if mapcount < 2 {
+                    sums.private_pages += pages;
+                }
+            }
+            return;
+        }
+        account(folio, slots, |m, exact, estimate| {
+            let i = self.slot(m.mm);
+            self.large[i][0].add(exact);
+            self.large[i][1].add(estimate);
+        });
+    }
+
+    /// Each address space with its Rss, PSS, private, shared and
+    /// undetermined figures, exact and estimated (pagemap and kpagecount
+    /// sums are left at 0: the metrics do not need them).
+    pub fn into_figures(self) -> impl Iterator<Item = (u64, SmapsFigures, SmapsFigures)> {
+        self.mms.into_iter().zip(self.small).zip(self.large).map(
+            |((mm, small), [large_exact, large_estimate])| {
+                let small = SmapsFigures {
+                    rss_bytes: small.pages * PAGE_SIZE,
+                    pss_shifted: small.pss_shifted,
+                    private_bytes: small.private_pages * PAGE_SIZE,
+                    shared_bytes: (small.pages - small.private_pages) * PAGE_SIZE,
+                    ..SmapsFigures::default()
+                };
+                let figures = |large: &SmapsFigures| SmapsFigures {
+                    exclusive_pages: 0,
+                    kpagecount_sum: 0,
+                    ..SmapsFigures {
+                        rss_bytes: small.rss_bytes + large.rss_bytes,
+                        pss_shifted: small.pss_shifted + large.pss_shifted,
+                        private_bytes: small.private_bytes + large.private_bytes,
+                        shared_bytes: small.shared_bytes + large.shared_bytes,
+                        undetermined_bytes: large.undetermined_bytes,
+                        ..SmapsFigures::default()
+                    }
+                };
+                (mm, figures(&large_exact), figures(&large_estimate))
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use mapcount_common::FolioKind;
@@ -300,6 +410,33 @@ mod tests {
         assert_eq!(unmapped_pages(&folio(4, &[mapping(PARENT, 5, 0)])), Some(11));
         // Two parts: which pages they cover is not known.
         assert_eq!(unmapped_pages(&folio(4, &[mapping(PARENT, 5, 0), mapping(CHILD, 3, 0)])), None);
+    }
+
+    #[test]
+    fn sums_by_address_space_are_the_per_mapping_figures() {
+        let folios = [
+            folio(0, &[mapping(PARENT, 1, 0), mapping(CHILD, 1, 0)]),
+            folio(9, &[mapping(PARENT, 0, 1), mapping(CHILD, 256, 0)]),
+            folio(0, &[mapping(CHILD, 1, 0)]),
+        ];
+        let mut by_mm = ByAddressSpace::default();
+        for f in &folios {
+            by_mm.add(f, None);
+        }
+        let mut sums: Vec<_> = by_mm.into_figures().collect();
+        sums.sort_by_key(|(mm, _, _)| *mm);
+        for (mm, exact, estimate) in sums {
+            let (mut want_exact, mut want_estimate) = (SmapsFigures::default(), SmapsFigures::default());
+            for f in &folios {
+                let (e, n) = figures_of(f, None, mm);
+                want_exact.add(&e);
+                want_estimate.add(&n);
+            }
+            for want in [&mut want_exact, &mut want_estimate] {
+                (want.exclusive_pages, want.kpagecount_sum) = (0, 0);
+            }
+            assert_eq!((exact, estimate), (want_exact, want_estimate), "mm {mm}");
+        }
     }
 
     #[test]

@@ -163,11 +163,14 @@ pub(crate) fn compare(live: &str, replayed: &str) -> ExitCode {
         "mapcount_rmap_calls_left_out_total",
         "mapcount_kernel_vmstat",
     ];
+    // Cgroups are named from /proc at scrape time, which a replay cannot
+    // do: per-cgroup series are compared as totals over cgroups.
     let derived = |s: &Scrape| -> Vec<(String, f64)> {
-        let mut v: Vec<_> =
-            s.0.iter().filter(|(name, _)| !skip.iter().any(|k| name.starts_with(k))).cloned().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+        let mut totals = std::collections::BTreeMap::<String, f64>::new();
+        for (name, value) in s.0.iter().filter(|(name, _)| !skip.iter().any(|k| name.starts_with(k))) {
+            *totals.entry(without_cgroup_label(name)).or_default() += value;
+        }
+        totals.into_iter().collect()
     };
     let (live, replayed) = (derived(&live), derived(&replayed));
     // Histogram sums of fractional values (durations) are the same values
@@ -193,4 +196,30 @@ pub(crate) fn compare(live: &str, replayed: &str) -> ExitCode {
         if ok { "PASS" } else { "FAIL" }
     );
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A `mapcount_cgroup_*` series without its `cgroup` label.
+fn without_cgroup_label(series: &str) -> String {
+    let Some(start) = series.find("cgroup=\"").filter(|_| series.starts_with("mapcount_cgroup_")) else {
+        return series.to_owned();
+    };
+    let value = start + "cgroup=\"".len();
+    let end = series[value..].find('"').map_or(series.len(), |e| value + e + 1);
+    let rest = &series[end..];
+    format!("{}{}", &series[..start], rest.strip_prefix(',').unwrap_or(rest))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cgroup_labels_are_dropped() {
+        assert_eq!(
+            super::without_cgroup_label(
+                r#"mapcount_cgroup_memory_bytes{cgroup="/a,b",figure="pss",model="exact"}"#
+            ),
+            r#"mapcount_cgroup_memory_bytes{figure="pss",model="exact"}"#
+        );
+        let other = r#"mapcount_folios{kind="anon",order="0"}"#;
+        assert_eq!(super::without_cgroup_label(other), other);
+    }
 }

@@ -115,12 +115,18 @@ pub(super) struct Waiters {
 impl Waiters {
     /// `child(i)` runs in the i-th child before it waits.
     pub(crate) fn spawn(n: usize, child: impl Fn(usize)) -> Waiters {
+        Self::spawn_into(None, n, child)
+    }
+
+    /// The same, with the children born in the cgroup whose directory
+    /// `cgroup` is open on, if any.
+    pub(crate) fn spawn_into(cgroup: Option<i32>, n: usize, child: impl Fn(usize)) -> Waiters {
         let mut fds = [0; 2];
         // SAFETY: plain pipe/fork; the children only wait and _exit.
         unsafe { libc::pipe(fds.as_mut_ptr()) };
         let mut pids = Vec::new();
         for i in 0..n {
-            match unsafe { libc::fork() } {
+            match fork_into(cgroup) {
                 0 => {
                     unsafe { libc::close(fds[1]) };
                     child(i);
@@ -152,6 +158,60 @@ impl Waiters {
             unsafe { libc::waitpid(pid, &mut status, 0) };
         }
     }
+}
+
+/// fork(); or, given a cgroup directory's descriptor, clone3() with
+/// `CLONE_INTO_CGROUP`: the child is born in that cgroup, so no reader of
+/// `/proc/PID/cgroup` ever sees it anywhere else.
+fn fork_into(cgroup: Option<i32>) -> i32 {
+    let Some(fd) = cgroup else { return unsafe { libc::fork() } };
+    /// `struct clone_args` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: fd as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: like fork() (no new stack); the child only waits and _exits.
+    let pid = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
+    assert!(pid >= 0, "clone3 into a cgroup: {}", std::io::Error::last_os_error());
+    pid as i32
+}
+
+/// A new cgroup v2 directory `name`, opened; `None` where the kernel has
+/// no cgroup v2 (it is mounted here if it is not yet).
+pub(super) fn new_cgroup(name: &str) -> Option<(String, i32)> {
+    let root = "/sys/fs/cgroup";
+    if fs::metadata(format!("{root}/cgroup.procs")).is_err() {
+        fs::create_dir_all(root).ok()?;
+        let mounted = unsafe {
+            libc::mount(c"none".as_ptr(), c"/sys/fs/cgroup".as_ptr(), c"cgroup2".as_ptr(), 0, ptr::null())
+        };
+        if mounted != 0 {
+            return None;
+        }
+    }
+    let dir = format!("{root}/{name}");
+    let _ = fs::create_dir(&dir);
+    let path = std::ffi::CString::new(dir.clone()).ok()?;
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    (fd >= 0).then_some((format!("/{name}"), fd))
 }
 
 pub(super) fn pipe() -> (i32, i32) {

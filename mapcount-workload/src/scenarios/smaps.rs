@@ -9,12 +9,14 @@
 //!
 //! Known answers: pagemap's frames (which pages each process maps) give
 //! the exact figures on every kernel; the kernel's own smaps, pagemap and
-//! kpagecount give the figures mapcountd must predict for it.
+//! kpagecount give the figures mapcountd must predict for it. The child is
+//! born alone in a cgroup (where the kernel has cgroup v2): mapcountd's
+//! figures for that cgroup must equal the child's smaps_rollup.
 
-use super::{THP, Waiters, check_smaps, map_thp_aligned, my_pid, pipe};
+use super::{THP, Waiters, check_smaps, map_thp_aligned, my_pid, new_cgroup, pipe};
 use crate::{
     checker::Checker,
-    kernel::is_thp,
+    kernel::{is_thp, per_page_mapcount, smaps_rollup},
     memory::{PAGE, unmap, write_each_page},
     metrics::MetricsSource,
 };
@@ -28,8 +30,10 @@ pub(super) fn smaps(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::R
         unmap(region, pages);
         return Ok(());
     }
+    // The child alone in a cgroup: its figures per cgroup are its own.
+    let cgroup = new_cgroup("mapcount-q");
     let (done_read, done_write) = pipe();
-    let child = Waiters::spawn(1, |_| {
+    let child = Waiters::spawn_into(cgroup.as_ref().map(|(_, fd)| *fd), 1, |_| {
         unsafe { libc::close(done_read) };
         let start = region as usize;
         unmap((start + THP / 2) as *mut u8, THP / 2 / PAGE);
@@ -49,7 +53,60 @@ pub(super) fn smaps(metrics: &MetricsSource, checker: &mut Checker) -> anyhow::R
         from,
         from + 2 * THP,
     );
+    let result = result.and_then(|()| match &cgroup {
+        Some((name, _)) => check_cgroup(metrics, checker, name, child.pids()[0]),
+        None => {
+            checker.not_applicable("q_smaps/cgroup", "the kernel has no cgroup v2");
+            Ok(())
+        }
+    });
     child.release();
     unmap(region, pages);
+    if let Some((name, fd)) = cgroup {
+        unsafe { libc::close(fd) };
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup{name}"));
+    }
     result
+}
+
+/// mapcountd's figures for the cgroup against the smaps_rollup of the one
+/// process in it: its whole address space, every page of which the
+/// daemon saw being mapped (the process was forked while it ran).
+fn check_cgroup(
+    metrics: &MetricsSource,
+    checker: &mut Checker,
+    cgroup: &str,
+    pid: i32,
+) -> anyhow::Result<()> {
+    // The child shares its anonymous pages with this process, whose every
+    // write to one of them (the heap, while it scrapes) makes the child's
+    // copy private: sharing only ever decreases. A scrape between two equal
+    // readings of smaps_rollup saw the state they read.
+    let mut attempts = 0;
+    let (scrape, rollup) = loop {
+        let before = smaps_rollup(pid)?;
+        let scrape = metrics.settled_scrape()?;
+        let after = smaps_rollup(pid)?;
+        attempts += 1;
+        if before == after || attempts == 10 {
+            break (scrape, after);
+        }
+    };
+    let model = if per_page_mapcount() { "exact" } else { "no_page_mapcount" };
+    let kb = |figure: &str, model: &str| {
+        scrape
+            .sum("mapcount_cgroup_memory_bytes", &[("cgroup", cgroup), ("figure", figure), ("model", model)])
+            / 1024.0
+    };
+    let rows = [
+        ("rss", rollup.rss_bytes >> 10),
+        ("pss", rollup.pss_kb()),
+        ("private", rollup.private_bytes >> 10),
+        ("shared", rollup.shared_bytes >> 10),
+    ];
+    for (figure, known) in rows {
+        checker.exact(&format!("q_smaps/cgroup_{figure}_kb"), known as usize, kb(figure, model).floor());
+    }
+    checker.exact("q_smaps/cgroup_undetermined_kb", 0, kb("undetermined", "exact"));
+    Ok(())
 }
