@@ -342,9 +342,9 @@ pub(super) fn check_smaps(
         ];
         for (field, known, reported) in rows {
             let check = format!("{name}/{who}_kernel_{field}");
-            // 7.3's pagemap judges every page of a PMD-mapped THP by the
-            // first page's mapcount (`pagemap_pmd_range_thp` does not
-            // advance `page`): its own kpagecount says otherwise.
+            // 6.1's and 7.3's pagemap judge every page of a PMD-mapped THP
+            // by the first page's mapcount (6.12 looks at each page): their
+            // own kpagecount says otherwise (docs/audit.md).
             if field == "exclusive_pages" && per_page && contradictions > 0 {
                 println!(
                     "MAPCOUNT-NOTE {check}: the kernel's pagemap calls {known} pages exclusive, mapcountd \
