@@ -32,7 +32,7 @@ pub fn run_cmd(cmd: &mut Command) -> anyhow::Result<()> {
 /// holding them. Release builds: under TCG a debug daemon falls behind
 /// the kernel's event rate.
 pub fn build_binaries() -> anyhow::Result<PathBuf> {
-    run_cmd(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
+    run_quiet_cargo(Command::new(env!("CARGO")).current_dir(workspace_root()).args([
         "build",
         "--release",
         "-p",
@@ -42,6 +42,48 @@ pub fn build_binaries() -> anyhow::Result<PathBuf> {
         "--bins",
     ]))?;
     Ok(workspace_root().join("target/release"))
+}
+
+/// Runs cargo, leaving out of its output the eBPF build's progress lines,
+/// which aya-build forwards as `warning: mapcount-daemon@…: Compiling …`
+/// (a dozen on every build that touches the daemon). Real warnings and
+/// errors of that build, and everything else cargo prints, pass through.
+pub fn run_quiet_cargo(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let mut child =
+        cmd.stderr(std::process::Stdio::piped()).spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    if let Some(stderr) = child.stderr.take() {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line?;
+            if !is_forwarded_progress(&line) {
+                eprintln!("{line}");
+            }
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// A line of the eBPF build's own cargo progress, as aya-build forwards it.
+fn is_forwarded_progress(line: &str) -> bool {
+    let Some(rest) = line.strip_prefix("warning: mapcount-daemon@") else { return false };
+    let message = rest.split_once(": ").map_or("", |(_, m)| m).trim_start();
+    message.is_empty()
+        || [
+            "Compiling ",
+            "Finished ",
+            "Checking ",
+            "Blocking ",
+            "Updating ",
+            "Locking ",
+            "Downloading ",
+            "Downloaded ",
+        ]
+        .iter()
+        .any(|p| message.starts_with(p))
 }
 
 /// The ingest benchmark (mapcount-daemon/benches/ingest.rs) with `args`,
@@ -54,4 +96,20 @@ pub fn ingest_bench(args: &[&std::ffi::OsStr]) -> anyhow::Result<std::process::O
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run the ingest benchmark")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_the_ebpf_builds_progress_is_left_out() {
+        let quiet = super::is_forwarded_progress;
+        assert!(quiet(
+            "warning: mapcount-daemon@0.1.0:    Compiling mapcount-ebpf v0.1.0 (/w/mapcount-ebpf)"
+        ));
+        assert!(quiet("warning: mapcount-daemon@0.1.0:     Finished `release` profile [optimized] in 9.62s"));
+        assert!(quiet("warning: mapcount-daemon@0.1.0: "));
+        assert!(!quiet("warning: mapcount-daemon@0.1.0: warning: unused variable: `x`"));
+        assert!(!quiet("warning: variable does not need to be mutable"));
+        assert!(!quiet("   Compiling mapcount-daemon v0.1.0 (/w/mapcount-daemon)"));
+    }
 }

@@ -108,5 +108,11 @@ fn check_cgroup(
         checker.exact(&format!("q_smaps/cgroup_{figure}_kb"), known as usize, kb(figure, model).floor());
     }
     checker.exact("q_smaps/cgroup_undetermined_kb", 0, kb("undetermined", "exact"));
+    // The audit table while the child lives, for the log.
+    if let Ok(out) = std::process::Command::new("mapcountd").arg("audit").output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("MAPCOUNT-NOTE q_smaps audit: {line}");
+        }
+    }
     Ok(())
 }
