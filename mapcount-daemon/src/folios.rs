@@ -436,9 +436,14 @@ impl FolioTable {
         self.mm_ids.get(&folio.folio)
     }
 
+    /// Records the process using an address space: the first one seen.
+    /// A vfork child (posix_spawn, a shell running a command) runs in its
+    /// parent's address space until it execs, and then exits: its tgid
+    /// would name the space after a process that is gone. (The entry goes
+    /// at teardown, so a reused `mm` gets its new owner.)
     pub fn note_owner(&mut self, mm: u64, tgid: u32) {
         if mm != 0 {
-            self.mm_tgid.insert(mm, tgid);
+            self.mm_tgid.entry(mm).or_insert(tgid);
         }
     }
 
@@ -1219,6 +1224,19 @@ mod tests {
     /// A child whose mappings the daemon copied at fork but the kernel did
     /// not (a pinned page, copied into a new folio) exits: its mappings are
     /// phantoms, counted and dropped; the parent's stay.
+    /// A vfork child runs in its parent's address space, then exits: the
+    /// space keeps its first owner until it is torn down.
+    #[test]
+    fn an_address_space_keeps_its_first_owner() {
+        let mut table = FolioTable::new(16);
+        table.note_owner(100, 10);
+        table.note_owner(100, 11);
+        assert_eq!(table.tgid_of(100), Some(10));
+        table.teardown(100);
+        table.note_owner(100, 12);
+        assert_eq!(table.tgid_of(100), Some(12));
+    }
+
     #[test]
     fn teardown_drops_what_is_left() {
         let mut table = FolioTable::new(16);
