@@ -55,6 +55,32 @@ impl CgroupNames {
 }
 
 fn read(tgid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned)
+    fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok().map(|text| name_in(&text).to_owned())
+}
+
+/// The cgroup named in a `/proc/PID/cgroup` text: the cgroup v2 path; on a
+/// host with only cgroup v1, the memory controller's; where no hierarchy
+/// is mounted (the file is empty), the root, where every process is.
+fn name_in(text: &str) -> &str {
+    let v2 = text.lines().find_map(|l| l.strip_prefix("0::"));
+    let memory_v1 = || {
+        text.lines().find_map(|l| {
+            let mut fields = l.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            controllers.split(',').any(|c| c == "memory").then_some(path)
+        })
+    };
+    v2.or_else(memory_v1).unwrap_or("/")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cgroup_names() {
+        use super::name_in;
+        assert_eq!(name_in("0::/system.slice/redis.service\n"), "/system.slice/redis.service");
+        assert_eq!(name_in("12:pids:/a\n5:memory:/b\n0::/c\n"), "/c");
+        assert_eq!(name_in("12:pids:/a\n5:cpu,memory:/b\n"), "/b");
+        assert_eq!(name_in(""), "/");
+    }
 }
