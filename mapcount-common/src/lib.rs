@@ -38,6 +38,9 @@ pub enum EventType {
     Move = 5,
     /// An address space was torn down (`exit_mmap` returned): [`TeardownEvent`].
     Teardown = 6,
+    /// khugepaged refused to collapse a range because too many of its PTEs
+    /// map folios it takes for shared: [`ScanRefusalEvent`].
+    ScanRefusal = 7,
 }
 
 /// Which rmap operation an [`EventType::Rmap`] event reports.
@@ -266,6 +269,23 @@ pub struct TeardownEvent {
     pub timestamp_ns: u64,
 }
 
+/// khugepaged gave up on a PMD range with `SCAN_EXCEED_SHARED_PTE`
+/// (tracepoint `mm_khugepaged_scan_pmd`): more PTEs than
+/// `khugepaged/max_ptes_shared` map folios the kernel takes for shared.
+/// `folio` is the one whose PTE crossed the limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScanRefusalEvent {
+    /// [`EventType::ScanRefusal`].
+    pub event_type: u8,
+    pub _pad: [u8; 3],
+    /// The CPU that produced the event.
+    pub cpu: u32,
+    pub mm: u64,
+    pub folio: u64,
+    pub timestamp_ns: u64,
+}
+
 /// VMA classes of [`SourceEvent::vma_class`].
 pub mod vma_class {
     pub const MIXEDMAP: u8 = 1;
@@ -387,6 +407,13 @@ pub struct KernelLayout {
     /// `sizeof(struct page)` (not an offset): from a page frame number to
     /// its `struct page` in the vmemmap.
     pub page_size: u32,
+    /// Tracepoint `mm_khugepaged_scan_pmd`: which argument is the scan's
+    /// result (not an offset), and the value of `SCAN_EXCEED_SHARED_PTE`
+    /// in `enum scan_result`. Absent: the refusals are not watched.
+    pub khugepaged_status_arg: u32,
+    pub scan_exceed_shared_pte: u32,
+    /// What the tracepoint's second argument is: a [`khugepaged_arg`] value.
+    pub khugepaged_stopped_at: u32,
 }
 
 impl KernelLayout {
@@ -432,7 +459,19 @@ impl KernelLayout {
         pmc_new_addr: OFFSET_ABSENT,
         pmc_len: OFFSET_ABSENT,
         page_size: OFFSET_ABSENT,
+        khugepaged_status_arg: OFFSET_ABSENT,
+        scan_exceed_shared_pte: OFFSET_ABSENT,
+        khugepaged_stopped_at: OFFSET_ABSENT,
     };
+}
+
+/// Values of [`KernelLayout::khugepaged_stopped_at`]: what tracepoint
+/// `mm_khugepaged_scan_pmd` passes as its second argument.
+pub mod khugepaged_arg {
+    /// A `struct page *` (6.1-7.0), of the folio the scan stopped at.
+    pub const PAGE: u32 = 0;
+    /// The folio's page frame number, or -1 (7.x).
+    pub const PFN: u32 = 1;
 }
 
 /// VMA flag bits, stable across every supported kernel (include/linux/mm.h).
@@ -482,6 +521,7 @@ mod user {
         Source => "source",
         Move => "move",
         Teardown => "teardown",
+        ScanRefusal => "scan_refusal",
     });
     byte_enum!(RmapOp { Add => "add", AddNew => "add_new", Remove => "remove" });
     byte_enum!(Level { Pte => "pte", Pmd => "pmd", Pud => "pud" });
@@ -671,6 +711,27 @@ impl SmapsFigures {
         self.pss_shifted >> (PSS_SHIFT + 10)
     }
 
+    /// Rss, Pss, Shared and Private of a `/proc/PID/smaps_rollup` text
+    /// (or of one mapping's lines of smaps).
+    pub fn from_smaps_rollup(text: &str) -> SmapsFigures {
+        let mut figures = SmapsFigures::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(name), Some(kb)) = (words.next(), words.next().and_then(|v| v.parse::<u64>().ok()))
+            else {
+                continue;
+            };
+            match name {
+                "Rss:" => figures.rss_bytes += kb << 10,
+                "Pss:" => figures.pss_shifted += kb << (PSS_SHIFT + 10),
+                "Shared_Clean:" | "Shared_Dirty:" => figures.shared_bytes += kb << 10,
+                "Private_Clean:" | "Private_Dirty:" => figures.private_bytes += kb << 10,
+                _ => {}
+            }
+        }
+        figures
+    }
+
     pub fn add(&mut self, other: &SmapsFigures) {
         self.rss_bytes += other.rss_bytes;
         self.pss_shifted += other.pss_shifted;
@@ -756,6 +817,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceEvent {}
     unsafe impl aya::Pod for super::MoveEvent {}
     unsafe impl aya::Pod for super::TeardownEvent {}
+    unsafe impl aya::Pod for super::ScanRefusalEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
 }
 
@@ -816,11 +878,12 @@ mod tests {
         assert_eq!(size_of::<SourceEvent>(), 4 + 3 * 4 + 2 * SOURCE_NAME_LEN);
         assert_eq!(size_of::<MoveEvent>(), 8 + 5 * 8);
         assert_eq!(size_of::<TeardownEvent>(), 8 + 2 * 8);
+        assert_eq!(size_of::<ScanRefusalEvent>(), 8 + 3 * 8);
     }
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 41 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 44 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.
@@ -832,6 +895,7 @@ mod tests {
             size_of::<SourceEvent>(),
             size_of::<MoveEvent>(),
             size_of::<TeardownEvent>(),
+            size_of::<ScanRefusalEvent>(),
         ];
         for (i, a) in sizes.iter().enumerate() {
             assert!(sizes[i + 1..].iter().all(|b| a != b));

@@ -39,6 +39,20 @@ pub const MAX_SOURCES: usize = 32;
 /// 2^31: the refcount (an `atomic_t`) overflows past it.
 const REFCOUNT_LIMIT: f64 = 2147483648.0;
 
+/// Whether the folio at which khugepaged counted one shared PTE too many
+/// is mapped by another address space: `exclusive` means the kernel's
+/// guess, not the sharing, refused the collapse (with `max_ptes_shared`
+/// at 0, entirely; above, at least that PTE). `unnamed`: the kernel did
+/// not say which folio.
+fn refusal_truth(named: bool, folio: Option<&FolioState>) -> &'static str {
+    match folio {
+        _ if !named => "unnamed",
+        Some(state) if state.sharers() >= 2 => "shared",
+        Some(state) if state.complete() && state.unknown == 0 && state.sharers() == 1 => "exclusive",
+        _ => "unknown",
+    }
+}
+
 /// Per-event metrics, by label index, resolved once and counted locally:
 /// looking labels up per event (hashing strings) and atomic increments were
 /// most of the ingest cost. `flush` publishes them; it runs before every
@@ -48,7 +62,7 @@ struct Handles {
     rmap: Vec<Option<(LocalIntCounter, LocalIntCounter)>>,
     /// by [outcome][kind or none][order].
     write_faults: Vec<Option<LocalIntCounter>>,
-    events: [LocalIntCounter; 6],
+    events: [LocalIntCounter; 7],
     write_fault_duration: LocalHistogram,
     copy_reasons: Vec<(&'static str, LocalIntCounter)>,
     forks: LocalIntCounter,
@@ -78,7 +92,7 @@ impl Handles {
         Self {
             rmap: vec![None; OPS * LEVELS * KINDS * ORDERS],
             write_faults: vec![None; OUTCOMES * KINDS * ORDERS],
-            events: ["rmap", "write_fault", "fork", "source", "move", "teardown"]
+            events: ["rmap", "write_fault", "fork", "source", "move", "teardown", "scan_refusal"]
                 .map(|t| m.events.with_label_values(&[t]).local()),
             write_fault_duration: m.write_fault_duration.local(),
             copy_reasons: Vec::new(),
@@ -355,6 +369,21 @@ impl Aggregator {
                 for retired in &torn.retired {
                     self.handles.retired(m, retired);
                 }
+            }
+            Decoded::ScanRefusal(refusal) => {
+                self.handles.events[6].inc();
+                let folio = self.table.get(refusal.folio);
+                let truth = refusal_truth(refusal.folio != 0, folio);
+                m.khugepaged_shared_refusals.with_label_values(&[truth]).inc();
+                tracing::debug!(
+                    truth,
+                    named = refusal.folio != 0,
+                    in_table = folio.is_some(),
+                    sharers = folio.map(FolioState::sharers),
+                    complete = folio.map(FolioState::complete),
+                    order = folio.map(|f| f.order),
+                    "khugepaged refused a range for shared PTEs"
+                );
             }
             Decoded::Source { op, raw } => {
                 self.handles.events[3].inc();
@@ -793,6 +822,47 @@ mod tests {
     /// A recorded stream, replayed: one THP, a parent and three forked
     /// children, then everyone unmaps. Four sharers at the peak, shared
     /// while they live, nothing left afterwards.
+    /// A refusal is judged by the folio that crossed the limit: shared
+    /// when two address spaces map it, exclusive when one does and the
+    /// table saw every mapping made, unknown otherwise.
+    #[test]
+    fn khugepaged_refusals_by_truth() {
+        use mapcount_common::ScanRefusalEvent;
+
+        const FOLIO: u64 = 0xffff_ea00_0080_0000;
+        let add = |op: RmapOp, mm: u64, mapcount: i32| Event {
+            folio: FOLIO,
+            mm,
+            base: 0x7f00_0000_0000,
+            mapcount,
+            refcount: mapcount + 1,
+            ..Event::rmap(op, Level::Pte, FolioKind::Anon, 0, 0, 0, 0, 1)
+        };
+        let refusal = |folio: u64| ScanRefusalEvent {
+            event_type: EventType::ScanRefusal as u8,
+            _pad: [0; 3],
+            cpu: 0,
+            mm: 1,
+            folio,
+            timestamp_ns: 0,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let mut agg = Aggregator::new(Arc::clone(&metrics), 64);
+        let apply = |agg: &mut Aggregator, event: &[u8]| agg.apply(&decode(event).unwrap());
+        apply(&mut agg, &encode(&add(RmapOp::AddNew, 1, 0)));
+        apply(&mut agg, &encode(&refusal(FOLIO)));
+        apply(&mut agg, &encode(&add(RmapOp::Add, 2, 1)));
+        apply(&mut agg, &encode(&refusal(FOLIO)));
+        apply(&mut agg, &encode(&refusal(FOLIO)));
+        apply(&mut agg, &encode(&refusal(0)));
+        apply(&mut agg, &encode(&refusal(FOLIO + 4096)));
+        agg.publish_metrics();
+        let refusals = |truth: &str| metrics.khugepaged_shared_refusals.with_label_values(&[truth]).get();
+        let counts = ["exclusive", "shared", "unknown", "unnamed"].map(refusals);
+        assert_eq!(counts, [1, 2, 1, 1]);
+        assert_eq!(metrics.events.with_label_values(&["scan_refusal"]).get(), 5);
+    }
+
     #[test]
     fn replays_a_recorded_fork_stream() {
         use mapcount_common::ForkEvent;

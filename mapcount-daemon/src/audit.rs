@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use crate::maybe_shared::Heuristic;
+use mapcount_common::{PSS_SHIFT, SmapsFigures};
+
+use crate::{cgroups, maybe_shared::Heuristic};
 
 /// One sample of the text exposition: metric name, labels, value.
 struct Sample<'a> {
@@ -54,11 +56,32 @@ fn kernels(heuristic: Heuristic) -> &'static str {
     }
 }
 
-/// The report for a daemon's metrics text.
-pub fn report(metrics: &str) -> String {
+/// What the kernel's own `smaps_rollup` says, summed per cgroup over
+/// this host's processes (`mapcountd audit --kernel`, run as root).
+/// Processes that go away while they are read are left out.
+pub fn kernel_rollups() -> HashMap<String, SmapsFigures> {
+    let mut by_cgroup: HashMap<String, SmapsFigures> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return by_cgroup };
+    for tgid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let (Some(cgroup), Ok(text)) =
+            (cgroups::read(tgid), std::fs::read_to_string(format!("/proc/{tgid}/smaps_rollup")))
+        else {
+            continue;
+        };
+        by_cgroup.entry(cgroup).or_default().add(&SmapsFigures::from_smaps_rollup(&text));
+    }
+    by_cgroup
+}
+
+/// The report for a daemon's metrics text; with `kernel` (from
+/// [`kernel_rollups`]), the cgroup table shows the kernel's own figures too.
+pub fn report(metrics: &str, kernel: Option<&HashMap<String, SmapsFigures>>) -> String {
     let mut rows: HashMap<&str, Row> = HashMap::new();
     let mut truth = [0.0f64; 2]; // exclusive, shared (counted once, from one heuristic)
     let (mut agree, mut differ, mut checked) = (0.0, 0.0, false);
+    // khugepaged refusals by truth: exclusive, shared, unknown or unnamed;
+    // None unwatched.
+    let mut refusals: Option<[f64; 3]> = None;
     let reference = Heuristic::MmIdSlots.label();
     for s in samples(metrics) {
         let heuristic = s.labels.get("heuristic").copied().unwrap_or("");
@@ -83,6 +106,14 @@ pub fn report(metrics: &str) -> String {
             }
             "mapcount_maybe_shared_false_positive_bytes" => {
                 rows.entry(heuristic).or_default().wrong_bytes += s.value;
+            }
+            "mapcount_khugepaged_shared_pte_refusals_total" => {
+                let counts = refusals.get_or_insert([0.0; 3]);
+                match s.labels.get("truth").copied() {
+                    Some("exclusive") => counts[0] += s.value,
+                    Some("shared") => counts[1] += s.value,
+                    _ => counts[2] += s.value,
+                }
             }
             "mapcount_maybe_shared_bit_checks_total" => {
                 checked = true;
@@ -136,15 +167,32 @@ pub fn report(metrics: &str) -> String {
     } else {
         "\nThis kernel keeps no maybe-shared bit (before 6.15): the 6.15+ row is a simulation only.\n".to_owned()
     });
-    out.push_str(&cgroup_table(&cgroups));
+    if let Some([exclusive, shared, unknown]) = refusals {
+        out.push_str(&format!(
+            "\nkhugepaged ranges refused for shared PTEs: {:.0}; at a folio one address space maps: {exclusive:.0}, \
+             several: {shared:.0}, not known or not named: {unknown:.0}.\n",
+            exclusive + shared + unknown
+        ));
+    }
+    out.push_str(&cgroup_table(&cgroups, kernel));
     out
 }
 
 /// PSS and USS per cgroup, exact and as a kernel without per-page
 /// mapcounts estimates them, in MiB; the cgroups that map most first.
-fn cgroup_table(cgroups: &HashMap<&str, HashMap<(&str, &str), f64>>) -> String {
+/// With the kernel's own figures, those of cgroups the daemon does not
+/// list go to `other`, as the daemon's own do.
+fn cgroup_table(
+    cgroups: &HashMap<&str, HashMap<(&str, &str), f64>>,
+    kernel: Option<&HashMap<String, SmapsFigures>>,
+) -> String {
     if cgroups.is_empty() {
         return String::new();
+    }
+    let mut kernel_by_row: HashMap<&str, SmapsFigures> = HashMap::new();
+    for (cgroup, figures) in kernel.into_iter().flatten() {
+        let row = cgroups.get_key_value(cgroup.as_str()).map_or("other", |(name, _)| *name);
+        kernel_by_row.entry(row).or_default().add(figures);
     }
     let mut rows: Vec<_> = cgroups.iter().collect();
     let figure = |values: &HashMap<(&str, &str), f64>, figure, model| {
@@ -155,16 +203,39 @@ fn cgroup_table(cgroups: &HashMap<&str, HashMap<(&str, &str), f64>>) -> String {
     });
     let mut out = format!(
         "\nWhat smaps reports per cgroup (MiB): exact, and estimated without per-page mapcounts\n\
-         (CONFIG_NO_PAGE_MAPCOUNT: PSS from the folio's average mapcount, USS from the maybe-shared bit).\n\
-         {:<32} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>12}\n",
-        "cgroup", "Rss", "PSS", "estimate", "error", "USS", "estimate", "error", "undetermined"
+         (CONFIG_NO_PAGE_MAPCOUNT: PSS from the folio's average mapcount, USS from the maybe-shared bit){}.\n\
+         {:<32} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>12}{}\n",
+        if kernel.is_some() {
+            ";\nkernel: what this kernel's smaps_rollup says, over all of the cgroup's processes"
+        } else {
+            ""
+        },
+        "cgroup",
+        "Rss",
+        "PSS",
+        "estimate",
+        "error",
+        "USS",
+        "estimate",
+        "error",
+        "undetermined",
+        if kernel.is_some() { format!(" {:>10} {:>10}", "kernel PSS", "kernel USS") } else { String::new() }
     );
     for (cgroup, values) in rows {
         let (pss, pss_estimate) = (figure(values, "pss", "exact"), figure(values, "pss", "no_page_mapcount"));
         let (uss, uss_estimate) =
             (figure(values, "private", "exact"), figure(values, "private", "no_page_mapcount"));
+        let kernel_columns = match (kernel, kernel_by_row.get(*cgroup)) {
+            (None, _) => String::new(),
+            (Some(_), None) => format!(" {:>10.2} {:>10.2}", 0.0, 0.0),
+            (Some(_), Some(figures)) => format!(
+                " {:>10.2} {:>10.2}",
+                (figures.pss_shifted >> PSS_SHIFT) as f64 / f64::from(1u32 << 20),
+                figures.private_bytes as f64 / f64::from(1u32 << 20)
+            ),
+        };
         out.push_str(&format!(
-            "{:<32} {:>9.2} {:>9.2} {:>9.2} {:>+8.2} {:>9.2} {:>9.2} {:>+8.2} {:>12.2}\n",
+            "{:<32} {:>9.2} {:>9.2} {:>9.2} {:>+8.2} {:>9.2} {:>9.2} {:>+8.2} {:>12.2}{kernel_columns}\n",
             cgroup,
             figure(values, "rss", "exact"),
             pss,
@@ -184,7 +255,8 @@ mod tests {
     use std::sync::Arc;
 
     use mapcount_common::{
-        Event, EventType, FolioKind, ForkEvent, Level, RmapOp, event_flags, fork_copy, shared_hint,
+        Event, EventType, FolioKind, ForkEvent, Level, RmapOp, ScanRefusalEvent, event_flags, fork_copy,
+        shared_hint,
     };
 
     use super::*;
@@ -229,8 +301,17 @@ mod tests {
         }
         aggregator.apply(&rmap(RmapOp::Remove, 1, 16, 47, shared_hint::MAYBE_SHARED));
         aggregator.apply(&rmap(RmapOp::Remove, 2, 16, 31, shared_hint::MAYBE_SHARED));
+        // khugepaged (max_ptes_shared 0) refuses the survivor's range there.
+        aggregator.apply(&Decoded::ScanRefusal(ScanRefusalEvent {
+            event_type: EventType::ScanRefusal as u8,
+            _pad: [0; 3],
+            cpu: 0,
+            mm: 3,
+            folio: 0xffff_ea00_0010_0000,
+            timestamp_ns: 0,
+        }));
         aggregator.publish_metrics();
-        let text = report(&metrics.render());
+        let text = report(&metrics.render(), None);
         let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).unwrap_or("").to_owned();
         assert!(
             text.starts_with("Live large folios whose every mapping mapcountd placed: 1 (0 mapped by two"),
@@ -241,9 +322,42 @@ mod tests {
         // name, (6.15+), shared, wrongly, MiB, missed, undecided
         assert_eq!(fields[2..], ["1", "1", "0.1", "0", "0"], "{text}");
         assert!(text.contains("3 events agree, 0 differ."), "{text}");
+        assert!(text.contains("refused for shared PTEs: 1; at a folio one address space maps: 1,"), "{text}");
         // The address space left holds 64 KiB, private in truth, shared
         // by the bit: USS 0.06 MiB exact, 0 estimated.
         let fields: Vec<String> = line("unknown").split_whitespace().map(str::to_owned).collect();
         assert_eq!(fields[1..], ["0.06", "0.06", "0.06", "+0.00", "0.06", "0.00", "-0.06", "0.00"], "{text}");
+    }
+
+    /// The kernel's own figures go to the daemon's row of their cgroup,
+    /// or to `other`.
+    #[test]
+    fn kernel_columns_follow_the_daemon_rows() {
+        let mib = 1u64 << 20;
+        let daemon =
+            |pss: f64| HashMap::from([(("rss", "exact"), 4.0 * mib as f64), (("pss", "exact"), pss)]);
+        let cgroups = HashMap::from([("/a", daemon(2.0 * mib as f64)), ("other", daemon(1.0 * mib as f64))]);
+        let kernel_figures = |pss: u64, private: u64| SmapsFigures {
+            pss_shifted: pss << PSS_SHIFT,
+            private_bytes: private,
+            ..SmapsFigures::default()
+        };
+        let kernel = HashMap::from([
+            ("/a".to_owned(), kernel_figures(2 * mib, mib)),
+            ("/b".to_owned(), kernel_figures(mib, mib)),
+            ("/c".to_owned(), kernel_figures(mib, 0)),
+        ]);
+        let text = cgroup_table(&cgroups, Some(&kernel));
+        let row = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(row("/a")[9..], ["2.00", "1.00"], "{text}");
+        assert_eq!(row("other")[9..], ["2.00", "1.00"], "{text}");
+        assert!(!cgroup_table(&cgroups, None).contains("kernel"));
     }
 }

@@ -54,7 +54,8 @@ impl CgroupNames {
     }
 }
 
-fn read(tgid: u32) -> Option<String> {
+/// The cgroup of process `tgid` as the figures name it, if it can be read.
+pub fn read(tgid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok().map(|text| name_in(&text).to_owned())
 }
 

@@ -1,8 +1,8 @@
 //! Ring-buffer records to typed events.
 
 use mapcount_common::{
-    Event, EventType, FolioKind, ForkEvent, Level, MoveEvent, RmapOp, SourceEvent, TeardownEvent,
-    WriteFaultOutcome, vma_class,
+    Event, EventType, FolioKind, ForkEvent, Level, MoveEvent, RmapOp, ScanRefusalEvent, SourceEvent,
+    TeardownEvent, WriteFaultOutcome, vma_class,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +26,7 @@ pub enum Decoded {
     Move(MoveEvent),
     Teardown(TeardownEvent),
     Source { op: RmapOp, raw: SourceEvent },
+    ScanRefusal(ScanRefusalEvent),
 }
 
 impl Decoded {
@@ -37,6 +38,7 @@ impl Decoded {
             Decoded::Move(raw) => raw.cpu,
             Decoded::Teardown(raw) => raw.cpu,
             Decoded::Source { raw, .. } => raw.cpu,
+            Decoded::ScanRefusal(raw) => raw.cpu,
         }
     }
 }
@@ -80,6 +82,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         t if t == EventType::Fork as u8 => Ok(Decoded::Fork(read_record(bytes)?)),
         t if t == EventType::Move as u8 => Ok(Decoded::Move(read_record(bytes)?)),
         t if t == EventType::Teardown as u8 => Ok(Decoded::Teardown(read_record(bytes)?)),
+        t if t == EventType::ScanRefusal as u8 => Ok(Decoded::ScanRefusal(read_record(bytes)?)),
         t if t == EventType::Source as u8 => {
             let raw: SourceEvent = read_record(bytes)?;
             if !(vma_class::MIXEDMAP..=vma_class::OTHER).contains(&raw.vma_class) {

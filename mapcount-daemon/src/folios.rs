@@ -427,6 +427,10 @@ impl FolioTable {
         self.slots[slot as usize].as_mut().expect("indexed slots hold a folio")
     }
 
+    pub fn get(&self, folio: u64) -> Option<&FolioState> {
+        self.find(folio).and_then(|slot| self.slots[slot as usize].as_ref())
+    }
+
     pub fn get_mut(&mut self, folio: u64) -> Option<&mut FolioState> {
         self.find(folio).map(|slot| self.state(slot))
     }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mapcount_common::{Event, EventType, ForkEvent, MoveEvent, TeardownEvent};
+use mapcount_common::{Event, EventType, ForkEvent, MoveEvent, ScanRefusalEvent, TeardownEvent};
 use tokio::io::unix::AsyncFd;
 
 use crate::{
@@ -166,6 +166,9 @@ fn timestamp(record: &[u8]) -> u64 {
         Some(&t) if t == EventType::Fork as u8 => at(std::mem::offset_of!(ForkEvent, timestamp_ns)),
         Some(&t) if t == EventType::Move as u8 => at(std::mem::offset_of!(MoveEvent, timestamp_ns)),
         Some(&t) if t == EventType::Teardown as u8 => at(std::mem::offset_of!(TeardownEvent, timestamp_ns)),
+        Some(&t) if t == EventType::ScanRefusal as u8 => {
+            at(std::mem::offset_of!(ScanRefusalEvent, timestamp_ns))
+        }
         _ => 0,
     }
 }

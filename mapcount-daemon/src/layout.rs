@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use mapcount_common::{KernelLayout, OFFSET_ABSENT};
+use mapcount_common::{KernelLayout, OFFSET_ABSENT, khugepaged_arg};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -345,6 +345,9 @@ pub fn consequence(slot: &str) -> &'static str {
         "folio._nr_pages_mapped" => "pages mapped by PTE of large folios (gone with CONFIG_NO_PAGE_MAPCOUNT)",
         "folio._pincount" => "pins of large folios",
         "folio._mm_ids" => "the kernel's own maybe-shared bit (6.15+)",
+        KHUGEPAGED_STATUS_SLOT | SCAN_EXCEED_SHARED_PTE_SLOT => {
+            "mapcount_khugepaged_shared_pte_refusals_total"
+        }
         "vm_fault.flags" => "outcome=\"unshare\" (unshare faults are counted as writes)",
         "pagetable_move_control.old"
         | "pagetable_move_control.old_addr"
@@ -460,8 +463,53 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
         member: Some("PG_swapbacked"),
         offset: Some(layout.pg_swapbacked_bit),
     });
+    // khugepaged's refusals for shared PTEs.
+    let arguments = khugepaged_scan_arguments(btf)?;
+    let status_arg = arguments.map(|(status, _)| status);
+    let refusal = enum_value(btf, "scan_result", "SCAN_EXCEED_SHARED_PTE").ok();
+    if let (Some((status, stopped_at)), Some(value)) = (arguments, refusal) {
+        layout.khugepaged_status_arg = status;
+        layout.scan_exceed_shared_pte = value;
+        layout.khugepaged_stopped_at = stopped_at;
+    }
+    fields.push(ResolvedField { slot: KHUGEPAGED_STATUS_SLOT, member: Some("status"), offset: status_arg });
+    fields.push(ResolvedField {
+        slot: SCAN_EXCEED_SHARED_PTE_SLOT,
+        member: Some("SCAN_EXCEED_SHARED_PTE"),
+        offset: refusal,
+    });
     debug_assert!(fields.iter().all(|f| f.offset != Some(OFFSET_ABSENT)));
     Ok(Resolved { layout, fields })
+}
+
+const KHUGEPAGED_STATUS_SLOT: &str = "mm_khugepaged_scan_pmd (argument)";
+const SCAN_EXCEED_SHARED_PTE_SLOT: &str = "scan_result (value)";
+
+/// The arguments of tracepoint `mm_khugepaged_scan_pmd`, as the raw
+/// tracepoint sees them: where the scan's result is (counted from 0), and
+/// what the second argument is (a [`khugepaged_arg`] value: a pointer
+/// until 7.x made it a page frame number). Every kernel
+/// since 4.8 ends the prototype with `(..., referenced, none_or_zero,
+/// status, unmapped)`; BTF keeps it as the typedef
+/// `btf_trace_mm_khugepaged_scan_pmd`, a pointer to a function whose first
+/// parameter is the tracepoint's own data, not an argument.
+fn khugepaged_scan_arguments(btf: &Btf) -> Result<Option<(u32, u32)>, LayoutError> {
+    let Ok(types) = btf.resolve_types_by_name("btf_trace_mm_khugepaged_scan_pmd") else { return Ok(None) };
+    for ty in types {
+        let Type::Typedef(typedef) = ty else { continue };
+        let Type::Ptr(pointer) = btf.resolve_chained_type(&typedef)? else { continue };
+        let Type::FuncProto(proto) = btf.resolve_chained_type(&pointer)? else { continue };
+        let parameters = proto.parameters.len();
+        if parameters < 5 {
+            continue;
+        }
+        let stopped_at = match btf.resolve_chained_type(&proto.parameters[2])? {
+            Type::Ptr(_) => khugepaged_arg::PAGE,
+            _ => khugepaged_arg::PFN,
+        };
+        return Ok(Some((parameters as u32 - 3, stopped_at)));
+    }
+    Ok(None)
 }
 
 /// Whether BTF describes a function of this name (needed for fentry; also
@@ -607,6 +655,25 @@ mod tests {
                 assert_eq!(row(&format!("pageflags.{value} (bit)")), expected, "{}: {value}", file.display());
             }
             assert_eq!(row("page (size)"), dump.struct_size("page"), "{}: struct page", file.display());
+            // Every kernel of the matrix has khugepaged's tracepoint:
+            // `(mm, page or folio, writable, referenced, none_or_zero,
+            // status, unmapped)` until 7.x made it `(mm, pfn, referenced,
+            // none_or_zero, status, unmapped)` (include/trace/events/huge_memory.h).
+            let refusal = dump.enum_value("scan_result", "SCAN_EXCEED_SHARED_PTE");
+            assert!(refusal.is_some(), "bpftool finds SCAN_EXCEED_SHARED_PTE in {}", file.display());
+            assert_eq!(row(SCAN_EXCEED_SHARED_PTE_SLOT), refusal, "{}", file.display());
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let layout = resolved.layout;
+            let expected = match name.as_str() {
+                "6.1.btf" | "6.12.btf" => (5, khugepaged_arg::PAGE),
+                _ => (4, khugepaged_arg::PFN),
+            };
+            assert_eq!(
+                (layout.khugepaged_status_arg, layout.khugepaged_stopped_at),
+                expected,
+                "{}: khugepaged tracepoint arguments",
+                file.display()
+            );
             eprintln!("{}: {} fields agree with bpftool", file.display(), resolved.fields.len());
         }
     }

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub cgroup_memory: IntGaugeVec,
     pub shared_bit_checks: IntCounterVec,
     pub exclusive_large_copies: IntCounterVec,
+    pub khugepaged_shared_refusals: IntCounterVec,
     pub refcount_max: IntGaugeVec,
     pub headroom_ratio: Gauge,
     pub headroom_vmas: Gauge,
@@ -204,6 +205,11 @@ impl Metrics {
                 "mapcount_cow_copies_of_exclusive_large_folios_total",
                 "Write faults that copied a page of a large anonymous folio only the faulting address space mapped, where reusing it was possible: 6.15+ copy when the maybe-shared bit is set, earlier kernels never reuse a large folio. By folio order.",
                 &["order"],
+            ),
+            khugepaged_shared_refusals: counter(
+                "mapcount_khugepaged_shared_pte_refusals_total",
+                "khugepaged scans of a PMD range refused for too many shared PTEs (SCAN_EXCEED_SHARED_PTE), by whether the folio whose PTE crossed khugepaged/max_ptes_shared is mapped by another address space: exclusive means the kernel's guess refused it (6.10-6.14 ask folio_likely_mapped_shared, 6.15+ folio_maybe_mapped_shared); unknown: the table cannot tell; unnamed: the kernel named no folio.",
+                &["truth"],
             ),
             refcount_max: gauge(
                 "mapcount_folio_refcount_max",

@@ -9,8 +9,9 @@ use std::{collections::HashSet, fs, io};
 
 use aya::{
     Btf, Ebpf,
-    programs::{FEntry, FExit, KProbe, Program, ProgramError},
+    programs::{FEntry, FExit, KProbe, Program, ProgramError, RawTracePoint},
 };
+use mapcount_common::{KernelLayout, OFFSET_ABSENT, khugepaged_arg};
 
 pub use crate::layout::Need;
 use crate::{
@@ -281,6 +282,95 @@ pub const PROBES: &[ProbeSpec] = &[
     },
 ];
 
+/// A kernel tracepoint and the raw-tracepoint programs that read it.
+/// Tracepoints are kept for tools: no inlining or compiler renaming takes
+/// them away, and attaching one needs neither kprobes nor fentry.
+pub struct TracepointSpec {
+    /// Logical name: the `probe` label of `mapcount_probe_attached`.
+    pub name: &'static str,
+    pub tracepoint: &'static str,
+    /// One program per shape the tracepoint's arguments have had.
+    pub programs: &'static [&'static str],
+    /// The program that reads this kernel's arguments, where its BTF says
+    /// what they are.
+    pub program_for: fn(&KernelLayout) -> Option<&'static str>,
+    /// Which metrics stay empty without it.
+    pub feeds: &'static str,
+}
+
+pub const TRACEPOINTS: &[TracepointSpec] = &[TracepointSpec {
+    name: "khugepaged_shared_refusals",
+    tracepoint: "mm_khugepaged_scan_pmd",
+    programs: &["khugepaged_scan_pmd_page", "khugepaged_scan_pmd_pfn"],
+    program_for: |layout| {
+        if layout.scan_exceed_shared_pte == OFFSET_ABSENT {
+            return None;
+        }
+        match (layout.khugepaged_status_arg, layout.khugepaged_stopped_at) {
+            (5, khugepaged_arg::PAGE) => Some("khugepaged_scan_pmd_page"),
+            (4, khugepaged_arg::PFN) => Some("khugepaged_scan_pmd_pfn"),
+            _ => None,
+        }
+    },
+    feeds: "mapcount_khugepaged_shared_pte_refusals_total",
+}];
+
+/// What happened to one tracepoint.
+#[derive(Debug)]
+pub enum TracepointStatus {
+    Attached,
+    /// BTF does not describe its arguments as a program expects them, or
+    /// lacks the value the program tests.
+    Unreadable,
+    AttachFailed(ProgramError),
+}
+
+pub struct TracepointReport {
+    pub spec: &'static TracepointSpec,
+    pub status: TracepointStatus,
+}
+
+fn raw_tracepoint<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut RawTracePoint, ProbesError> {
+    ebpf.program_mut(name).and_then(|p| p.try_into().ok()).ok_or(ProbesError::MissingProgram(name))
+}
+
+/// Loads every tracepoint program (the verifier runs) without attaching;
+/// returns how many.
+pub fn load_tracepoint_programs(ebpf: &mut Ebpf) -> Result<usize, ProbesError> {
+    let mut loaded = 0;
+    for &name in TRACEPOINTS.iter().flat_map(|spec| spec.programs) {
+        let program = raw_tracepoint(ebpf, name)?;
+        if program.fd().is_err() {
+            program.load().map_err(|error| ProbesError::Load { program: name, error })?;
+        }
+        loaded += 1;
+    }
+    Ok(loaded)
+}
+
+/// Attaches every tracepoint whose arguments a program can read on this
+/// kernel; never fails because one is missing.
+pub fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+) -> Result<Vec<TracepointReport>, ProbesError> {
+    let mut reports = Vec::with_capacity(TRACEPOINTS.len());
+    for spec in TRACEPOINTS {
+        let status = match (spec.program_for)(layout) {
+            Some(name) => {
+                let program = raw_tracepoint(ebpf, name)?;
+                match program.load().and_then(|()| program.attach(spec.tracepoint).map(drop)) {
+                    Ok(()) => TracepointStatus::Attached,
+                    Err(error) => TracepointStatus::AttachFailed(error),
+                }
+            }
+            None => TracepointStatus::Unreadable,
+        };
+        reports.push(TracepointReport { spec, status });
+    }
+    Ok(reports)
+}
+
 /// Whether write faults are classified over the whole `handle_mm_fault`
 /// call: the kernel has no `do_wp_page` out of line.
 pub fn whole_fault_windows(symbols: &KernelSymbols) -> bool {
@@ -522,6 +612,7 @@ pub fn detach_all(ebpf: &mut Ebpf) {
                     Program::KProbe(p) => p.unload(),
                     Program::FEntry(p) => p.unload(),
                     Program::FExit(p) => p.unload(),
+                    Program::RawTracePoint(p) => p.unload(),
                     _ => Ok(()),
                 };
             });
@@ -590,6 +681,16 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn tracepoint_programs_are_in_the_object() {
+        use aya_obj::ProgramSection;
+        let object = aya_obj::Object::parse(crate::EBPF_OBJECT).expect("the embedded object parses");
+        for &name in TRACEPOINTS.iter().flat_map(|spec| spec.programs) {
+            let section = &object.programs.get(name).expect("the program exists").section;
+            assert!(matches!(section, ProgramSection::RawTracePoint), "{name}: {section:?}");
         }
     }
 

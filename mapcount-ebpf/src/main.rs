@@ -19,15 +19,15 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_func_arg, bpf_get_smp_processor_id,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
     },
-    macros::{fentry, fexit, kprobe, kretprobe, map},
+    macros::{fentry, fexit, kprobe, kretprobe, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
-    programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    programs::{FEntryContext, FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use aya_log_ebpf::warn;
 use mapcount_common::{
     Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT,
-    RmapOp, SOURCE_NAME_LEN, SourceEvent, TeardownEvent, WriteFaultOutcome, counter, event_flags, fork_copy,
-    shared_hint, vm_flags, vma_class,
+    RmapOp, SOURCE_NAME_LEN, ScanRefusalEvent, SourceEvent, TeardownEvent, WriteFaultOutcome, counter,
+    event_flags, fork_copy, shared_hint, vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -967,13 +967,23 @@ fn mark_reuse_at(pte: u64) {
 fn page_of_pte(pte: u64) -> u64 {
     const PRESENT: u64 = 1;
     const PFN_MASK: u64 = 0x000f_ffff_ffff_f000;
+    if pte & PRESENT == 0 {
+        return 0;
+    }
+    page_of_frame((pte & PFN_MASK) >> 12)
+}
+
+/// The `struct page` of a page frame number, or 0 where the vmemmap's
+/// start is not known.
+#[inline(always)]
+fn page_of_frame(pfn: u64) -> u64 {
     let at = unsafe { core::ptr::read_volatile(&raw const VMEMMAP_BASE_ADDRESS) };
     let size = layout!(page_size);
-    if at == 0 || size == OFFSET_ABSENT || pte & PRESENT == 0 {
+    if at == 0 || size == OFFSET_ABSENT {
         return 0;
     }
     match read_at::<u64>(at, 0) {
-        Some(vmemmap) if vmemmap != 0 => vmemmap + ((pte & PFN_MASK) >> 12) * size as u64,
+        Some(vmemmap) if vmemmap != 0 => vmemmap + pfn * size as u64,
         _ => 0,
     }
 }
@@ -1407,6 +1417,62 @@ pub fn teardown_entry_fentry(_ctx: FEntryContext) -> u32 {
 pub fn teardown_fexit(ctx: FExitContext) -> u32 {
     teardown(Args::raw(&ctx, 0));
     0
+}
+
+// ---- khugepaged ---------------------------------------------------------------
+
+/// khugepaged finished looking at a PMD range (tracepoint
+/// `mm_khugepaged_scan_pmd`). Only refusals for too many shared PTEs are
+/// sent: the daemon asks its table whether the folio that crossed the
+/// limit is shared in truth. A tracepoint, not a function: it cannot be
+/// inlined away, and it needs neither kprobes nor fentry.
+///
+/// One program per shape the arguments have had, each reading its own at
+/// constant offsets (the verifier takes nothing else from a context, and
+/// refuses to attach a program that reads past the tracepoint's last
+/// argument); the daemon attaches the one BTF describes.
+#[inline(always)]
+fn send_scan_refusal(mm: u64, folio: u64) -> i32 {
+    let Some(entry) = reserve::<ScanRefusalEvent>() else { return 0 };
+    entry.submit(ScanRefusalEvent {
+        event_type: EventType::ScanRefusal as u8,
+        _pad: [0; 3],
+        cpu: this_cpu(),
+        mm,
+        folio,
+        timestamp_ns: now(),
+    });
+    0
+}
+
+/// Before 7.x: (mm, page, writable, referenced, none_or_zero, status,
+/// unmapped): a page of the folio the scan stopped at, or NULL.
+/// page_folio() takes it to its folio. (Debian's 6.1 sets that folio after
+/// the sharing test: at a refusal it passes the folio of the PTE before,
+/// NULL at the first; 6.10+ set it before.)
+#[raw_tracepoint(tracepoint = "mm_khugepaged_scan_pmd")]
+pub fn khugepaged_scan_pmd_page(ctx: RawTracePointContext) -> i32 {
+    let args = ctx.as_ptr() as *const u64;
+    let (mm, page, status) = unsafe { (*args, *args.add(1), *args.add(5)) };
+    // An `int` in a 64-bit slot. Most scans end otherwise: nothing to send.
+    if status as u32 != layout!(scan_exceed_shared_pte) {
+        return 0;
+    }
+    send_scan_refusal(mm, page_folio(page))
+}
+
+/// 7.x: (mm, the folio's page frame number or -1, referenced,
+/// none_or_zero, status, unmapped).
+#[raw_tracepoint(tracepoint = "mm_khugepaged_scan_pmd")]
+pub fn khugepaged_scan_pmd_pfn(ctx: RawTracePointContext) -> i32 {
+    let args = ctx.as_ptr() as *const u64;
+    let (mm, pfn, status) = unsafe { (*args, *args.add(1), *args.add(4)) };
+    if status as u32 != layout!(scan_exceed_shared_pte) {
+        return 0;
+    }
+    // -1: the scan stopped before it looked at a folio.
+    let folio = if pfn == u64::MAX { 0 } else { page_folio(page_of_frame(pfn)) };
+    send_scan_refusal(mm, folio)
 }
 
 #[cfg(not(test))]

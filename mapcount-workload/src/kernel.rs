@@ -175,19 +175,16 @@ pub(crate) fn frame_sharing(pids: &[i32], from: usize, to: usize) -> anyhow::Res
 pub(crate) fn smaps_rollup(pid: i32) -> anyhow::Result<SmapsFigures> {
     let path = format!("/proc/{pid}/smaps_rollup");
     let text = fs::read_to_string(&path).map_err(|e| anyhow!("{path}: {e}"))?;
-    let mut figures = SmapsFigures::default();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(name), Some(kb)) = (words.next(), words.next().and_then(|v| v.parse::<u64>().ok())) else {
-            continue;
-        };
-        match name {
-            "Rss:" => figures.rss_bytes += kb << 10,
-            "Pss:" => figures.pss_shifted += kb << (PSS_SHIFT + 10),
-            "Shared_Clean:" | "Shared_Dirty:" => figures.shared_bytes += kb << 10,
-            "Private_Clean:" | "Private_Dirty:" => figures.private_bytes += kb << 10,
-            _ => {}
-        }
-    }
-    Ok(figures)
+    Ok(SmapsFigures::from_smaps_rollup(&text))
+}
+
+/// A counter of `/proc/vmstat`; `None` where this kernel keeps no such
+/// counter (event counters need `CONFIG_VM_EVENT_COUNTERS`).
+pub(crate) fn vmstat(name: &str) -> anyhow::Result<Option<u64>> {
+    let text = fs::read_to_string("/proc/vmstat").map_err(|e| anyhow!("/proc/vmstat: {e}"))?;
+    Ok(text
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.trim().parse().ok()))
 }

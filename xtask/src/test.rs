@@ -303,7 +303,7 @@ pub fn deploy_checks(bin: &Path, tally: &mut Tally) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every kprobe program passes this machine's verifier (loaded, not attached).
+/// Every kprobe and tracepoint program passes this machine's verifier (loaded, not attached).
 pub fn host_verifier_test(bin: &Path) -> bool {
     let output = Command::new(bin.join("mapcountd")).args(["check", "--load"]).output();
     let Ok(output) = output else {

@@ -1,11 +1,12 @@
 //! The scenarios: each maps, forks, moves or pins memory in a way that
 //! has a known answer from the kernel (pagemap, kpagecount, kpageflags),
 //! and checks mapcountd's view against it. One file each; `run_all` runs
-//! them in order (a to q). See README.md in this folder to add one.
+//! them in order (a to r). See README.md in this folder to add one.
 
 mod driver_pages;
 mod file_pmd_fork;
 mod hugetlb;
+mod khugepaged;
 mod ksm;
 mod large_folio_cow;
 mod maybe_shared;
@@ -27,6 +28,7 @@ use anyhow::anyhow;
 use driver_pages::driver_pages;
 use file_pmd_fork::file_pmd_fork;
 use hugetlb::hugetlb;
+use khugepaged::khugepaged;
 use ksm::ksm;
 use large_folio_cow::large_folio_cow;
 use maybe_shared::maybe_shared;
@@ -226,7 +228,7 @@ pub(super) fn my_pid() -> i32 {
 
 pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> anyhow::Result<()> {
     type Scenario = fn(&MetricsSource, &mut Checker) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 17] = [
+    let scenarios: [(&str, Scenario); 18] = [
         ("a_shared_thp", shared_thp),
         ("b_partial", partial),
         ("c_cow_large", large_folio_cow),
@@ -244,6 +246,7 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
         ("o_hugetlb", hugetlb),
         ("p_maybe_shared", maybe_shared),
         ("q_smaps", smaps),
+        ("r_khugepaged", khugepaged),
     ];
     let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
     for (name, scenario) in scenarios {

@@ -1,6 +1,7 @@
 //! `mapcountd audit`: the maybe-shared audit of a running daemon, from its
 //! `/metrics` over plain HTTP, or from a saved scrape (`-` for stdin: pipe
-//! in `curl` for a daemon behind TLS or basic auth).
+//! in `curl` for a daemon behind TLS or basic auth); with `--kernel`, next
+//! to this host's own smaps_rollup figures.
 
 use std::{
     io::{Read as _, Write as _},
@@ -13,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use mapcount_daemon::audit;
 
-pub(crate) fn audit(url: &str, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub(crate) fn audit(url: &str, file: Option<&Path>, kernel: bool) -> anyhow::Result<ExitCode> {
     let text = match file {
         Some(path) if path == Path::new("-") => {
             let mut text = String::new();
@@ -28,7 +29,8 @@ pub(crate) fn audit(url: &str, file: Option<&Path>) -> anyhow::Result<ExitCode> 
     if !text.contains("mapcount_") {
         bail!("no mapcount metrics in what was read");
     }
-    print!("{}", audit::report(&text));
+    let kernel = kernel.then(audit::kernel_rollups);
+    print!("{}", audit::report(&text, kernel.as_ref()));
     Ok(ExitCode::SUCCESS)
 }
 

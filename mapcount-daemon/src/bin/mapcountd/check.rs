@@ -70,6 +70,13 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
         let feeds = if found.is_none() { spec.feeds } else { "" };
         println!("{:<24} {:<30} {:<8} {:<8} {feeds}", spec.name, function, mode, need);
     }
+    for spec in probes::TRACEPOINTS {
+        let (tracepoint, mode, feeds) = match (spec.program_for)(&resolved.layout) {
+            Some(_) => (spec.tracepoint, "tracepoint", ""),
+            None => ("UNREADABLE", "-", spec.feeds),
+        };
+        println!("{:<24} {:<30} {:<8} {:<8} {feeds}", spec.name, tracepoint, mode, "optional");
+    }
     println!(
         "\nwrite faults: {}",
         if whole_fault {
@@ -89,7 +96,10 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
         let mut ebpf = object::load(&resolved.layout, 1 << 16, Wakeup::Batch, false, 0)?;
         let _logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
         let loaded = probes::load_kprobes(&mut ebpf)?;
-        println!("\nverifier: {loaded} kprobe programs loaded into this kernel (not attached)");
+        let tracepoints = probes::load_tracepoint_programs(&mut ebpf)?;
+        println!(
+            "\nverifier: {loaded} kprobe and {tracepoints} tracepoint programs loaded into this kernel (not attached)"
+        );
     }
     Ok(if core_missing == 0 && kprobes_possible { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -56,6 +56,10 @@ enum Command {
         /// Read a saved scrape instead (`-`: stdin).
         #[arg(long, value_name = "PATH", conflicts_with = "url")]
         file: Option<PathBuf>,
+        /// Also show what this host's kernel says per cgroup (its
+        /// smaps_rollup, summed over the cgroup's processes; needs root).
+        #[arg(long)]
+        kernel: bool,
     },
 }
 
@@ -100,7 +104,7 @@ fn main() -> ExitCode {
     let result = match (command, settings) {
         (Some(Command::Check { btf, load }), _) => check::check(btf, load),
         (Some(Command::Replay { file, folio_table_size }), _) => replay::replay(&file, folio_table_size),
-        (Some(Command::Audit { url, file }), _) => audit::audit(&url, file.as_deref()),
+        (Some(Command::Audit { url, file, kernel }), _) => audit::audit(&url, file.as_deref(), kernel),
         (None, Some(settings)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

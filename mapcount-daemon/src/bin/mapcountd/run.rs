@@ -13,7 +13,7 @@ use mapcount_daemon::{
     http, ingest, layout,
     metrics::Metrics,
     object, privileges,
-    probes::{self, KernelSymbols, Need, ProbeStatus},
+    probes::{self, KernelSymbols, Need, ProbeStatus, TracepointStatus},
     record, resources,
 };
 
@@ -90,6 +90,45 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     }
     if core_attached == 0 {
         tracing::error!("no core rmap probe attached: mapcount metrics will stay empty on this kernel");
+    }
+    for report in probes::attach_tracepoints(&mut ebpf, &resolved.layout)? {
+        let spec = report.spec;
+        let attached = match report.status {
+            TracepointStatus::Attached => {
+                tracing::info!(probe = spec.name, tracepoint = spec.tracepoint, "attached");
+                true
+            }
+            TracepointStatus::Unreadable => {
+                tracing::warn!(
+                    probe = spec.name,
+                    tracepoint = spec.tracepoint,
+                    empty = spec.feeds,
+                    "not attached: the kernel's BTF does not describe the tracepoint's arguments"
+                );
+                false
+            }
+            TracepointStatus::AttachFailed(error) => {
+                tracing::warn!(
+                    probe = spec.name,
+                    tracepoint = spec.tracepoint,
+                    error = %object::error_chain(&error),
+                    empty = spec.feeds,
+                    "not attached: attach failed"
+                );
+                false
+            }
+        };
+        if attached && spec.name == "khugepaged_shared_refusals" {
+            // Zeros that mean "none seen", where the refusals are watched.
+            for truth in ["exclusive", "shared", "unknown", "unnamed"] {
+                metrics.khugepaged_shared_refusals.with_label_values(&[truth]);
+            }
+        }
+        let mode = if attached { "tracepoint" } else { "none" };
+        metrics
+            .probe_attached
+            .with_label_values(&[spec.name, spec.tracepoint, mode])
+            .set(i64::from(attached));
     }
 
     let counters = Arc::new(object::KernelCounters::from_object(&mut ebpf)?);
