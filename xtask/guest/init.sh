@@ -38,7 +38,7 @@ if [ "$MODE" = test ]; then
     mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs --expect-mode $attach
     echo "MAPCOUNT-WORKLOAD-EXIT $?"
     # The audit table of the live daemon (docs/audit.md): it must answer.
-    mapcountd audit >/tmp/audit.txt 2>&1
+    mapcountd audit --kernel >/tmp/audit.txt 2>&1
     rc=$?
     sed 's/^/MAPCOUNT-AUDIT /' /tmp/audit.txt
     if [ $rc -eq 0 ]; then result=PASS; else result=FAIL; fi

@@ -109,7 +109,7 @@ fn check_cgroup(
     }
     checker.exact("q_smaps/cgroup_undetermined_kb", 0, kb("undetermined", "exact"));
     // The audit table while the child lives, for the log.
-    if let Ok(out) = std::process::Command::new("mapcountd").arg("audit").output() {
+    if let Ok(out) = std::process::Command::new("mapcountd").args(["audit", "--kernel"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             println!("MAPCOUNT-NOTE q_smaps audit: {line}");
         }
