@@ -16,10 +16,10 @@
 
 use std::{fs, ptr, thread, time::Duration};
 
-use super::{THP, Waiters, at_least, map_thp_aligned, pipe, sysfs_write};
+use super::{Cue, THP, Waiters, at_least, frames_mapped_once, map_thp_aligned, sysfs_write};
 use crate::{
     checker::Checker,
-    kernel::{is_thp, kpagecount_of_frame, pfn, pid_pfn, vmstat},
+    kernel::{is_thp, pfn, pid_pfn, vmstat},
     memory::{PAGE, map_anon, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
 };
@@ -194,14 +194,10 @@ fn guessed_shared(metrics: &MetricsSource, checker: &mut Checker, settings: &Set
     let frames = first_frame..first_frame + PAGES as u64;
     // The first child takes the folio's second slot; the second finds none.
     let first = Waiters::spawn(1, |_| {});
-    let (go_read, go_write) = pipe();
-    let (done_read, done_write) = pipe();
+    let cue = Cue::new();
     let survivor = Waiters::spawn(1, |_| {
         first.forget_in_child();
-        unsafe { libc::close(go_write) };
-        unsafe { libc::close(done_read) };
-        let mut byte = [0u8; 1];
-        unsafe { libc::read(go_read, byte.as_mut_ptr().cast(), 1) };
+        cue.wait();
         // A change of flags puts this address space on khugepaged's list
         // (a fork child of a listed one is on it already).
         unsafe { libc::madvise(range.cast(), THP, libc::MADV_NOHUGEPAGE) };
@@ -212,7 +208,7 @@ fn guessed_shared(metrics: &MetricsSource, checker: &mut Checker, settings: &Set
             unsafe { ptr::read_volatile(range.add(i * PAGE)) };
         }
         unsafe { ptr::write_volatile(range.add((PAGES - 1) * PAGE), 9) };
-        unsafe { libc::write(done_write, byte.as_ptr().cast(), 1) };
+        cue.done();
     });
     let child = survivor.pids()[0];
     unmap(range, THP / PAGE);
@@ -224,23 +220,9 @@ fn guessed_shared(metrics: &MetricsSource, checker: &mut Checker, settings: &Set
     if let Some(value) = &settings.pmd_size {
         sysfs_write(PMD_SIZE_ENABLED, if value == "never" { "inherit" } else { value })?;
     }
-    unsafe { libc::close(go_write) };
-    let mut byte = [0u8; 1];
-    unsafe { libc::read(done_read, byte.as_mut_ptr().cast(), 1) };
-    for fd in [go_read, done_read, done_write] {
-        unsafe { libc::close(fd) };
-    }
+    cue.go_and_wait();
     // The kernel: the child alone maps what is left of the folio.
-    let mut mapped = 0;
-    let mut mapped_once = 0;
-    for i in 0..PAGES {
-        if let Ok(frame) = pid_pfn(child, range as usize + i * PAGE)
-            && frames.contains(&frame)
-        {
-            mapped += 1;
-            mapped_once += usize::from(kpagecount_of_frame(frame)? == 1);
-        }
-    }
+    let (mapped, mapped_once) = frames_mapped_once(child, range as usize, 0..PAGES, &frames)?;
     let exclusive = mapped > 0 && mapped_once == mapped;
     // Collapsed: a page never touched is present, in a 2 MiB-aligned frame run.
     let collapsed = || -> anyhow::Result<bool> {

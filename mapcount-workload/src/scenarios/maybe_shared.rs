@@ -10,10 +10,10 @@
 //! kernels because they never reuse a large folio, though nobody else
 //! maps it (the kernel's answer: the page's frame changed).
 
-use super::{Waiters, check_smaps, map_64k_folio, pipe};
+use super::{Cue, Waiters, check_smaps, frames_mapped_once, map_64k_folio};
 use crate::{
     checker::Checker,
-    kernel::{kpagecount_of_frame, pid_pfn},
+    kernel::pid_pfn,
     memory::{PAGE, unmap},
     metrics::{MetricsSource, Scrape},
 };
@@ -30,41 +30,23 @@ pub(super) fn maybe_shared(metrics: &MetricsSource, checker: &mut Checker) -> an
     let first = Waiters::spawn(1, |_| {});
     // The second child finds no slot free. When told to (`go`), it drops
     // its last page, so that an rmap event carries the kernel's bit.
-    let (go_read, go_write) = pipe();
-    let (done_read, done_write) = pipe();
+    let cue = Cue::new();
     let last_page = q as usize + (PAGES - 1) * PAGE;
     let second = Waiters::spawn(1, |_| {
         first.forget_in_child();
-        unsafe { libc::close(go_write) };
-        unsafe { libc::close(done_read) };
-        let mut byte = [0u8; 1];
-        unsafe { libc::read(go_read, byte.as_mut_ptr().cast(), 1) };
+        cue.wait();
         unsafe { libc::madvise(last_page as *mut libc::c_void, PAGE, libc::MADV_DONTNEED) };
         unsafe { std::ptr::write_volatile(q, 9) };
-        unsafe { libc::write(done_write, byte.as_ptr().cast(), 1) };
+        cue.done();
     });
     let survivor = second.pids()[0];
     unmap(q, PAGES);
     first.release();
-    unsafe { libc::close(go_write) };
-    let mut byte = [0u8; 1];
-    unsafe { libc::read(done_read, byte.as_mut_ptr().cast(), 1) };
-    for fd in [go_read, done_read, done_write] {
-        unsafe { libc::close(fd) };
-    }
+    cue.go_and_wait();
 
     // The kernel: each page of the folio the child still maps is mapped
     // once; its first page is a copy now, if its frame changed.
-    let mut mapped = 0;
-    let mut mapped_once = 0;
-    for i in 1..PAGES - 1 {
-        if let Ok(frame) = pid_pfn(survivor, q as usize + i * PAGE)
-            && frames.contains(&frame)
-        {
-            mapped += 1;
-            mapped_once += usize::from(kpagecount_of_frame(frame)? == 1);
-        }
-    }
+    let (mapped, mapped_once) = frames_mapped_once(survivor, q as usize, 1..PAGES - 1, &frames)?;
     let copied = pid_pfn(survivor, q as usize).is_ok_and(|frame| !frames.contains(&frame));
     let after = metrics.settled_scrape()?;
     let rows = metrics.folios_of(survivor)?;

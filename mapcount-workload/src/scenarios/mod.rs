@@ -222,6 +222,64 @@ pub(super) fn pipe() -> (i32, i32) {
     (fds[0], fds[1])
 }
 
+/// A child told when to act, and the parent told when it has: two pipes,
+/// made before the fork. The child calls [`Cue::wait`] then
+/// [`Cue::done`]; the parent [`Cue::go_and_wait`].
+pub(super) struct Cue {
+    go: (i32, i32),
+    done: (i32, i32),
+}
+
+impl Cue {
+    pub(super) fn new() -> Cue {
+        Cue { go: pipe(), done: pipe() }
+    }
+
+    /// In the child: blocks until the parent says go.
+    pub(super) fn wait(&self) {
+        unsafe { libc::close(self.go.1) };
+        unsafe { libc::close(self.done.0) };
+        let mut byte = [0u8; 1];
+        unsafe { libc::read(self.go.0, byte.as_mut_ptr().cast(), 1) };
+    }
+
+    /// In the child: tells the parent it has acted.
+    pub(super) fn done(&self) {
+        unsafe { libc::write(self.done.1, [0u8].as_ptr().cast(), 1) };
+    }
+
+    /// In the parent: lets the child act and waits until it has.
+    pub(super) fn go_and_wait(self) {
+        unsafe { libc::close(self.go.1) };
+        let mut byte = [0u8; 1];
+        unsafe { libc::read(self.done.0, byte.as_mut_ptr().cast(), 1) };
+        for fd in [self.go.0, self.done.0, self.done.1] {
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// The kernel's view of the pages at `pages` (indexes from `start`) of
+/// process `pid` that still map frames of `frames`: how many do, and how
+/// many of those frames are mapped once (kpagecount 1).
+pub(super) fn frames_mapped_once(
+    pid: i32,
+    start: usize,
+    pages: std::ops::Range<usize>,
+    frames: &std::ops::Range<u64>,
+) -> anyhow::Result<(usize, usize)> {
+    let (mut mapped, mut once) = (0, 0);
+    for i in pages {
+        if let Ok(frame) = crate::kernel::pid_pfn(pid, start + i * PAGE)
+            && frames.contains(&frame)
+        {
+            mapped += 1;
+            once += usize::from(crate::kernel::kpagecount_of_frame(frame)? == 1);
+        }
+    }
+    Ok((mapped, once))
+}
+
 pub(super) fn my_pid() -> i32 {
     unsafe { libc::getpid() }
 }
