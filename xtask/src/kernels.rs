@@ -75,6 +75,28 @@ pub fn get(name: &str) -> anyhow::Result<Kernel> {
     if name == SMALL { build_small() } else { fetch(find(name)?) }
 }
 
+/// A kernel given by the path of its image (a developer's own build), with
+/// its `lib/modules/<release>` directory if it has modules. Named after the
+/// image's size and modification time, so that a rebuilt kernel gets its
+/// own extracted BTF and initramfs in the cache.
+pub fn from_path(image: &Path, modules: Option<&Path>) -> anyhow::Result<Kernel> {
+    let meta = fs::metadata(image).with_context(|| format!("{}: no such kernel image", image.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a kernel image file", image.display());
+    }
+    if let Some(dir) = modules
+        && !dir.join("kernel").is_dir()
+    {
+        bail!("{}: not a modules directory (it has no kernel/ inside)", dir.display());
+    }
+    let modified = meta.modified()?.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Ok(Kernel {
+        name: format!("image-{}-{modified}", meta.len()),
+        vmlinuz: image.canonicalize()?,
+        modules: modules.map(Path::to_path_buf).unwrap_or_default(),
+    })
+}
+
 fn build_small() -> anyhow::Result<Kernel> {
     let config = include_str!("../kernel/small.config");
     let dir = cache_dir().join("kernels").join(SMALL);
@@ -300,6 +322,7 @@ pub fn extract_btf(kernel: &Kernel) -> anyhow::Result<PathBuf> {
     if btf.exists() {
         return Ok(btf);
     }
+    fs::create_dir_all(&dir)?;
     let image = fs::read(&kernel.vmlinuz)?;
     const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
     const LZ4_LEGACY: &[u8] = &[0x02, 0x21, 0x4c, 0x18];
@@ -325,6 +348,10 @@ pub fn extract_btf(kernel: &Kernel) -> anyhow::Result<PathBuf> {
         bail!("decompressing {} with {tool} gave no ELF", kernel.vmlinuz.display());
     }
     run_cmd(Command::new("objcopy").args(["-O", "binary", "--only-section=.BTF"]).arg(&elf).arg(&btf))?;
+    if fs::metadata(&btf).map_or(0, |m| m.len()) == 0 {
+        let _ = fs::remove_file(&btf);
+        bail!("{}: the kernel has no BTF (it needs CONFIG_DEBUG_INFO_BTF=y)", kernel.vmlinuz.display());
+    }
     let _ = fs::remove_file(&payload);
     let _ = fs::remove_file(&elf);
     Ok(btf)

@@ -39,6 +39,15 @@ enum Cmd {
         /// Always use the VM, even if this host could trace.
         #[arg(long)]
         vm: bool,
+        /// The VM's kernel: 6.1, 6.12, 7.3 (Debian's), 7.3-small (built
+        /// here), or the path of a kernel image (bzImage or vmlinuz) built
+        /// with BTF; implies --vm.
+        #[arg(long, value_name = "NAME|PATH")]
+        kernel: Option<String>,
+        /// The `lib/modules/<release>` directory of a kernel given by path
+        /// (without it, its virtio drivers must be built in).
+        #[arg(long, value_name = "DIR", requires = "kernel")]
+        modules: Option<std::path::PathBuf>,
     },
     /// Overload in the VM: a fork/mmap storm against a small ring buffer, sampling the daemon's RSS.
     Soak {
@@ -95,7 +104,7 @@ fn main() -> anyhow::Result<()> {
     setup::run()?;
     match cli.command {
         Cmd::Setup => Ok(()),
-        Cmd::Run { port, vm } => run::run(port, vm),
+        Cmd::Run { port, vm, kernel, modules } => run::run(port, vm, kernel.as_deref(), modules.as_deref()),
         Cmd::Package { install_test } => package::command(install_test),
         Cmd::Bench { vm_only } => bench::command(vm_only),
         Cmd::Soak { minutes, kernel } => soak::command(minutes, &kernel),

@@ -119,7 +119,8 @@ impl Image {
             Mode::Bench => &["virtio_blk"],
             _ => &[],
         };
-        if !modules.is_empty() {
+        // A kernel given without modules has its drivers built in.
+        if !modules.is_empty() && !kernel.modules.as_os_str().is_empty() {
             let order = install_modules(&kernel.modules, modules, &root.join("modules"))?;
             fs::write(root.join("modules.order"), order.join("\n"))?;
         }
