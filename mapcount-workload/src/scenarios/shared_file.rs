@@ -4,7 +4,7 @@ use std::{ffi::CString, ptr};
 
 use anyhow::anyhow;
 
-use super::{THP, Waiters};
+use super::{THP, Waiters, pipe};
 use crate::{
     checker::Checker,
     memory::{PAGE, read_each_page},
@@ -34,11 +34,23 @@ pub(super) fn shared_file(metrics: &MetricsSource, checker: &mut Checker) -> any
     // Six children, five of which map the file: code pages that only
     // the children run (waiting, exiting) have six sharers or more,
     // whatever the parent ran, so exactly five is the file's pages.
+    // Each child says when it has mapped and read (or, the sixth, when
+    // it is about to wait): until then its page faults are still coming,
+    // and a code page can have five sharers for a moment.
+    let (ready_read, ready_write) = pipe();
     let readers = Waiters::spawn(6, |i| {
         if i < 5 {
             map_and_read();
         }
+        unsafe { libc::write(ready_write, [0u8].as_ptr().cast(), 1) };
     });
+    for _ in 0..6 {
+        let mut byte = [0u8; 1];
+        unsafe { libc::read(ready_read, byte.as_mut_ptr().cast(), 1) };
+    }
+    for fd in [ready_read, ready_write] {
+        unsafe { libc::close(fd) };
+    }
     metrics.settled_scrape()?;
     // The readers also map the workload's own binary, which lives in
     // the initramfs (tmpfs, so shmem too) and has 7 sharers with the parent.
