@@ -7,37 +7,7 @@ use std::collections::HashMap;
 
 use mapcount_common::{PSS_SHIFT, SmapsFigures};
 
-use crate::{cgroups, maybe_shared::Heuristic};
-
-/// One sample of the text exposition: metric name, labels, value.
-struct Sample<'a> {
-    name: &'a str,
-    labels: HashMap<&'a str, &'a str>,
-    value: f64,
-}
-
-/// The samples of `text` (Prometheus text format); comments and lines
-/// that do not parse are skipped. Label values with commas or escaped
-/// quotes are not expected here: mapcountd's audit labels have none.
-fn samples(text: &str) -> impl Iterator<Item = Sample<'_>> {
-    text.lines().filter(|l| !l.starts_with('#')).filter_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let value = value.parse().ok()?;
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (name, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        let labels = labels
-            .split(',')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| {
-                let (key, value) = l.split_once('=')?;
-                Some((key, value.strip_prefix('"')?.strip_suffix('"')?))
-            })
-            .collect();
-        Some(Sample { name, labels, value })
-    })
-}
+use crate::{cgroups, exposition::samples, maybe_shared::Heuristic};
 
 #[derive(Clone, Copy, Default)]
 struct Row {
@@ -84,15 +54,15 @@ pub fn report(metrics: &str, kernel: Option<&HashMap<String, SmapsFigures>>) -> 
     let mut refusals: Option<[f64; 3]> = None;
     let reference = Heuristic::MmIdSlots.label();
     for s in samples(metrics) {
-        let heuristic = s.labels.get("heuristic").copied().unwrap_or("");
+        let heuristic = s.label("heuristic").unwrap_or("");
         match s.name {
             "mapcount_maybe_shared_folios" => {
-                let truly_shared = s.labels.get("truth") == Some(&"shared");
+                let truly_shared = s.label("truth") == Some("shared");
                 if heuristic == reference {
                     truth[usize::from(truly_shared)] += s.value;
                 }
                 let row = rows.entry(heuristic).or_default();
-                match s.labels.get("verdict").copied() {
+                match s.label("verdict") {
                     Some("shared") => {
                         row.shared += s.value;
                         if !truly_shared {
@@ -109,7 +79,7 @@ pub fn report(metrics: &str, kernel: Option<&HashMap<String, SmapsFigures>>) -> 
             }
             "mapcount_khugepaged_shared_pte_refusals_total" => {
                 let counts = refusals.get_or_insert([0.0; 3]);
-                match s.labels.get("truth").copied() {
+                match s.label("truth") {
                     Some("exclusive") => counts[0] += s.value,
                     Some("shared") => counts[1] += s.value,
                     _ => counts[2] += s.value,
@@ -117,7 +87,7 @@ pub fn report(metrics: &str, kernel: Option<&HashMap<String, SmapsFigures>>) -> 
             }
             "mapcount_maybe_shared_bit_checks_total" => {
                 checked = true;
-                match s.labels.get("result").copied() {
+                match s.label("result") {
                     Some("agree") => agree += s.value,
                     Some("differ") => differ += s.value,
                     _ => {}
@@ -128,7 +98,7 @@ pub fn report(metrics: &str, kernel: Option<&HashMap<String, SmapsFigures>>) -> 
     }
     let mut cgroups: HashMap<&str, HashMap<(&str, &str), f64>> = HashMap::new();
     for s in samples(metrics).filter(|s| s.name == "mapcount_cgroup_memory_bytes") {
-        let label = |name| s.labels.get(name).copied().unwrap_or("");
+        let label = |name| s.label(name).unwrap_or("");
         *cgroups.entry(label("cgroup")).or_default().entry((label("figure"), label("model"))).or_default() +=
             s.value;
     }

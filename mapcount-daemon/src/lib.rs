@@ -10,6 +10,7 @@ pub mod audit;
 pub mod cgroups;
 pub mod config;
 pub mod decode;
+pub mod exposition;
 pub mod folios;
 pub mod http;
 pub mod ingest;
@@ -23,6 +24,7 @@ pub mod probes;
 pub mod record;
 pub mod resources;
 pub mod smaps;
+pub mod summary;
 pub mod web_config;
 
 /// The eBPF object built by `build.rs` from `mapcount-ebpf`.

@@ -191,6 +191,29 @@ elif [ "$MODE" = soak ]; then
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"
     grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
+elif [ -f /command ]; then
+    # cargo xtask run -- COMMAND: the developer's command in the shared
+    # directory, mounted at the host's path, next to mapcountd.
+    tail -f /tmp/mapcountd.log | sed 's/^/mapcountd: /' &
+    share=$(cat /share-path)
+    mkdir -p "$share"
+    if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share "$share"; then
+        echo "MAPCOUNT-RUN-FAILED cannot mount the shared directory $share (9p)"
+    elif [ $ready != 1 ]; then
+        echo "MAPCOUNT-RUN-FAILED mapcountd did not start"
+    else
+        echo "MAPCOUNT-COMMAND-START"
+        (cd "$share" && sh /command)
+        rc=$?
+        # The last events in flight reach the table before the report.
+        sleep 1
+        mapcountd report --url http://127.0.0.1:9730/metrics 2>&1 | sed 's/^/MAPCOUNT-REPORT /'
+        echo "MAPCOUNT-COMMAND-EXIT $rc"
+    fi
+    kill -TERM $daemon
+    wait $daemon
+    sync
+    umount "$share" 2>/dev/null
 else
     tail -f /tmp/mapcountd.log &
     mapcount-workload demo --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs &

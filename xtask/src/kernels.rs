@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::workspace::{cache_dir, run_cmd};
+use crate::workspace::{cache_dir, download_with_progress, package_size, run_cmd};
 
 pub struct KernelSpec {
     /// Short name used on the command line.
@@ -270,7 +270,13 @@ impl PrivateApt {
     }
 
     fn download(&self, package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-        run_cmd(self.cmd("apt-get").current_dir(dir).args(["download", "-qq", package]))?;
+        let size = package_size(self.cmd("apt-cache"), package);
+        download_with_progress(
+            self.cmd("apt-get").current_dir(dir).args(["download", "-qq", package]),
+            package,
+            dir,
+            size,
+        )?;
         fs::read_dir(dir)?
             .flatten()
             .map(|e| e.path())

@@ -18,6 +18,8 @@ mod test;
 mod vm;
 mod workspace;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -48,6 +50,14 @@ enum Cmd {
         /// (without it, its virtio drivers must be built in).
         #[arg(long, value_name = "DIR", requires = "kernel")]
         modules: Option<std::path::PathBuf>,
+        /// A directory shared with the VM at the same path (default with
+        /// a command: the current directory); the command runs in it.
+        #[arg(long, value_name = "DIR")]
+        share: Option<std::path::PathBuf>,
+        /// Run this in the VM next to mapcountd instead of the demo; the
+        /// VM stops when it ends and its exit status is returned.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Overload in the VM: a fork/mmap storm against a small ring buffer, sampling the daemon's RSS.
     Soak {
@@ -98,17 +108,28 @@ enum Cmd {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     // Every command needs what setup installs; it says what it installs.
     setup::run()?;
-    match cli.command {
+    let done = match cli.command {
         Cmd::Setup => Ok(()),
-        Cmd::Run { port, vm, kernel, modules } => run::run(port, vm, kernel.as_deref(), modules.as_deref()),
+        // The developer's command's exit status is run's own.
+        Cmd::Run { port, vm, kernel, modules, share, command } => {
+            return run::run(run::RunArgs {
+                port,
+                force_vm: vm,
+                kernel: kernel.as_deref(),
+                modules: modules.as_deref(),
+                share: share.as_deref(),
+                command: &command,
+            });
+        }
         Cmd::Package { install_test } => package::command(install_test),
         Cmd::Bench { vm_only } => bench::command(vm_only),
         Cmd::Soak { minutes, kernel } => soak::command(minutes, &kernel),
         Cmd::Fuzz { seconds, target } => fuzz::command(seconds, &target),
         Cmd::Test { kernel, mode, vm_only, full } => test::test(&kernel, &mode, vm_only, full),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

@@ -15,7 +15,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     checks::CheckResult,
     vm,
-    workspace::{cache_dir, run_cmd, workspace_root},
+    workspace::{cache_dir, download_with_progress, package_size, run_cmd, workspace_root},
 };
 
 /// The alert the refcount scenario (a THP mapped 1,000 times: a refcount of
@@ -251,13 +251,18 @@ pub fn prometheus_package() -> anyhow::Result<PathBuf> {
         return Ok(dir.join("root"));
     }
     std::fs::create_dir_all(&dir)?;
-    run_cmd(Command::new("apt-get").current_dir(&dir).args([
-        "download",
-        "-qq",
-        "-o",
-        "APT::Sandbox::User=root",
+    download_with_progress(
+        Command::new("apt-get").current_dir(&dir).args([
+            "download",
+            "-qq",
+            "-o",
+            "APT::Sandbox::User=root",
+            "prometheus",
+        ]),
         "prometheus",
-    ]))?;
+        &dir,
+        package_size(Command::new("apt-cache"), "prometheus"),
+    )?;
     let deb = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())

@@ -1,13 +1,20 @@
-//! `cargo xtask run`: mapcountd on this host if it can trace, else in a VM with a demo workload.
+//! `cargo xtask run`: mapcountd on this host if it can trace, else in a VM
+//! with a demo workload or the developer's own command, shown live by
+//! `mapcountd top` and summed up by `mapcountd report` at the end.
 
-use std::{path::Path, process::Command};
+use std::{
+    io::IsTerminal as _,
+    path::Path,
+    process::{Command, ExitCode},
+    sync::{atomic::AtomicBool, mpsc},
+};
 
 use anyhow::{Context as _, bail};
 
 use crate::{
     kernels::{self, Kernel},
     vm,
-    workspace::{build_binaries, run_cmd},
+    workspace::{build_binaries, cache_dir, run_cmd},
 };
 
 pub fn host_can_trace() -> bool {
@@ -17,33 +24,132 @@ pub fn host_can_trace() -> bool {
 /// The VM's kernel when none is asked for.
 const DEFAULT_KERNEL: &str = "6.12";
 
-pub fn run(port: u16, force_vm: bool, kernel: Option<&str>, modules: Option<&Path>) -> anyhow::Result<()> {
+pub struct RunArgs<'a> {
+    pub port: u16,
+    pub force_vm: bool,
+    pub kernel: Option<&'a str>,
+    pub modules: Option<&'a Path>,
+    /// Shared with the guest at the same path; the command runs there.
+    pub share: Option<&'a Path>,
+    /// The developer's command, run in the VM instead of the demo.
+    pub command: &'a [String],
+}
+
+pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
     let bin = build_binaries()?;
-    if host_can_trace() && !force_vm && kernel.is_none() {
-        println!("this kernel can attach kprobes: running mapcountd here on port {port}");
-        return run_cmd(
-            Command::new(bin.join("mapcountd")).arg(format!("--web.listen-address=0.0.0.0:{port}")),
-        );
+    if host_can_trace() && !args.force_vm && args.kernel.is_none() && args.command.is_empty() {
+        println!("this kernel can attach kprobes: running mapcountd here on port {}", args.port);
+        run_cmd(
+            Command::new(bin.join("mapcountd")).arg(format!("--web.listen-address=0.0.0.0:{}", args.port)),
+        )?;
+        return Ok(ExitCode::SUCCESS);
     }
-    let kernel = match kernel {
+    let kernel = match args.kernel {
         Some(path) if path.contains('/') || Path::new(path).is_file() => {
-            kernels::from_path(Path::new(path), modules)?
+            kernels::from_path(Path::new(path), args.modules)?
         }
         Some(name) => kernels::get(name)?,
         None => kernels::get(DEFAULT_KERNEL)?,
     };
     let shown = kernel.vmlinuz.display().to_string();
     preflight(&bin, &kernel, &shown)?;
-    println!(
-        "running mapcountd in a VM on {shown} with a demo workload; metrics at http://localhost:{port}/metrics, Ctrl-C stops"
-    );
-    let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo, vm::Extra::default())?;
-    vm::boot(
-        &kernel,
-        &image,
-        vm::Boot { forward_port: Some(port), timeout: None, echo: true, ..vm::Boot::new("auto", 0) },
-    )?;
-    Ok(())
+
+    let share = match (args.share, args.command.is_empty()) {
+        (Some(dir), _) => Some(dir.canonicalize().with_context(|| format!("--share {}", dir.display()))?),
+        (None, false) => Some(std::env::current_dir()?),
+        (None, true) => None,
+    };
+    let mut extra = vm::Extra::default();
+    if let Some(dir) = &share {
+        extra.share = true;
+        extra.texts.push(("share-path".into(), dir.display().to_string()));
+        extra.texts.push(("command".into(), format!("exec {}\n", shell_words(args.command))));
+    }
+    let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo, extra)?;
+    let url = format!("http://127.0.0.1:{}/metrics", args.port);
+    let what = if args.command.is_empty() { "a demo workload".to_owned() } else { shell_words(args.command) };
+    println!("running mapcountd in a VM on {shown} with {what}; metrics at {url}");
+    if let Some(dir) = &share {
+        println!("{} is shared with the VM at the same path", dir.display());
+    }
+
+    let live = std::io::stdout().is_terminal();
+    let log = cache_dir().join(format!("run-{}.log", kernel.name));
+    let stop = AtomicBool::new(false);
+    let (started_tx, started_rx) = mpsc::channel();
+    let boot = vm::Boot {
+        forward_port: Some(args.port),
+        timeout: None,
+        echo: !live,
+        share: share.as_deref(),
+        console_log: Some(&log),
+        stop: Some(&stop),
+        started: Some(started_tx),
+        ..vm::Boot::new("auto", 0)
+    };
+    let console = std::thread::scope(|scope| -> anyhow::Result<String> {
+        let vm = scope.spawn(|| vm::boot(&kernel, &image, boot));
+        if live {
+            if let Ok(pid) = started_rx.recv() {
+                // The live view until the VM ends or the developer quits.
+                let _ = Command::new(bin.join("mapcountd"))
+                    .arg("top")
+                    .arg(format!("--url={url}"))
+                    .arg("--follow")
+                    .arg(&log)
+                    .arg(format!("--while-pid={pid}"))
+                    .status();
+            }
+            if !ended_on_its_own(&log) {
+                // Quit before the VM ended: what the daemon saw so far.
+                println!("{}", report_from(&bin, &url));
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        vm.join().map_err(|_| anyhow::anyhow!("the VM's thread panicked"))?
+    })?;
+
+    println!("console and mapcountd's log: {}", log.display());
+    if let Some(failure) = console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-RUN-FAILED ")) {
+        bail!("in the VM: {failure}");
+    }
+    let report: Vec<&str> = console.lines().filter_map(|l| l.strip_prefix("MAPCOUNT-REPORT ")).collect();
+    if live && !report.is_empty() {
+        println!("{}", report.join("\n"));
+    }
+    match console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-COMMAND-EXIT ")) {
+        Some(status) => {
+            let status: u8 = status.trim().parse().context("the command's exit status")?;
+            println!("{what} exited with status {status}");
+            Ok(ExitCode::from(status))
+        }
+        None if args.command.is_empty() => Ok(ExitCode::SUCCESS),
+        // Stopped before the command ended (q in the live view).
+        None => {
+            println!("{what} did not finish: the VM was stopped");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+/// Whether the VM ended on its own: the command finished and the guest
+/// printed its report (a stop from the live view leaves neither).
+fn ended_on_its_own(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|console| console.contains("MAPCOUNT-COMMAND-EXIT "))
+}
+
+/// `mapcountd report` against the VM's forwarded port.
+fn report_from(bin: &Path, url: &str) -> String {
+    match Command::new(bin.join("mapcountd")).arg("report").arg(format!("--url={url}")).output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim_end().to_owned(),
+        Ok(out) => format!("no report: {}", String::from_utf8_lossy(&out.stderr).trim()),
+        Err(e) => format!("no report: {e}"),
+    }
+}
+
+/// Words quoted for `sh`: each in single quotes, embedded ones escaped.
+fn shell_words(words: &[String]) -> String {
+    words.iter().map(|w| format!("'{}'", w.replace('\'', r"'\''"))).collect::<Vec<_>>().join(" ")
 }
 
 /// What the kernel lacks, said before it boots: BTF, and the fields and
@@ -73,4 +179,15 @@ fn preflight(bin: &Path, kernel: &Kernel, shown: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_words_for_sh() {
+        let words = ["./a b".to_owned(), "it's".to_owned()];
+        assert_eq!(shell_words(&words), r"'./a b' 'it'\''s'");
+    }
 }

@@ -43,6 +43,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "dwarves",
     // The guest scripts' lint.
     "shellcheck",
+    // The live view's test reads the screen of `mapcountd top` in tmux.
+    "tmux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

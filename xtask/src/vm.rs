@@ -4,9 +4,13 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead as _, BufReader},
+    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -15,7 +19,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     checks::CheckResult,
     kernels::Kernel,
-    workspace::{cache_dir, run_cmd},
+    workspace::{cache_dir, run_cmd, spinner},
 };
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,9 @@ pub struct Image {
 /// Network drivers the demo VM needs to reach the host (with their dependencies).
 const NET_MODULES: &[&str] = &["virtio_net"];
 
+/// The same, and 9p over virtio for a directory shared with the host.
+const SHARE_MODULES: &[&str] = &["virtio_net", "9pnet_virtio", "9p"];
+
 const PREAMBLE: &str = include_str!("../guest/preamble.sh");
 
 const INIT: &str = include_str!("../guest/init.sh");
@@ -60,6 +67,8 @@ pub struct Extra {
     pub texts: Vec<(PathBuf, String)>,
     /// `$NAME` in the init script and its value.
     pub init_vars: Vec<(&'static str, String)>,
+    /// The guest mounts a directory shared by the host (its drivers go in).
+    pub share: bool,
 }
 
 impl Image {
@@ -115,6 +124,7 @@ impl Image {
             fs::copy(lib, &dst).with_context(|| format!("copy {}", lib.display()))?;
         }
         let modules: &[&str] = match mode {
+            Mode::Demo if extra.share => SHARE_MODULES,
             Mode::Demo => NET_MODULES,
             Mode::Bench => &["virtio_blk"],
             _ => &[],
@@ -254,6 +264,14 @@ pub struct Boot<'a> {
     /// kprobe's int3 to a vCPU after another finished patching the text,
     /// which oopses the guest (seen when attaching during a benchmark).
     pub single_threaded: bool,
+    /// A host directory the guest mounts at the same path (9p).
+    pub share: Option<&'a Path>,
+    /// Write the console to this file as it arrives.
+    pub console_log: Option<&'a Path>,
+    /// Set by another thread to stop the VM.
+    pub stop: Option<&'a AtomicBool>,
+    /// Told qemu's process ID once it runs.
+    pub started: Option<mpsc::Sender<u32>>,
 }
 
 impl<'a> Boot<'a> {
@@ -270,6 +288,10 @@ impl<'a> Boot<'a> {
             cpus: 2,
             disk: None,
             single_threaded: false,
+            share: None,
+            console_log: None,
+            stop: None,
+            started: None,
         }
     }
 }
@@ -305,6 +327,12 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
             boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()
         ),
     ]);
+    if let Some(share) = boot.share {
+        // security_model=none: the guest's root writes files as the user
+        // who runs qemu, so output comes back owned by the developer.
+        cmd.arg("-virtfs")
+            .arg(format!("local,path={},mount_tag=share,security_model=none,id=share", share.display()));
+    }
     if let Some(disk) = boot.disk {
         cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", disk.display()));
     }
@@ -332,8 +360,17 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
         });
     }
     let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+    if let Some(started) = &boot.started {
+        let _ = started.send(child.id());
+    }
+    let mut console_log = match boot.console_log {
+        Some(path) => {
+            Some(fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?)
+        }
+        None => None,
+    };
     let stdout = child.stdout.take().context("qemu's console is piped")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
@@ -343,6 +380,9 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
         }
     });
     let deadline = boot.timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    // The VM's progress on a terminal: its last console line.
+    let title = format!("VM {} ({})", kernel.name, boot.attach_mode);
+    let progress = (!boot.echo && boot.console_log.is_none()).then(|| spinner(title.clone()));
     let mut output = String::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -350,11 +390,22 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
                 if boot.echo {
                     println!("{line}");
                 }
+                if let Some(log) = &mut console_log {
+                    let _ = writeln!(log, "{}", line.trim_end_matches('\r'));
+                }
+                if let Some(progress) = &progress {
+                    let last: String = line.trim_end_matches('\r').chars().take(70).collect();
+                    progress.set_message(format!("{title}: {last}"));
+                }
                 output.push_str(line.trim_end_matches('\r'));
                 output.push('\n');
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if boot.stop.is_some_and(|stop| stop.load(Ordering::Relaxed)) {
+            let _ = child.kill();
+            break;
         }
         if deadline.is_some_and(|d| Instant::now() > d) {
             let _ = child.kill();
@@ -364,6 +415,9 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
     }
     let _ = child.wait();
     let _ = reader.join();
+    if let Some(progress) = progress {
+        progress.finish_and_clear();
+    }
     Ok(output)
 }
 

@@ -2,11 +2,14 @@
 //! running a command, and building the binaries the VMs run.
 
 use std::{
+    fs,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
 
 #[expect(clippy::expect_used, reason = "xtask/ is a directory of the workspace")]
 pub fn workspace_root() -> PathBuf {
@@ -96,6 +99,65 @@ pub fn ingest_bench(args: &[&std::ffi::OsStr]) -> anyhow::Result<std::process::O
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("cannot run the ingest benchmark")
+}
+
+/// A spinner on stderr that counts seconds; drawn only on a terminal
+/// (indicatif hides it otherwise, so CI logs stay as they are).
+pub fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner().with_message(message);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Runs `apt-get download` (`cmd`, in `dir`) with a progress bar of the
+/// bytes apt has written to `<package>_*.deb` out of `size` (from
+/// `apt-cache show`, when known).
+pub fn download_with_progress(
+    cmd: &mut Command,
+    package: &str,
+    dir: &Path,
+    size: Option<u64>,
+) -> anyhow::Result<()> {
+    let bar = match size {
+        Some(size) => ProgressBar::new(size).with_style(
+            ProgressStyle::with_template(
+                "downloading {msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => spinner(String::new()),
+    }
+    .with_message(package.to_owned());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    let prefix = format!("{package}_");
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let written: u64 = fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        bar.set_position(written);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    bar.finish_and_clear();
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The `Size:` of a package's candidate version, from `apt-cache show`.
+pub fn package_size(mut apt_cache: Command, package: &str) -> Option<u64> {
+    let out = apt_cache.args(["show", "--no-all-versions", package]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| l.strip_prefix("Size: ")?.trim().parse().ok())
 }
 
 #[cfg(test)]

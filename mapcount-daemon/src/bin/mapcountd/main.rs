@@ -1,17 +1,20 @@
 //! `mapcountd`: the command line and its dispatch. The daemon itself is
-//! `run`; `check`, `replay` and `audit` are its subcommands; `settings` merges flags
-//! and the configuration file.
+//! `run`; `check`, `replay`, `audit`, `report` and `top` are its
+//! subcommands; `settings` merges flags and the configuration file.
 
 mod audit;
 mod check;
 mod replay;
 mod run;
+mod scrape;
 mod settings;
+mod top;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mapcount_daemon::{exposition::Scrape, summary};
 use settings::{RunArgs, Settings, parse_at_least_one};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
@@ -43,6 +46,9 @@ enum Command {
     /// Aggregate a record file (written with --record) and print the metrics.
     Replay {
         file: PathBuf,
+        /// Print the short report of `mapcountd report` instead of the metrics.
+        #[arg(long)]
+        report: bool,
         /// Most folios the table tracks, lowered to fit a cgroup memory limit.
         #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20, value_parser = parse_at_least_one)]
         folio_table_size: usize,
@@ -61,6 +67,18 @@ enum Command {
         #[arg(long)]
         kernel: bool,
     },
+    /// What happened to the memory system, in a dozen lines: sharing,
+    /// write faults, statistics, refcount, pages without a mapping.
+    Report {
+        /// The daemon's metrics, over plain HTTP.
+        #[arg(long, default_value = "http://127.0.0.1:9730/metrics")]
+        url: String,
+        /// Read a saved scrape instead (`-`: stdin).
+        #[arg(long, value_name = "PATH", conflicts_with = "url")]
+        file: Option<PathBuf>,
+    },
+    /// A live view of a running daemon in the terminal (q quits).
+    Top(top::TopArgs),
 }
 
 /// Exit status for bad flags or configuration, as clap uses for bad flags.
@@ -103,8 +121,15 @@ fn main() -> ExitCode {
 
     let result = match (command, settings) {
         (Some(Command::Check { btf, load }), _) => check::check(btf, load),
-        (Some(Command::Replay { file, folio_table_size }), _) => replay::replay(&file, folio_table_size),
+        (Some(Command::Replay { file, report, folio_table_size }), _) => {
+            replay::replay(&file, folio_table_size, report)
+        }
         (Some(Command::Audit { url, file, kernel }), _) => audit::audit(&url, file.as_deref(), kernel),
+        (Some(Command::Report { url, file }), _) => scrape::read(&url, file.as_deref()).map(|text| {
+            print!("{}", summary::report(&Scrape::new(text)));
+            ExitCode::SUCCESS
+        }),
+        (Some(Command::Top(args)), _) => top::top(args),
         (None, Some(settings)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -9,11 +9,11 @@ use std::{
 };
 
 use anyhow::Context as _;
-use mapcount_daemon::{aggregate::Aggregator, ingest, metrics::Metrics, record};
+use mapcount_daemon::{aggregate::Aggregator, exposition::Scrape, ingest, metrics::Metrics, record, summary};
 
 use crate::run::folio_table_size_for_host;
 
-pub(crate) fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<ExitCode> {
+pub(crate) fn replay(path: &Path, folio_table_size: usize, report: bool) -> anyhow::Result<ExitCode> {
     let folio_table_size = folio_table_size_for_host(folio_table_size);
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut reader =
@@ -30,7 +30,11 @@ pub(crate) fn replay(path: &Path, folio_table_size: usize) -> anyhow::Result<Exi
         records += 1;
     }
     aggregator.publish_metrics();
-    print!("{}", metrics.render());
+    if report {
+        print!("{}", summary::report(&Scrape::new(metrics.render())));
+    } else {
+        print!("{}", metrics.render());
+    }
     eprintln!("replayed {records} records from {}", path.display());
     Ok(ExitCode::SUCCESS)
 }
