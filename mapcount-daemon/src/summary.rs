@@ -78,7 +78,7 @@ pub fn report(scrape: &Scrape) -> String {
     let (were_shared, went) = folios_that_were_shared(scrape);
     let _ = writeln!(
         out,
-        "  sharing      {} of {} folios that went were mapped by 2+ address spaces at once; now {} of {} live folios are",
+        "  sharing      {} of {} folios that went were mapped by 2+ address spaces at once; now {} of {} live folios are shared",
         count(were_shared),
         count(went),
         count(scrape.sum("mapcount_folios_shared", &[])),
@@ -115,12 +115,11 @@ pub fn report(scrape: &Scrape) -> String {
     let partial = scrape.by("mapcount_folios_ever_partially_mapped_total", &["kind"]);
     let _ = writeln!(
         out,
-        "  statistics   {} large folios were partially mapped ({}); now {} of mapped large folios is in no page table",
+        "  statistics   {} large folios were partially mapped{}; now {} of mapped large folios is in no page table",
         count(partial.values().sum()),
-        if partial.is_empty() {
-            "-".to_owned()
-        } else {
-            breakdown(partial.into_iter().map(|(k, v)| (k.concat(), v)))
+        match breakdown(partial.into_iter().map(|(k, v)| (k.concat(), v))) {
+            kinds if kinds.is_empty() => String::new(),
+            kinds => format!(" ({kinds})"),
         },
         bytes(scrape.sum("mapcount_partially_mapped_unmapped_bytes", &[])),
     );

@@ -193,12 +193,12 @@ elif [ "$MODE" = soak ]; then
     grep -E 'event accounting|events lost' /tmp/mapcountd.log | sed 's/^/mapcountd: /'
 elif [ -f /command ]; then
     # cargo xtask run -- COMMAND: the developer's command in the shared
-    # directory, mounted at the host's path, next to mapcountd.
+    # directory, mounted at the host's path (virtiofs), next to mapcountd.
     tail -f /tmp/mapcountd.log | sed 's/^/mapcountd: /' &
     share=$(cat /share-path)
     mkdir -p "$share"
-    if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 share "$share"; then
-        echo "MAPCOUNT-RUN-FAILED cannot mount the shared directory $share (9p)"
+    if ! mount -t virtiofs share "$share"; then
+        echo "MAPCOUNT-RUN-FAILED cannot mount the shared directory $share (virtiofs)"
     elif [ $ready != 1 ]; then
         echo "MAPCOUNT-RUN-FAILED mapcountd did not start"
     else

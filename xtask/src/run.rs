@@ -4,7 +4,7 @@
 
 use std::{
     io::IsTerminal as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, ExitCode},
     sync::{atomic::AtomicBool, mpsc},
 };
@@ -52,13 +52,13 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
         None => kernels::get(DEFAULT_KERNEL)?,
     };
     let shown = kernel.vmlinuz.display().to_string();
-    preflight(&bin, &kernel, &shown)?;
-
     let share = match (args.share, args.command.is_empty()) {
         (Some(dir), _) => Some(dir.canonicalize().with_context(|| format!("--share {}", dir.display()))?),
         (None, false) => Some(std::env::current_dir()?),
         (None, true) => None,
     };
+    let btf = preflight(&bin, &kernel, &shown)?;
+    drivers_preflight(&kernel, &btf, &shown, share.is_some())?;
     let mut extra = vm::Extra::default();
     if let Some(dir) = &share {
         extra.share = true;
@@ -155,7 +155,7 @@ fn shell_words(words: &[String]) -> String {
 /// What the kernel lacks, said before it boots: BTF, and the fields and
 /// probe points mapcountd reads (`mapcountd check --btf` on the image's
 /// BTF). Missing optional ones are listed; missing core ones stop the run.
-fn preflight(bin: &Path, kernel: &Kernel, shown: &str) -> anyhow::Result<()> {
+fn preflight(bin: &Path, kernel: &Kernel, shown: &str) -> anyhow::Result<PathBuf> {
     let btf = kernels::extract_btf(kernel).with_context(|| format!("{shown}: reading its BTF"))?;
     let output = Command::new(bin.join("mapcountd")).arg("check").arg("--btf").arg(&btf).output()?;
     let text = String::from_utf8_lossy(&output.stdout);
@@ -176,6 +176,34 @@ fn preflight(bin: &Path, kernel: &Kernel, shown: &str) -> anyhow::Result<()> {
             "{shown}: mapcountd cannot work on this kernel: {}{}",
             String::from_utf8_lossy(&output.stderr).trim(),
             if lacking.is_empty() { "" } else { " (core probe points missing, listed above)" }
+        );
+    }
+    Ok(btf)
+}
+
+/// The drivers the VM needs, built in (the kernel's BTF names their
+/// structures) or as modules: virtio_net to reach the host's port, and
+/// virtiofs to share a directory.
+fn drivers_preflight(kernel: &Kernel, btf: &Path, shown: &str, share: bool) -> anyhow::Result<()> {
+    let btf = std::fs::read(btf)?;
+    let built_in = |structure: &str| {
+        let name = format!("\0{structure}\0");
+        btf.windows(name.len()).any(|w| w == name.as_bytes())
+    };
+    let modules = if kernel.modules.as_os_str().is_empty() {
+        Default::default()
+    } else {
+        vm::module_index(&kernel.modules)?
+    };
+    let has = |structure: &str, module: &str| built_in(structure) || modules.contains_key(module);
+    if !has("virtnet_info", "virtio_net") {
+        bail!(
+            "{shown} has no virtio_net (CONFIG_VIRTIO_NET, built in or as a module): the VM could not reach the host"
+        );
+    }
+    if share && !has("virtio_fs", "virtiofs") {
+        bail!(
+            "{shown} has no virtiofs (CONFIG_VIRTIO_FS, built in or as a module): no directory can be shared with the VM"
         );
     }
     Ok(())

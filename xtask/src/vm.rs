@@ -2,7 +2,7 @@
 //! mapcountd and the workload.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     fs,
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
@@ -46,10 +46,15 @@ pub struct Image {
 }
 
 /// Network drivers the demo VM needs to reach the host (with their dependencies).
-const NET_MODULES: &[&str] = &["virtio_net"];
+const NET_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 
-/// The same, and 9p over virtio for a directory shared with the host.
-const SHARE_MODULES: &[&str] = &["virtio_net", "9pnet_virtio", "9p"];
+/// The same, and virtiofs for a directory shared with the host. Debian's
+/// cloud kernels have no 9p; 6.12 and later build virtiofs in.
+const SHARE_MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtiofs"];
+
+/// Drivers some kernels build in (6.12 and later: both); those are
+/// installed only when the package has them.
+const MAYBE_BUILT_IN: &[&str] = &["virtio_pci", "virtiofs"];
 
 const PREAMBLE: &str = include_str!("../guest/preamble.sh");
 
@@ -129,9 +134,17 @@ impl Image {
             Mode::Bench => &["virtio_blk"],
             _ => &[],
         };
-        // A kernel given without modules has its drivers built in.
+        // A kernel given without modules has its drivers built in, and
+        // so may a kernel with modules (`cargo xtask run` checked its BTF
+        // before).
         if !modules.is_empty() && !kernel.modules.as_os_str().is_empty() {
-            let order = install_modules(&kernel.modules, modules, &root.join("modules"))?;
+            let packaged = module_index(&kernel.modules)?;
+            let modules: Vec<&str> = modules
+                .iter()
+                .copied()
+                .filter(|m| !MAYBE_BUILT_IN.contains(m) || packaged.contains_key(*m))
+                .collect();
+            let order = install_modules(&packaged, &modules, &root.join("modules"))?;
             fs::write(root.join("modules.order"), order.join("\n"))?;
         }
 
@@ -176,10 +189,11 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
-/// Decompresses `names` and their dependencies into `dest`; returns the load order.
-fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::Result<Vec<String>> {
-    let mut index = std::collections::HashMap::new();
-    let mut stack = vec![modules_dir.join("kernel")];
+/// Every module file of a kernel's `lib/modules/<release>`, by module name.
+pub fn module_index(modules_dir: &Path) -> anyhow::Result<HashMap<String, PathBuf>> {
+    let mut index = HashMap::new();
+    // A kernel built without modules has an empty directory.
+    let mut stack: Vec<PathBuf> = Some(modules_dir.join("kernel")).filter(|d| d.is_dir()).into_iter().collect();
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir)?.flatten() {
             let p = e.path();
@@ -193,10 +207,19 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
             }
         }
     }
+    Ok(index)
+}
+
+/// Decompresses `names` and their dependencies into `dest`; returns the load order.
+fn install_modules(
+    index: &HashMap<String, PathBuf>,
+    names: &[&str],
+    dest: &Path,
+) -> anyhow::Result<Vec<String>> {
     let mut order = Vec::new();
     fn visit(
         name: &str,
-        index: &std::collections::HashMap<String, PathBuf>,
+        index: &HashMap<String, PathBuf>,
         dest: &Path,
         order: &mut Vec<String>,
     ) -> anyhow::Result<()> {
@@ -225,7 +248,7 @@ fn install_modules(modules_dir: &Path, names: &[&str], dest: &Path) -> anyhow::R
         Ok(())
     }
     for name in names {
-        visit(name, &index, dest, &mut order)?;
+        visit(name, index, dest, &mut order)?;
     }
     Ok(order)
 }
@@ -264,7 +287,7 @@ pub struct Boot<'a> {
     /// kprobe's int3 to a vCPU after another finished patching the text,
     /// which oopses the guest (seen when attaching during a benchmark).
     pub single_threaded: bool,
-    /// A host directory the guest mounts at the same path (9p).
+    /// A host directory the guest mounts at the same path (virtiofs).
     pub share: Option<&'a Path>,
     /// Write the console to this file as it arrives.
     pub console_log: Option<&'a Path>,
@@ -327,12 +350,24 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
             boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()
         ),
     ]);
-    if let Some(share) = boot.share {
-        // security_model=none: the guest's root writes files as the user
-        // who runs qemu, so output comes back owned by the developer.
-        cmd.arg("-virtfs")
-            .arg(format!("local,path={},mount_tag=share,security_model=none,id=share", share.display()));
-    }
+    // virtiofs: qemu hands the guest's memory to virtiofsd, so it must be
+    // a shared memory object of the same size as -m.
+    let _virtiofsd = match boot.share {
+        Some(share) => {
+            let daemon = Virtiofsd::start(share)?;
+            cmd.args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=2048M,share=on",
+                "-numa",
+                "node,memdev=mem",
+            ])
+            .arg("-chardev")
+            .arg(format!("socket,id=share,path={}", daemon.socket.display()))
+            .args(["-device", "vhost-user-fs-pci,chardev=share,tag=share"]);
+            Some(daemon)
+        }
+        None => None,
+    };
     if let Some(disk) = boot.disk {
         cmd.arg("-drive").arg(format!("file={},if=virtio,format=raw", disk.display()));
     }
@@ -419,6 +454,66 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
         progress.finish_and_clear();
     }
     Ok(output)
+}
+
+/// virtiofsd serving a host directory to one VM; stopped when dropped.
+struct Virtiofsd {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl Virtiofsd {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        // The Rust virtiofsd (its own package from Debian 13), or the C one
+        // qemu 7 ships.
+        let (program, rust) = [("/usr/libexec/virtiofsd", true), ("/usr/lib/qemu/virtiofsd", false)]
+            .into_iter()
+            .find(|(path, _)| Path::new(path).exists())
+            .context(
+                "no virtiofsd (Debian's qemu-system-common up to 12, virtiofsd from 13) to share a directory",
+            )?;
+        let socket = cache_dir().join(format!("virtiofsd-{}.sock", std::process::id()));
+        let _ = fs::remove_file(&socket);
+        let mut cmd = Command::new(program);
+        cmd.arg(format!("--socket-path={}", socket.display()));
+        if rust {
+            cmd.arg(format!("--shared-dir={}", dir.display())).args(["--cache=auto", "--sandbox=none"]);
+        } else {
+            cmd.arg("-o").arg(format!("source={}", dir.display())).args([
+                "-o",
+                "cache=auto",
+                "-o",
+                "sandbox=chroot",
+            ]);
+        }
+        let log = fs::File::create(cache_dir().join("virtiofsd.log"))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
+        let mut daemon = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !daemon.socket.exists() {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("{program} ended ({status}); see {}", cache_dir().join("virtiofsd.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("{program} did not create {} in 10 s", daemon.socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.socket);
+    }
 }
 
 /// Whether a line holds something shaped like a kernel address: 16 hex

@@ -59,6 +59,10 @@ pub(crate) fn top(args: TopArgs) -> anyhow::Result<ExitCode> {
 fn show(terminal: &mut DefaultTerminal, args: &TopArgs) -> anyhow::Result<()> {
     let mut view =
         View { url: args.url.clone(), current: None, previous: None, error: None, console: vec![] };
+    // Keys typed before the view appeared (while a build ran) are not for it.
+    while event::poll(Duration::ZERO)? {
+        event::read()?;
+    }
     let mut next_scrape = Instant::now();
     loop {
         if Instant::now() >= next_scrape {
@@ -278,7 +282,7 @@ fn folio_table(now: &Scrape) -> Table<'static> {
         })
         .collect();
     let widths = [
-        Constraint::Length(8),
+        Constraint::Length(10),
         Constraint::Length(6),
         Constraint::Length(12),
         Constraint::Length(12),
