@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 use crate::{
+    checks::Tally,
     kernels::{self, Kernel},
     vm,
     workspace::{build_binaries, cache_dir, run_cmd},
@@ -44,6 +45,14 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
         )?;
         return Ok(ExitCode::SUCCESS);
     }
+    let (status, _) = run_in_vm(&bin, &args, std::io::stdout().is_terminal())?;
+    Ok(ExitCode::from(status))
+}
+
+/// The VM run: the demo or the command, live on a terminal (`mapcountd
+/// top`) or with the console printed. Returns the exit status to give
+/// (the command's) and the console.
+fn run_in_vm(bin: &Path, args: &RunArgs<'_>, live: bool) -> anyhow::Result<(u8, String)> {
     let kernel = match args.kernel {
         Some(path) if path.contains('/') || Path::new(path).is_file() => {
             kernels::from_path(Path::new(path), args.modules)?
@@ -57,7 +66,7 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
         (None, false) => Some(std::env::current_dir()?),
         (None, true) => None,
     };
-    let btf = preflight(&bin, &kernel, &shown)?;
+    let btf = preflight(bin, &kernel, &shown)?;
     drivers_preflight(&kernel, &btf, &shown, share.is_some())?;
     let mut extra = vm::Extra::default();
     if let Some(dir) = &share {
@@ -65,7 +74,7 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
         extra.texts.push(("share-path".into(), dir.display().to_string()));
         extra.texts.push(("command".into(), format!("exec {}\n", shell_words(args.command))));
     }
-    let image = vm::Image::build(&bin, &kernel, vm::Mode::Demo, extra)?;
+    let image = vm::Image::build(bin, &kernel, vm::Mode::Demo, extra)?;
     let url = format!("http://127.0.0.1:{}/metrics", args.port);
     let what = if args.command.is_empty() { "a demo workload".to_owned() } else { shell_words(args.command) };
     println!("running mapcountd in a VM on {shown} with {what}; metrics at {url}");
@@ -73,7 +82,6 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
         println!("{} is shared with the VM at the same path", dir.display());
     }
 
-    let live = std::io::stdout().is_terminal();
     let log = cache_dir().join(format!("run-{}.log", kernel.name));
     let stop = AtomicBool::new(false);
     let (started_tx, started_rx) = mpsc::channel();
@@ -102,7 +110,7 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
             }
             if !ended_on_its_own(&log) {
                 // Quit before the VM ended: what the daemon saw so far.
-                println!("{}", report_from(&bin, &url));
+                println!("{}", report_from(bin, &url));
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -117,19 +125,64 @@ pub fn run(args: RunArgs<'_>) -> anyhow::Result<ExitCode> {
     if live && !report.is_empty() {
         println!("{}", report.join("\n"));
     }
-    match console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-COMMAND-EXIT ")) {
+    let status = match console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-COMMAND-EXIT ")) {
         Some(status) => {
             let status: u8 = status.trim().parse().context("the command's exit status")?;
             println!("{what} exited with status {status}");
-            Ok(ExitCode::from(status))
+            status
         }
-        None if args.command.is_empty() => Ok(ExitCode::SUCCESS),
+        None if args.command.is_empty() => 0,
         // Stopped before the command ended (q in the live view).
         None => {
             println!("{what} did not finish: the VM was stopped");
-            Ok(ExitCode::from(130))
+            130
         }
+    };
+    Ok((status, console))
+}
+
+/// `cargo xtask run -- COMMAND` as a developer uses it, on `kernel`: the
+/// command writes the guest's kernel release into the shared directory
+/// and exits with 7; the file must come back, the status must be run's,
+/// and the report must be there with nothing lost.
+pub fn command_test(bin: &Path, kernel: &str, tally: &mut Tally) -> anyhow::Result<()> {
+    let dir = cache_dir().join("run-test");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let command: Vec<String> =
+        ["sh", "-c", "uname -r > release.txt; exit 7"].iter().map(|w| (*w).to_owned()).collect();
+    // Any free port: the test host may run a mapcountd of its own on 9730.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let args = RunArgs {
+        port,
+        force_vm: true,
+        kernel: Some(kernel),
+        modules: None,
+        share: Some(&dir),
+        command: &command,
+    };
+    let (status, console) = run_in_vm(bin, &args, false)?;
+    let release =
+        console.lines().find_map(|l| l.strip_prefix("MAPCOUNT-KERNEL ")).unwrap_or("-").trim().to_owned();
+    let written = std::fs::read_to_string(dir.join("release.txt")).unwrap_or_default().trim().to_owned();
+    let exactness = console
+        .lines()
+        .filter_map(|l| l.strip_prefix("MAPCOUNT-REPORT "))
+        .find(|l| l.trim_start().starts_with("exactness"))
+        .unwrap_or("");
+    let results = [
+        ("exit_status", "7".to_owned(), status.to_string(), status == 7),
+        ("output_file", release.clone(), written.clone(), !written.is_empty() && written == release),
+        ("report_nothing_lost", "0 lost".to_owned(), exactness.to_owned(), exactness.contains(" 0 lost")),
+    ];
+    for (name, known, reported, passed) in results {
+        println!(
+            "run -- COMMAND on {kernel}: {name}: known {known:?}, reported {reported:?}: {}",
+            if passed { "passed" } else { "FAILED" }
+        );
+        tally.add(passed);
     }
+    Ok(())
 }
 
 /// Whether the VM ended on its own: the command finished and the guest

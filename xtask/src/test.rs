@@ -14,7 +14,7 @@ use crate::{
     install, kernels,
     package::package,
     prometheus::{self, promtool, promtool_check_metrics},
-    selftests,
+    run, selftests,
     soak::{OVERLOAD_SECONDS_IN_TEST, soak},
     vm,
     workspace::{build_binaries, cache_dir, workspace_root},
@@ -199,6 +199,11 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
         soak(&bin, kernel, OVERLOAD_SECONDS_IN_TEST, &mut tally)?;
         let deb = package()?;
         install::test(&deb, kernel, &mut tally)?;
+    }
+    // A developer's command on 6.1, whose virtio and virtiofs drivers are
+    // modules (6.12 and later build them in).
+    if !vm_only && kernels.iter().any(|k| k.name == "6.1") {
+        run::command_test(&bin, "6.1", &mut tally)?;
     }
     // Every VM's final metrics, as the daemon exported them, through promtool's linter.
     if let Ok(promtool) = promtool() {

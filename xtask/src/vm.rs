@@ -193,7 +193,8 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
 pub fn module_index(modules_dir: &Path) -> anyhow::Result<HashMap<String, PathBuf>> {
     let mut index = HashMap::new();
     // A kernel built without modules has an empty directory.
-    let mut stack: Vec<PathBuf> = Some(modules_dir.join("kernel")).filter(|d| d.is_dir()).into_iter().collect();
+    let mut stack: Vec<PathBuf> =
+        Some(modules_dir.join("kernel")).filter(|d| d.is_dir()).into_iter().collect();
     while let Some(dir) = stack.pop() {
         for e in fs::read_dir(&dir)?.flatten() {
             let p = e.path();
