@@ -2,6 +2,10 @@
 //! small server that plays a daemon whose counters grow at known rates,
 //! and the test reads the screen at two moments. The captures go to
 //! `target/tmp/live-view-{1,2}.txt`.
+//!
+//! The test waits for what it reads rather than for a fixed time: on a
+//! loaded machine the first rates may take several seconds to appear, and
+//! the played daemon changes state when the test says so, not on a clock.
 
 #![allow(
     clippy::unwrap_used,
@@ -14,6 +18,10 @@ use std::{
     net::TcpListener,
     path::Path,
     process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread::{self, sleep},
     time::{Duration, Instant},
 };
@@ -21,13 +29,13 @@ use std::{
 /// Copies per second the played daemon counts, and reuses.
 const COPY_RATE: f64 = 500.0;
 const REUSE_RATE: f64 = 120.0;
-/// When the played daemon's second state begins: more shared folios and
-/// lost events.
-const CHANGE_AFTER: Duration = Duration::from_secs(4);
+/// How long the test waits for a screen it expects.
+const PATIENCE: Duration = Duration::from_secs(30);
 
-fn scrape(elapsed: Duration) -> String {
+/// The played daemon's `/metrics` at `elapsed` after it started; `later`
+/// is its second state: more shared folios and lost events.
+fn scrape(elapsed: Duration, later: bool) -> String {
     let t = elapsed.as_secs_f64();
-    let later = elapsed >= CHANGE_AFTER;
     format!(
         "mapcount_kernel_info{{release=\"6.12.99-test\"}} 1\n\
          mapcount_probe_attached{{function=\"folio_add_anon_rmap_ptes\",mode=\"fentry\",probe=\"add_anon\"}} 1\n\
@@ -54,8 +62,9 @@ fn scrape(elapsed: Duration) -> String {
     )
 }
 
-/// Serves the played daemon's `/metrics` until the test ends.
-fn serve() -> u16 {
+/// Serves the played daemon's `/metrics` until the test ends; it is in
+/// its second state once `later` is set.
+fn serve(later: Arc<AtomicBool>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let start = Instant::now();
@@ -64,7 +73,7 @@ fn serve() -> u16 {
             let Ok(mut stream) = stream else { continue };
             let mut request = [0u8; 1024];
             let _ = stream.read(&mut request);
-            let body = scrape(start.elapsed());
+            let body = scrape(start.elapsed(), later.load(Ordering::SeqCst));
             let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         }
     });
@@ -81,17 +90,30 @@ fn tmux(socket: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The number after `label` on the screen (commas removed).
-fn figure_after(screen: &str, label: &str) -> f64 {
-    let rest =
-        &screen[screen.find(label).unwrap_or_else(|| panic!("no {label:?} on the screen:\n{screen}"))
-            + label.len()..];
-    rest.split_whitespace()
-        .next()
-        .unwrap()
-        .replace(',', "")
-        .parse()
-        .unwrap_or_else(|_| panic!("no number after {label:?}:\n{screen}"))
+/// The number after `label` on the screen (commas removed), if there is
+/// one yet: a rate shows `-` until the second scrape.
+fn figure_after(screen: &str, label: &str) -> Option<f64> {
+    let rest = &screen[screen.find(label)? + label.len()..];
+    rest.split_whitespace().next()?.replace(',', "").parse().ok()
+}
+
+/// Captures the screen until `ready` holds of it, or the patience ends
+/// (then the last capture is returned and the assertions say what is
+/// missing).
+fn capture_when(socket: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let screen = tmux(socket, &["capture-pane", "-p"]);
+        if ready(&screen) || Instant::now() >= deadline {
+            return screen;
+        }
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// Both rates are on the screen.
+fn has_rates(screen: &str) -> bool {
+    figure_after(screen, " copy ").is_some() && figure_after(screen, "reuse ").is_some()
 }
 
 /// The rows of the folio table: the words of each line after its header.
@@ -109,7 +131,8 @@ fn table_rows(screen: &str) -> Vec<Vec<&str>> {
 
 #[test]
 fn top_shows_rates_and_the_table_and_quits_on_q() {
-    let port = serve();
+    let later = Arc::new(AtomicBool::new(false));
+    let port = serve(Arc::clone(&later));
     let socket = format!("mapcount-live-view-{}", std::process::id());
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let exit_file = dir.join("live-view-exit.txt");
@@ -122,12 +145,13 @@ fn top_shows_rates_and_the_table_and_quits_on_q() {
     tmux(&socket, &["new-session", "-d", "-x", "110", "-y", "30", &command]);
 
     // Moment one: two scrapes in, before the played daemon changes.
-    sleep(Duration::from_millis(2500));
-    let first = tmux(&socket, &["capture-pane", "-p"]);
+    let first = capture_when(&socket, has_rates);
     std::fs::write(dir.join("live-view-1.txt"), &first).unwrap();
-    // Moment two: the played daemon has lost events and more sharing.
-    sleep(Duration::from_millis(3500));
-    let second = tmux(&socket, &["capture-pane", "-p"]);
+    // Moment two: the played daemon has lost events and more sharing, and
+    // the view has scraped it twice since (rates span the change).
+    later.store(true, Ordering::SeqCst);
+    let changed = capture_when(&socket, |screen| screen.contains("12 in all"));
+    let second = capture_when(&socket, |screen| screen != changed && has_rates(screen));
     std::fs::write(dir.join("live-view-2.txt"), &second).unwrap();
     tmux(&socket, &["send-keys", "q"]);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -139,8 +163,8 @@ fn top_shows_rates_and_the_table_and_quits_on_q() {
     for screen in [&first, &second] {
         assert!(screen.contains("kernel 6.12.99-test"), "{screen}");
         // Rates between two scrapes about a second apart: within 15%.
-        let copy = figure_after(screen, " copy ");
-        let reuse = figure_after(screen, "reuse ");
+        let copy = figure_after(screen, " copy ").unwrap_or_else(|| panic!("no copy rate:\n{screen}"));
+        let reuse = figure_after(screen, "reuse ").unwrap_or_else(|| panic!("no reuse rate:\n{screen}"));
         assert!((copy - COPY_RATE).abs() <= COPY_RATE * 0.15, "copy {copy}/s, played {COPY_RATE}:\n{screen}");
         assert!(
             (reuse - REUSE_RATE).abs() <= REUSE_RATE * 0.15,

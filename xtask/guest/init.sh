@@ -69,6 +69,16 @@ if [ "$MODE" = test ]; then
     mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
     cat /tmp/replay.log
     mapcount-workload compare /tmp/final.prom /tmp/replay.prom
+    # The end-of-run report of a record file says what the live daemon's
+    # says of sharing and write faults (the probes are not recorded).
+    mapcountd report --file /tmp/final.prom >/tmp/live-report.txt 2>&1
+    mapcountd replay --report /tmp/events.rec >/tmp/replay-report.txt 2>/dev/null
+    sed 's/^/MAPCOUNT-REPORT /' /tmp/live-report.txt
+    live=$(grep -E '^  (sharing|write faults) ' /tmp/live-report.txt | cksum | cut -d' ' -f1)
+    replayed=$(grep -E '^  (sharing|write faults) ' /tmp/replay-report.txt | cksum | cut -d' ' -f1)
+    lines=$(grep -cE '^  (sharing|write faults) ' /tmp/replay-report.txt)
+    if [ "$lines" = 2 ] && [ "$live" = "$replayed" ]; then result=PASS; else result=FAIL; fi
+    echo "MAPCOUNT-CHECK report/replay_matches_live known=$live reported=$replayed accepted=equal $result"
     # SIGINT takes the same way out as SIGTERM.
     mapcountd --web.listen-address=127.0.0.1:9731 --attach.mode=$attach >/tmp/mapcountd-int.log 2>&1 &
     second=$!
