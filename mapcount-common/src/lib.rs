@@ -340,6 +340,67 @@ pub mod counter {
     pub const COUNT: u32 = 5;
 }
 
+/// Exact totals the kernel side counts for every rmap call and write fault
+/// it sees, per CPU and before it asks the ring buffer for room, so they
+/// stay exact when the ring buffer overflows. The daemon reads them at
+/// scrape time. One [`Totals`] value per CPU (a single map entry, so one
+/// lookup reads them all); the slot functions give the index in it.
+pub mod totals {
+    /// rmap operations, page-table levels and write-fault outcomes as
+    /// their enums number them from 1; slot 0 of a kind is "not known" (a
+    /// write fault on the zero page has no folio).
+    pub const OPS: usize = 3;
+    pub const LEVELS: usize = 3;
+    pub const KINDS: usize = 6;
+    /// Orders 0..=18: up to a PUD-sized folio on x86-64. A larger order
+    /// (none exists there) would be counted at 18.
+    pub const ORDERS: usize = 19;
+    pub const OUTCOMES: usize = 6;
+    const RMAP: usize = OPS * LEVELS * KINDS * ORDERS;
+    const WRITE_FAULTS: usize = OUTCOMES * KINDS * ORDERS;
+    /// Slots in one CPU's [`Totals`]: rmap calls, rmap pages, write faults.
+    pub const COUNT: usize = 2 * RMAP + WRITE_FAULTS;
+
+    /// One CPU's totals (21,888 bytes, under the kernel's 32 KiB limit
+    /// for a per-CPU value).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct Totals {
+        pub slots: [u64; COUNT],
+    }
+
+    #[inline(always)]
+    const fn clamp(value: u8, slots: usize) -> usize {
+        let value = value as usize;
+        if value < slots { value } else { slots - 1 }
+    }
+
+    /// Calls of `op` (a [`crate::RmapOp`] byte) at `level` on folios of
+    /// `kind` and `order`.
+    #[inline(always)]
+    pub const fn rmap_calls(op: u8, level: u8, kind: u8, order: u8) -> usize {
+        ((clamp(op.wrapping_sub(1), OPS) * LEVELS + clamp(level.wrapping_sub(1), LEVELS)) * KINDS
+            + clamp(kind, KINDS))
+            * ORDERS
+            + clamp(order, ORDERS)
+    }
+
+    /// Pages those calls mapped or unmapped.
+    #[inline(always)]
+    pub const fn rmap_pages(op: u8, level: u8, kind: u8, order: u8) -> usize {
+        RMAP + rmap_calls(op, level, kind, order)
+    }
+
+    /// Write faults with `outcome` (a [`crate::WriteFaultOutcome`] byte) on
+    /// a folio of `kind` and `order` (kind 0: no folio, order 0).
+    #[inline(always)]
+    pub const fn write_faults(outcome: u8, kind: u8, order: u8) -> usize {
+        2 * RMAP
+            + (clamp(outcome.wrapping_sub(1), OUTCOMES) * KINDS + clamp(kind, KINDS)) * ORDERS
+            + clamp(order, ORDERS)
+    }
+}
+
 /// Field offsets and bit numbers of the running kernel, resolved from its BTF
 /// by the daemon and written into the object's read-only data before load.
 /// Offsets are in bytes; [`OFFSET_ABSENT`] marks a field this kernel lacks.
@@ -819,10 +880,38 @@ mod pod {
     unsafe impl aya::Pod for super::TeardownEvent {}
     unsafe impl aya::Pod for super::ScanRefusalEvent {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::totals::Totals {}
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_total_has_its_own_slot() {
+        use super::totals::*;
+        let mut seen = [false; COUNT];
+        let mut mark = |slot: usize| {
+            assert!(slot < COUNT && !seen[slot], "slot {slot} out of range or taken twice");
+            seen[slot] = true;
+        };
+        for kind in 0..KINDS as u8 {
+            for order in 0..ORDERS as u8 {
+                for op in 1..=OPS as u8 {
+                    for level in 1..=LEVELS as u8 {
+                        mark(rmap_calls(op, level, kind, order));
+                        mark(rmap_pages(op, level, kind, order));
+                    }
+                }
+                for outcome in 1..=OUTCOMES as u8 {
+                    mark(write_faults(outcome, kind, order));
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "every slot is used");
+        assert!(size_of::<Totals>() <= 32 * 1024, "a per-CPU value is at most 32 KiB");
+        // An order past the last slot is counted there, not elsewhere.
+        assert_eq!(rmap_calls(1, 1, 1, 40), rmap_calls(1, 1, 1, ORDERS as u8 - 1));
+    }
+
     #[cfg(feature = "user")]
     #[test]
     fn folio_rows_read_back_as_written() {

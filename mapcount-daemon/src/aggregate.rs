@@ -29,7 +29,7 @@ const ORDER_LABELS: [&str; 32] = [
     "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31",
 ];
 
-fn order_label(order: u8) -> &'static str {
+pub(crate) fn order_label(order: u8) -> &'static str {
     ORDER_LABELS.get(order as usize).copied().unwrap_or("other")
 }
 

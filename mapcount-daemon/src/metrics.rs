@@ -383,6 +383,111 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The kernel side's exact totals (`mapcount_common::totals`), read at
+    /// scrape time: `read` returns every slot summed over the CPUs.
+    pub fn register_exact_totals(
+        &self,
+        read: impl Fn() -> Vec<u64> + Send + Sync + 'static,
+    ) -> prometheus::Result<()> {
+        self.registry.register(Box::new(ExactTotals::new(read)?))
+    }
+}
+
+/// The exact totals as three counter families, one series per slot that
+/// counted something.
+struct ExactTotals<F> {
+    descs: Vec<Desc>,
+    read: F,
+}
+
+const EXACT_RMAP_LABELS: [&str; 4] = ["op", "level", "kind", "order"];
+const EXACT_FAULT_LABELS: [&str; 3] = ["outcome", "kind", "order"];
+const EXACT_TOTALS: [(&str, &str); 3] = [
+    (
+        "mapcount_exact_rmap_calls_total",
+        "rmap calls as mapcount_rmap_calls_total, counted in the kernel before the ring buffer: exact when events are lost.",
+    ),
+    (
+        "mapcount_exact_rmap_pages_total",
+        "Pages of those calls as mapcount_rmap_pages_total, counted in the kernel: exact when events are lost.",
+    ),
+    (
+        "mapcount_exact_cow_faults_total",
+        "Write faults as mapcount_cow_faults_total, counted in the kernel: exact when events are lost.",
+    ),
+];
+
+impl<F: Fn() -> Vec<u64> + Send + Sync> ExactTotals<F> {
+    fn new(read: F) -> prometheus::Result<Self> {
+        let descs = EXACT_TOTALS
+            .iter()
+            .zip([&EXACT_RMAP_LABELS[..], &EXACT_RMAP_LABELS[..], &EXACT_FAULT_LABELS[..]])
+            .map(|((name, help), labels)| {
+                let labels = labels.iter().map(|l| (*l).to_owned()).collect();
+                Desc::new((*name).to_owned(), (*help).to_owned(), labels, Default::default())
+            })
+            .collect::<prometheus::Result<_>>()?;
+        Ok(Self { descs, read })
+    }
+}
+
+impl<F: Fn() -> Vec<u64> + Send + Sync> Collector for ExactTotals<F> {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    #[expect(clippy::expect_used, reason = "the descriptions were valid when registered")]
+    fn collect(&self) -> Vec<MetricFamily> {
+        use mapcount_common::{FolioKind, Level, RmapOp, WriteFaultOutcome, totals};
+
+        use crate::aggregate::order_label;
+        let family = |(name, help): (&str, &str), labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let [calls_help, pages_help, faults_help] = EXACT_TOTALS;
+        let (calls, pages) = (family(calls_help, &EXACT_RMAP_LABELS), family(pages_help, &EXACT_RMAP_LABELS));
+        let faults = family(faults_help, &EXACT_FAULT_LABELS);
+        let kind_label = |kind: u8| FolioKind::try_from(kind).map_or("none", FolioKind::label);
+        let sum = (self.read)();
+        let at = |slot: usize| sum.get(slot).copied().unwrap_or(0);
+        for kind in 0..totals::KINDS as u8 {
+            for order in 0..totals::ORDERS as u8 {
+                for op in [RmapOp::Add, RmapOp::AddNew, RmapOp::Remove] {
+                    for level in [Level::Pte, Level::Pmd, Level::Pud] {
+                        let (op, level) = (op as u8, level as u8);
+                        let count = at(totals::rmap_calls(op, level, kind, order));
+                        if count == 0 {
+                            continue;
+                        }
+                        let labels = [
+                            RmapOp::try_from(op).map_or("other", RmapOp::label),
+                            Level::try_from(level).map_or("other", Level::label),
+                            kind_label(kind),
+                            order_label(order),
+                        ];
+                        calls.with_label_values(&labels).inc_by(count);
+                        pages
+                            .with_label_values(&labels)
+                            .inc_by(at(totals::rmap_pages(op, level, kind, order)));
+                    }
+                }
+                for outcome in 1..=totals::OUTCOMES as u8 {
+                    let count = at(totals::write_faults(outcome, kind, order));
+                    if count > 0 {
+                        let outcome =
+                            WriteFaultOutcome::try_from(outcome).map_or("other", WriteFaultOutcome::label);
+                        faults
+                            .with_label_values(&[outcome, kind_label(kind), order_label(order)])
+                            .inc_by(count);
+                    }
+                }
+            }
+        }
+        [calls, pages, faults].iter().flat_map(Collector::collect).collect()
+    }
+}
+
 /// The [`VMSTAT_COUNTERS`] from `/proc/vmstat`; 0 for a counter this
 /// kernel lacks. mapcountd's own anonymous pages are taken out, as the
 /// kernel side leaves its address space out of the table (its heap grows

@@ -1,6 +1,6 @@
 //! The eBPF object in the kernel: loaded with this kernel's layout, the
 //! wake-up setting and the daemon's own identity, and the maps the daemon
-//! reads from it (the per-CPU counters and the event ring buffer).
+//! reads from it (the per-CPU counters and totals, the event ring buffer).
 //! Attaching its programs is `probes`; draining the ring buffer, `ingest`.
 
 use std::{io, sync::Mutex};
@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
 };
-use mapcount_common::KernelLayout;
+use mapcount_common::{KernelLayout, totals::Totals};
 use tokio::io::unix::AsyncFd;
 
 use crate::config::Wakeup;
@@ -107,6 +107,32 @@ impl KernelCounters {
 
     pub fn sum(&self, slot: u32) -> u64 {
         self.per_cpu(slot).iter().sum()
+    }
+}
+
+/// The kernel side's exact totals of rmap calls, pages and write faults
+/// (`mapcount_common::totals`), per CPU.
+pub struct KernelTotals {
+    map: Mutex<PerCpuArray<MapData, Totals>>,
+}
+
+impl KernelTotals {
+    pub fn from_object(ebpf: &mut Ebpf) -> Result<Self, ObjectError> {
+        let map = ebpf.take_map("TOTALS").ok_or(ObjectError::MissingMap("TOTALS"))?;
+        let map = PerCpuArray::try_from(map).map_err(|error| ObjectError::Map { name: "TOTALS", error })?;
+        Ok(Self { map: Mutex::new(map) })
+    }
+
+    /// Every slot summed over the CPUs: one map lookup.
+    pub fn sum(&self) -> Vec<u64> {
+        let map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sum = vec![0u64; mapcount_common::totals::COUNT];
+        if let Ok(per_cpu) = map.get(&0, 0) {
+            for cpu in per_cpu.iter() {
+                sum.iter_mut().zip(cpu.slots).for_each(|(total, value)| *total += value);
+            }
+        }
+        sum
     }
 }
 

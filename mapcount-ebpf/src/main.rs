@@ -27,7 +27,7 @@ use aya_log_ebpf::warn;
 use mapcount_common::{
     Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT,
     RmapOp, SOURCE_NAME_LEN, ScanRefusalEvent, SourceEvent, TeardownEvent, WriteFaultOutcome, counter,
-    event_flags, fork_copy, shared_hint, vm_flags, vma_class,
+    event_flags, fork_copy, shared_hint, totals, vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -100,6 +100,39 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 /// Records produced and lost, per CPU, by `counter` slot.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Exact totals of rmap calls, pages and write faults, per CPU, counted
+/// before a record is asked for (see `mapcount_common::totals`).
+#[map]
+static TOTALS: PerCpuArray<totals::Totals> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds `n` to this CPU's total at `slot`.
+#[inline(always)]
+fn add_to_total(slot: usize, n: u64) {
+    if let Some(totals) = TOTALS.get_ptr_mut(0)
+        // SAFETY: this CPU's own value; programs do not migrate while they
+        // run, so there is no other writer.
+        && let Some(total) = unsafe { (*totals).slots.get_mut(slot) }
+    {
+        *total += n;
+    }
+}
+
+/// Counts an rmap call in the exact totals.
+#[inline(always)]
+fn total_rmap(op: RmapOp, level: Level, event: &Event, nr_pages: u32) {
+    let (op, level) = (op as u8, level as u8);
+    add_to_total(totals::rmap_calls(op, level, event.kind, event.order), 1);
+    add_to_total(totals::rmap_pages(op, level, event.kind, event.order), nr_pages as u64);
+}
+
+/// Counts a write fault in the exact totals; without a known folio kind,
+/// at order 0, as the daemon counts its record.
+#[inline(always)]
+fn total_write_fault(event: &Event) {
+    let order = if event.kind == 0 { 0 } else { event.order };
+    add_to_total(totals::write_faults(event.outcome, event.kind, order), 1);
+}
 
 /// One open `do_wp_page` call per task: what happened between entry and return.
 #[repr(C)]
@@ -566,12 +599,13 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
         return;
     }
     note_in_fault_window(op, folio);
-    let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
+    total_rmap(op, level, &event, nr_pages);
+    let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
 
@@ -583,13 +617,14 @@ fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
     if left_out(&facts) {
         return;
     }
-    let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     let folio = folio_of_page(page, &mut snapshot);
     note_in_fault_window(op, folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
+    total_rmap(op, level, &event, nr_pages);
+    let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
 
@@ -753,7 +788,6 @@ fn new_anon_return(folio: u64, vma: u64) {
     if left_out(&facts) {
         return;
     }
-    let Some(entry) = reserve::<Event>() else { return };
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
@@ -765,6 +799,8 @@ fn new_anon_return(folio: u64, vma: u64) {
     } else {
         (Level::Pte, 1u32 << (event.order & 31))
     };
+    total_rmap(RmapOp::AddNew, level, &event, nr_pages);
+    let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, RmapOp::AddNew, level, nr_pages);
 }
 
@@ -911,7 +947,6 @@ fn write_fault_return() {
         WriteFaultOutcome::Other
     };
 
-    let Some(entry) = reserve::<Event>() else { return };
     let returned_ns = now();
     let mut event = if page != 0 {
         let mut snapshot = Snapshot::EMPTY;
@@ -925,6 +960,8 @@ fn write_fault_return() {
     event.mm = window.mm;
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (pid_tgid >> 32) as u32;
+    total_write_fault(&event);
+    let Some(entry) = reserve::<Event>() else { return };
     entry.submit(event);
 }
 
@@ -1056,10 +1093,9 @@ fn pmd_write_fault_return(ret: u64) {
     } else {
         WriteFaultOutcome::Reuse
     };
-    let Some(entry) = reserve::<Event>() else { return };
     let returned_ns = now();
     let anon_thp = outcome == WriteFaultOutcome::Reuse || outcome == WriteFaultOutcome::Unshare;
-    entry.submit(Event {
+    let event = Event {
         event_type: EventType::WriteFault as u8,
         outcome: outcome as u8,
         level: Level::Pmd as u8,
@@ -1073,7 +1109,10 @@ fn pmd_write_fault_return(ret: u64) {
         duration_ns: returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32,
         tgid: (pid_tgid >> 32) as u32,
         ..Event::ZERO
-    });
+    };
+    total_write_fault(&event);
+    let Some(entry) = reserve::<Event>() else { return };
+    entry.submit(event);
 }
 
 entry_probe!(pmd_write_fault_entry_kprobe, pmd_write_fault_entry_fentry, |a| write_fault_entry(a.raw(0)));
@@ -1182,7 +1221,6 @@ fn fault_window_return(ret: u64) {
     } else {
         WriteFaultOutcome::Other
     };
-    let Some(entry) = reserve::<Event>() else { return };
     let returned_ns = now();
     let mut event = if window.folio != 0 {
         let mut snapshot = Snapshot::EMPTY;
@@ -1196,6 +1234,8 @@ fn fault_window_return(ret: u64) {
     event.mm = window.mm;
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (pid_tgid >> 32) as u32;
+    total_write_fault(&event);
+    let Some(entry) = reserve::<Event>() else { return };
     entry.submit(event);
 }
 

@@ -16,6 +16,7 @@ mod bench;
 mod check;
 mod checker;
 mod demo;
+mod exact;
 mod kernel;
 mod memory;
 mod metrics;
@@ -84,6 +85,9 @@ enum Command {
         #[arg(long, default_value = "/tmp/redis.log")]
         log: String,
     },
+    /// THPs mapped and copied during a storm that overflows the ring
+    /// buffer: the exact totals against the kernel's page maps.
+    ExactTotals,
     /// Compare the live daemon's final metrics with its replay's.
     Compare { live: String, replayed: String },
 }
@@ -114,5 +118,13 @@ fn main() -> ExitCode {
         Command::TimeReady { command } => bench::time_ready(&metrics, &command),
         Command::Redis { port, keys, log } => redis::redis(&metrics, port, &log, keys),
         Command::Compare { live, replayed } => bench::compare(&live, &replayed),
+        Command::ExactTotals => match exact::exact_totals(&metrics) {
+            Ok(checker) if checker.failed == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(e) => {
+                println!("MAPCOUNT-CHECK exact/scenario_ran known=0 reported=1 accepted=0..=0 FAIL ({e:#})");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -197,6 +197,9 @@ elif [ "$MODE" = soak ]; then
         entries=$(grep '^mapcount_folio_table_entries' /tmp/scrape | awk '{print $2}')
         echo "MAPCOUNT-SOAK t=$((now - start)) rss_kb=$rss scrape_ok=$((ok == 0)) events=$events lost=$lost entries=$entries"
     done
+    # The exact totals against the kernel's page maps while another storm
+    # overflows the ring buffer.
+    mapcount-workload exact-totals --metrics 127.0.0.1:9730/metrics
     kill -TERM $daemon
     wait $daemon
     echo "MAPCOUNT-DAEMON-EXIT $?"

@@ -61,6 +61,22 @@ pub fn soak(bin: &Path, kernel: &kernels::Kernel, seconds: u64, tally: &mut Tall
         settled > 0 && peak * 10 <= settled * 11,
         format!("{settled} kB after warm-up, {peak} kB at most"),
     );
+    // THPs mapped and copied while the ring buffer overflows: the kernel
+    // side's exact totals against the kernel's page maps.
+    if let Some(line) = output.lines().find(|l| l.starts_with("MAPCOUNT-EXACT ")) {
+        println!("  {line}");
+    }
+    let exact: Vec<_> =
+        vm::parse_checks(&output).into_iter().filter(|c| c.name.starts_with("exact/")).collect();
+    check(tally, "overload/exact_totals_ran", !exact.is_empty(), format!("{} checks", exact.len()));
+    for c in exact {
+        check(
+            tally,
+            &c.name,
+            c.passed,
+            format!("known {}, reported {}, accepted {}", c.known, c.reported, c.accepted),
+        );
+    }
     let accounting = vm::Accounting::parse(&output);
     let balance = accounting.check("overload/balanced_per_cpu");
     check(tally, "overload/balanced_per_cpu", balance.passed, balance.reported);

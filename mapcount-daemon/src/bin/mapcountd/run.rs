@@ -134,6 +134,8 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     let counters = Arc::new(object::KernelCounters::from_object(&mut ebpf)?);
     let for_scrape = Arc::clone(&counters);
     metrics.register_read_at_scrape(move |slot| for_scrape.sum(slot))?;
+    let totals = object::KernelTotals::from_object(&mut ebpf)?;
+    metrics.register_exact_totals(move || totals.sum())?;
     let mut events = object::event_ring(&mut ebpf)?;
 
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), args.folio_table_size);
