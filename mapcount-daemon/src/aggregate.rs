@@ -275,6 +275,7 @@ impl Aggregator {
                     refcount: raw.refcount,
                     shared_hint: raw.shared_hint,
                     own_mm: raw.flags & event_flags::OWN_MM != 0,
+                    timestamp_ns: raw.timestamp_ns,
                 });
                 if let Some((own, kernel)) = applied.disagreement {
                     m.disagreements.with_label_values(&[kind.label()]).inc();

@@ -26,6 +26,12 @@ use crate::{
 /// Consecutive events of a folio whose counts must differ from the
 /// kernel's before that is a disagreement (see `FolioTable::apply`).
 const CONFIRM_AFTER: u8 = 3;
+/// And for how long, from the first differing event, for a folio whose
+/// every mapping the table saw: a batched rmap call updates the kernel's
+/// count only after it has walked its pages, and a vCPU (or a task in a
+/// VM) stalled in that walk lets several events of other CPUs overtake it
+/// (children splitting a shared THP at once).
+const CONFIRM_AFTER_NS: u64 = 1_000_000_000;
 
 /// Address spaces tracked per folio; beyond this a folio's further
 /// mappings are counted in `unknown` (bounded memory per folio, and
@@ -343,6 +349,8 @@ pub struct RmapCall {
     /// The calling task uses `mm` itself (`event_flags::OWN_MM`); not so
     /// when fork maps a page into the child.
     pub own_mm: bool,
+    /// When the kernel side read the folio (`Event::timestamp_ns`).
+    pub timestamp_ns: u64,
 }
 
 /// Index of a folio's entry in `FolioTable::slots`.
@@ -379,6 +387,9 @@ pub struct FolioTable {
     /// whose every mapping the table saw being made, until the table has
     /// to correct itself (then the history the bit depends on is lost).
     mm_ids: HashMap<u64, MmIdSlots>,
+    /// Folios whose count differs from the kernel's now, by folio address:
+    /// when the first differing event of the current run was read.
+    differing_since: HashMap<u64, u64>,
 }
 
 fn hash(folio: u64) -> u64 {
@@ -400,6 +411,7 @@ impl FolioTable {
             mm_tgid: HashMap::default(),
             forking: HashSet::default(),
             mm_ids: HashMap::default(),
+            differing_since: HashMap::default(),
         }
     }
 
@@ -539,6 +551,9 @@ impl FolioTable {
         if state.order > 0 {
             self.mm_ids.remove(&state.folio);
         }
+        if state.differing_events > 0 {
+            self.differing_since.remove(&state.folio);
+        }
         if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
             entry.remove();
         }
@@ -612,6 +627,7 @@ impl FolioTable {
         found
     }
 
+    #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     pub fn apply(&mut self, call: &RmapCall) -> Applied {
         let mut applied = Applied::default();
         if call.own_mm {
@@ -663,7 +679,7 @@ impl FolioTable {
         // A simulation exists only while the folio is large as the table
         // knows it (it is dropped when the order changes).
         let mut sim = if self.state(slot).order > 0 { self.mm_ids.remove(&call.folio) } else { None };
-        let state = self.state(slot);
+        let state = self.slots[slot as usize].as_mut().expect("indexed slots hold a folio");
         if known.is_some()
             && let Some(kernel) = call.kernel_mapcount
         {
@@ -672,13 +688,20 @@ impl FolioTable {
             // lets other tasks' changes overtake it. Such differences come
             // and go within an event or two. A missed mapping (or a phantom)
             // stays: only a difference seen at CONFIRM_AFTER consecutive
-            // events counts.
+            // events counts, and for a folio whose every mapping the table
+            // saw, one that lasted CONFIRM_AFTER_NS.
             let own = state.mapcount();
             if own == kernel {
+                if state.differing_events > 0 {
+                    self.differing_since.remove(&call.folio);
+                }
                 state.differing_events = 0;
             } else {
-                state.differing_events += 1;
-                if state.differing_events >= CONFIRM_AFTER {
+                state.differing_events = state.differing_events.saturating_add(1);
+                let since = *self.differing_since.entry(call.folio).or_insert(call.timestamp_ns);
+                let lasted = !state.complete || call.timestamp_ns.saturating_sub(since) >= CONFIRM_AFTER_NS;
+                if state.differing_events >= CONFIRM_AFTER && lasted {
+                    self.differing_since.remove(&call.folio);
                     if state.complete {
                         applied.disagreement = Some((own, kernel));
                     } else {
@@ -1106,7 +1129,18 @@ mod tests {
             refcount: 1,
             shared_hint: 0,
             own_mm: true,
+            timestamp_ns: next_timestamp(),
         }
+    }
+
+    /// Events a second apart: differences the table must confirm last
+    /// longer than `CONFIRM_AFTER_NS` by their third event.
+    fn next_timestamp() -> u64 {
+        thread_local!(static NOW: std::cell::Cell<u64> = const { std::cell::Cell::new(0) });
+        NOW.with(|now| {
+            now.set(now.get() + 1_000_000_000);
+            now.get()
+        })
     }
 
     /// A THP mapped by one PMD, forked three times: four sharers, and the
@@ -1506,6 +1540,35 @@ mod tests {
         assert_eq!(applied.disagreement, Some((3, 4)));
         let applied = table.apply(&call(1, 100, 1000, RmapOp::Remove, Level::Pte, 1, Some(5)));
         assert_eq!(applied.disagreement, None);
+    }
+
+    /// Children splitting a shared THP at once: one CPU's batched call
+    /// has read the kernel's count and not yet added its 512 pages while
+    /// three events of other CPUs pass. Within a millisecond that is a
+    /// race, not a disagreement; a difference that lasts is one.
+    #[test]
+    fn a_difference_must_last_to_be_a_disagreement() {
+        let mut table = FolioTable::new(16);
+        let at = |call: RmapCall, ms: u64| RmapCall { timestamp_ns: ms * 1_000_000, ..call };
+        table.apply(&at(call(1, 100, THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)), 0));
+        table.fork(100, 200, THP, 2 * THP, true);
+        // 200 splits its PMD: 512 PTEs added (the kernel's count lags by
+        // 512 until that call has walked its pages)...
+        let split = table.apply(&at(call(1, 200, THP, RmapOp::Add, Level::Pte, 512, Some(2)), 10));
+        assert_eq!(split.disagreement, None);
+        // ...while another address space maps and unmaps a page of it three
+        // times, reading the lagging count at each event.
+        for ms in [11, 12, 13] {
+            let lagging = table.apply(&at(call(1, 300, THP, RmapOp::Add, Level::Pte, 1, Some(2)), ms));
+            assert_eq!(lagging.disagreement, None, "a race at {ms} ms");
+            let lagging = table.apply(&at(call(1, 300, THP, RmapOp::Remove, Level::Pte, 1, Some(3)), ms));
+            assert_eq!(lagging.disagreement, None, "a race at {ms} ms");
+        }
+        assert_eq!(table.folio(1).mapcount(), 514);
+        // The call has landed: the counts agree again, nothing was adopted.
+        let agreed = table.apply(&at(call(1, 100, THP, RmapOp::Add, Level::Pte, 1, Some(514)), 14));
+        assert_eq!(agreed.disagreement, None);
+        assert_eq!(table.folio(1).mapcount(), 515);
     }
 
     /// Two CPUs unmapping one folio: the events arrive in the opposite
