@@ -478,6 +478,8 @@ pub enum ProbesError {
     MissingProgram(&'static str),
     #[error("program {program} failed to load: {}", error_chain(error))]
     Load { program: &'static str, error: ProgramError },
+    #[error("a thread loading programs panicked")]
+    LoadThread,
 }
 
 fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
@@ -512,13 +514,18 @@ fn kprobe_programs() -> Vec<&'static str> {
 /// load already names the target function.
 pub fn load_kprobes(ebpf: &mut Ebpf) -> Result<usize, ProbesError> {
     let names = kprobe_programs();
-    for &name in &names {
-        let program = kprobe(ebpf, name)?;
-        if program.fd().is_err() {
-            program.load().map_err(|error| ProbesError::Load { program: name, error })?;
-        }
-    }
+    load_in_parallel(ebpf, &names)?;
     Ok(names.len())
+}
+
+/// A kprobe program, loaded if it was not yet. A verifier refusal is an
+/// error of the object, not of this kernel's functions: it stops start-up.
+fn loaded_kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, ProbesError> {
+    let program = kprobe(ebpf, name)?;
+    if program.fd().is_err() {
+        program.load().map_err(|error| ProbesError::Load { program: name, error })?;
+    }
+    Ok(program)
 }
 
 /// Attaches every probe whose function exists; never fails because one is missing.
@@ -529,12 +536,16 @@ pub fn attach_all(
     mode: AttachMode,
     whole_fault_windows: bool,
 ) -> Result<Vec<ProbeReport>, ProbesError> {
-    if mode != AttachMode::Fentry {
-        load_kprobes(ebpf)?;
-    }
+    // Each load runs the verifier, which takes most of start-up. kprobe
+    // programs are loaded when first needed (in auto mode, where fentry
+    // attaches, never), or all at once on every CPU once it is known that
+    // they will be: in kprobe mode, or where this kernel refuses fentry.
+    let wanted = |spec: &ProbeSpec| spec.when != When::WholeFaultWindows || whole_fault_windows;
+    let mut fentry_refused = mode == AttachMode::Kprobe;
+    let mut kprobes_loaded = false;
     let mut reports = Vec::with_capacity(PROBES.len());
-    for spec in PROBES {
-        if spec.when == When::WholeFaultWindows && !whole_fault_windows {
+    for (index, spec) in PROBES.iter().enumerate() {
+        if !wanted(spec) {
             reports.push(ProbeReport { spec, status: ProbeStatus::NotWanted });
             continue;
         }
@@ -547,9 +558,28 @@ pub fn attach_all(
                 AttachMode::Kprobe => &[AttachMode::Kprobe],
             };
             for &try_mode in modes {
+                if try_mode == AttachMode::Fentry && fentry_refused {
+                    continue;
+                }
+                if try_mode == AttachMode::Kprobe && fentry_refused && !kprobes_loaded {
+                    // This probe and those after it.
+                    let needed: Vec<&'static str> = PROBES[index..]
+                        .iter()
+                        .filter(|spec| wanted(spec))
+                        .flat_map(|spec| spec.candidates)
+                        .filter(|c| symbols.find(c.function).is_some())
+                        .map(|c| c.kprobe)
+                        .collect();
+                    load_in_parallel(ebpf, &needed)?;
+                    kprobes_loaded = true;
+                }
                 let result = match try_mode {
-                    AttachMode::Fentry => attach_fentry(ebpf, candidate, btf),
-                    _ => kprobe(ebpf, candidate.kprobe)?
+                    AttachMode::Fentry => {
+                        let result = attach_fentry(ebpf, candidate, btf);
+                        fentry_refused = result.as_ref().is_err_and(refused_everywhere);
+                        result
+                    }
+                    _ => loaded_kprobe(ebpf, candidate.kprobe)?
                         .attach(&function, 0)
                         .map(drop)
                         .map_err(AttachError::Kprobe),
@@ -571,6 +601,49 @@ pub fn attach_all(
         reports.push(ProbeReport { spec, status });
     }
     Ok(reports)
+}
+
+/// Whether an fentry failure says the kernel takes no fentry program at
+/// all (no BTF, no trampolines: EPERM, EOPNOTSUPP, ENOTSUPP), rather than
+/// not on this function.
+fn refused_everywhere(error: &AttachError) -> bool {
+    const ENOTSUPP: i32 = 524;
+    match error {
+        AttachError::NoBtf => true,
+        AttachError::Fentry(error) => {
+            matches!(os_error(error), Some(libc::EPERM | libc::EOPNOTSUPP | ENOTSUPP))
+        }
+        _ => false,
+    }
+}
+
+/// Loads the named kprobe programs not loaded yet, spread over the CPUs:
+/// the verifier runs in the loading thread.
+fn load_in_parallel(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<(), ProbesError> {
+    let mut programs: Vec<(&'static str, &mut KProbe)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| {
+            let name = *names.iter().find(|n| **n == name)?;
+            let program: &mut KProbe = program.try_into().ok()?;
+            program.fd().is_err().then_some((name, program))
+        })
+        .collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    let per_thread = programs.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = programs
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    for (name, program) in chunk {
+                        program.load().map_err(|error| ProbesError::Load { program: name, error })?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        loads.into_iter().try_for_each(|load| load.join().unwrap_or(Err(ProbesError::LoadThread)))
+    })
 }
 
 /// fentry/fexit need the function's BTF id (functions renamed by the

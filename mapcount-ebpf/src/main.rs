@@ -518,13 +518,18 @@ fn folio_base(vma: &VmaFacts, index: u64, order: u8) -> u64 {
 
 /// The running task's mm and thread group id. `bpf_get_current_task_btf`
 /// returns a pointer the verifier knows to be a task (read-only data gives
-/// the offsets as constants), so the fields are plain loads, not helper calls.
+/// the offsets as constants), so `tgid` is a plain load, not a helper call.
+/// `mm` is read with a helper all the same: a plain load of a pointer field
+/// makes the verifier search the kernel's BTF by name for that field's
+/// trust annotations (`btf_nested_type_is_trusted`), a linear search on
+/// older kernels, repeated on every path to every such load, which cost
+/// start-up more than the helper costs at run time.
 #[inline(always)]
 fn current_mm_and_tgid() -> (u64, u32) {
     let task = unsafe { bpf_get_current_task_btf() } as u64;
     let mm = match layout!(task_mm) {
         OFFSET_ABSENT => 0,
-        offset => unsafe { core::ptr::read_volatile((task + offset as u64) as *const u64) },
+        offset => unsafe { bpf_probe_read_kernel((task + offset as u64) as *const u64) }.unwrap_or(0),
     };
     let tgid = match layout!(task_tgid) {
         OFFSET_ABSENT => (bpf_get_current_pid_tgid() >> 32) as u32,
