@@ -45,6 +45,9 @@ probes=$(sed -n 's/.*attached probe="\([a-z_]*\)" function="\([a-z_.0-9]*\)".*/\
         case $probe in *_return) echo "kretprobe:$function" ;; *) echo "kprobe:$function" ;; esac
     done | sort -u | tr '\n' ',' | sed 's/,$//')
 echo "MAPCOUNT-BENCH-PROBES $probes"
+# The same functions as fentry/fexit programs, for like-for-like with
+# mapcountd's fentry mode.
+fentry_probes=$(echo "$probes" | sed 's/kretprobe:/fexit:/g; s/kprobe:/fentry:/g')
 tracer() {
     case $1 in
         none) ;;
@@ -58,9 +61,10 @@ tracer() {
         mapcountd-fentry-every-record)
             mapcountd --attach.mode=fentry --ringbuf.wakeup=every-record --log.level=warn >/tmp/tracer.log 2>&1 &
             tracer_pid=$!; ready ;;
-        bpftrace-empty|bpftrace-count)
-            if [ $1 = bpftrace-empty ]; then action='{ }'; else action='{ @calls[probe] = count(); }'; fi
-            bpftrace -e "$probes $action" >/tmp/tracer.log 2>&1 &
+        bpftrace-*)
+            case $1 in *-empty) action='{ }' ;; *) action='{ @calls[probe] = count(); }' ;; esac
+            case $1 in bpftrace-fentry-*) on=$fentry_probes ;; *) on=$probes ;; esac
+            bpftrace -e "$on $action" >/tmp/tracer.log 2>&1 &
             tracer_pid=$!
             for _ in $(seq 1 600); do grep -q Attaching /tmp/tracer.log && break; sleep 0.1; done
             sleep 1 ;;
@@ -68,7 +72,8 @@ tracer() {
 }
 # Kernel-side cost: the same loops under each tracer, five rounds.
 for round in 1 2 3 4 5; do
-    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record bpftrace-empty bpftrace-count; do
+    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record \
+        bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
         tracer_pid=""
         pause=""
         tracer $t
