@@ -46,8 +46,8 @@ probes=$(sed -n 's/.*attached probe="\([a-z_]*\)" function="\([a-z_.0-9]*\)".*/\
     done | sort -u | tr '\n' ',' | sed 's/,$//')
 echo "MAPCOUNT-BENCH-PROBES $probes"
 # The same functions as fentry/fexit programs, for like-for-like with
-# mapcountd's fentry mode.
-fentry_probes=$(echo "$probes" | sed 's/kretprobe:/fexit:/g; s/kprobe:/fentry:/g')
+# mapcountd's fentry mode (kfunc/kretfunc: the names bpftrace 0.17 knows).
+fentry_probes=$(echo "$probes" | sed 's/kretprobe:/kretfunc:/g; s/kprobe:/kfunc:/g')
 tracer() {
     case $1 in
         none) ;;
@@ -66,7 +66,16 @@ tracer() {
             case $1 in bpftrace-fentry-*) on=$fentry_probes ;; *) on=$probes ;; esac
             bpftrace -e "$on $action" >/tmp/tracer.log 2>&1 &
             tracer_pid=$!
-            for _ in $(seq 1 600); do grep -q Attaching /tmp/tracer.log && break; sleep 0.1; done
+            for _ in $(seq 1 600); do
+                grep -q Attaching /tmp/tracer.log && break
+                # Refused: say why (the report lists it) and time nothing.
+                if ! alive $tracer_pid; then
+                    sed "s/^/tracer $1: /" /tmp/tracer.log | head -5
+                    tracer_pid=""
+                    return 1
+                fi
+                sleep 0.1
+            done
             sleep 1 ;;
     esac
 }
@@ -76,7 +85,7 @@ for round in 1 2 3 4 5; do
         bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
         tracer_pid=""
         pause=""
-        tracer $t
+        tracer $t || continue
         mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
         if [ -n "$tracer_pid" ]; then
             finish $tracer_pid INT
