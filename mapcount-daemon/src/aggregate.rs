@@ -353,7 +353,10 @@ impl Aggregator {
                 self.handles.fork_vmas[usize::from(!copies)].inc();
                 if copies {
                     let copy_huge = fork.copy & fork_copy::HUGE_ENTRIES != 0;
-                    self.table.fork(fork.src_mm, fork.dst_mm, fork.start, fork.end, copy_huge);
+                    let started = std::time::Instant::now();
+                    let copied = self.table.fork(fork.src_mm, fork.dst_mm, fork.start, fork.end, copy_huge);
+                    m.fork_copy_seconds.observe(started.elapsed().as_secs_f64());
+                    m.fork_folios_copied.inc_by(copied as u64);
                 }
             }
             Decoded::Move(moved) => {

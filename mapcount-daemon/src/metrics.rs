@@ -20,6 +20,10 @@ pub struct Metrics {
     pub copy_reasons: IntCounterVec,
     pub write_fault_duration: Histogram,
     pub forks: IntCounter,
+    /// The table's own work at fork: folios copied (from the events), and
+    /// the time it took (this daemon's own; a replay measures its own).
+    pub fork_folios_copied: IntCounter,
+    pub fork_copy_seconds: Histogram,
     pub fork_vmas: IntCounterVec,
     pub nomapping_pages: IntCounterVec,
     // Folio table.
@@ -103,6 +107,14 @@ impl Metrics {
             .buckets(must(prometheus::exponential_buckets(1e-6, 4.0, 10))),
         ));
         must(registry.register(Box::new(write_fault_duration.clone())));
+        let fork_copy_seconds = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "mapcount_fork_copy_seconds",
+                "Time mapcountd spent copying a VMA's folio mappings into a child at fork (its own cost, not the kernel's).",
+            )
+            .buckets(must(prometheus::exponential_buckets(1e-6, 4.0, 12))),
+        ));
+        must(registry.register(Box::new(fork_copy_seconds.clone())));
         let single = |c: IntCounter| {
             must(registry.register(Box::new(c.clone())));
             c
@@ -146,9 +158,14 @@ impl Metrics {
                 &["reason"],
             ),
             write_fault_duration,
+            fork_copy_seconds,
             forks: single(must(IntCounter::new(
                 "mapcount_forks_total",
                 "Fork VMA copies seen (copy_page_range calls); one fork copies every VMA.",
+            ))),
+            fork_folios_copied: single(must(IntCounter::new(
+                "mapcount_fork_folios_copied_total",
+                "Folios whose mappings the table copied into a child at fork: the work a fork costs mapcountd.",
             ))),
             fork_vmas: counter(
                 "mapcount_fork_vmas_total",

@@ -115,6 +115,68 @@ pub(crate) fn rate(events_per_second: u64, seconds: u64) {
     }
 }
 
+/// A process with `mib` MiB of small pages forks while another faults
+/// pages in and out at full speed: the events lost meanwhile (the daemon
+/// copies every folio's mappings into the child while the faulting
+/// process's records pile up in the ring buffer) and the daemon's own
+/// time on that copy. Prints `MAPCOUNT-FORK-BIG`.
+pub(crate) fn fork_big(metrics: &MetricsSource, mib: usize) -> anyhow::Result<()> {
+    let pages = mib * (1 << 20) / PAGE;
+    let p = map_anon(pages, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+    write_each_page(p, pages, 1);
+    let figure = |scrape: &Scrape| {
+        [
+            scrape.sum("mapcount_events_lost_total", &[]),
+            scrape.sum("mapcount_fork_folios_copied_total", &[]),
+            scrape.sum("mapcount_fork_copy_seconds_sum", &[]),
+            scrape.sum("mapcount_events_total", &[]),
+        ]
+    };
+    let before = figure(&metrics.settled_scrape()?);
+    // SAFETY: the faulting child maps, touches, unmaps until killed.
+    let faulting = match unsafe { libc::fork() } {
+        0 => loop {
+            let q = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+            write_each_page(q, 64, 1);
+            unmap(q, 64);
+        },
+        pid => pid,
+    };
+    sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    // SAFETY: the child only waits to be killed.
+    let child = match unsafe { libc::fork() } {
+        0 => loop {
+            unsafe { libc::pause() };
+        },
+        pid => pid,
+    };
+    let fork_ns = started.elapsed().as_nanos();
+    // The daemon has copied the child's mappings once it has taken the
+    // records of the second after the fork.
+    sleep(Duration::from_secs(1));
+    // SAFETY: our own children.
+    unsafe {
+        libc::kill(faulting, libc::SIGKILL);
+        libc::waitpid(faulting, ptr::null_mut(), 0);
+    }
+    let after = figure(&metrics.settled_scrape()?);
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, ptr::null_mut(), 0);
+    }
+    unmap(p, pages);
+    println!(
+        "MAPCOUNT-FORK-BIG mib={mib} pages={pages} fork_ms={:.1} folios_copied={} daemon_copy_ms={:.1} events={} lost={}",
+        fork_ns as f64 / 1e6,
+        after[1] - before[1],
+        (after[2] - before[2]) * 1000.0,
+        after[3] - before[3],
+        after[0] - before[0],
+    );
+    Ok(())
+}
+
 /// Runs `command` and prints the milliseconds from exec to the first
 /// successful GET of `/-/ready` at the metrics address; leaves it running.
 pub(crate) fn time_ready(metrics: &MetricsSource, command: &[String]) -> ExitCode {
@@ -163,6 +225,7 @@ pub(crate) fn compare(live: &str, replayed: &str) -> ExitCode {
         "mapcount_rmap_calls_left_out_total",
         "mapcount_kernel_vmstat",
         "mapcount_exact_",
+        "mapcount_fork_copy_seconds",
     ];
     // Cgroups are named from /proc at scrape time, which a replay cannot
     // do: per-cgroup series are compared as totals over cgroups.

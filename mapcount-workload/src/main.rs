@@ -85,6 +85,12 @@ enum Command {
         #[arg(long, default_value = "/tmp/redis.log")]
         log: String,
     },
+    /// A process of MIB MiB of small pages forks while another faults:
+    /// events lost meanwhile and the daemon's time on the copy.
+    ForkBig {
+        #[arg(long, default_value_t = 1024)]
+        mib: usize,
+    },
     /// THPs mapped and copied during a storm that overflows the ring
     /// buffer: the exact totals against the kernel's page maps.
     ExactTotals,
@@ -118,6 +124,13 @@ fn main() -> ExitCode {
         Command::TimeReady { command } => bench::time_ready(&metrics, &command),
         Command::Redis { port, keys, log } => redis::redis(&metrics, port, &log, keys),
         Command::Compare { live, replayed } => bench::compare(&live, &replayed),
+        Command::ForkBig { mib } => match bench::fork_big(&metrics, mib) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                println!("MAPCOUNT-FORK-BIG failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ExactTotals => match exact::exact_totals(&metrics) {
             Ok(checker) if checker.failed == 0 => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,

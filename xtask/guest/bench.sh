@@ -93,6 +93,13 @@ for round in 1 2 3 4 5; do
         fi
     done
 done
+# A 1 GiB process forks while another faults at full speed, against a
+# fresh daemon with the default ring buffer.
+mapcountd --log.level=warn >/tmp/fork-big.log 2>&1 &
+d=$!
+ready
+mapcount-workload fork-big --metrics 127.0.0.1:9730/metrics --mib 1024
+stop $d
 # Lossless rate: a fresh daemon per rate, per-CPU accounting at its exit;
 # with the default ring buffer, then with a 64 KiB one that overflows.
 for ring in 8388608 65536; do
