@@ -121,6 +121,26 @@ pub(crate) fn rate(events_per_second: u64, seconds: u64) {
 /// process's records pile up in the ring buffer) and the daemon's own
 /// time on that copy. Prints `MAPCOUNT-FORK-BIG`.
 pub(crate) fn fork_big(metrics: &MetricsSource, mib: usize) -> anyhow::Result<()> {
+    // The faulting process first (forked after the big mapping, it would
+    // be a second fork of it); it starts when its pipe closes.
+    let mut go = [0; 2];
+    // SAFETY: a pipe, and a child that reads it, then maps, touches and
+    // unmaps until killed.
+    unsafe { libc::pipe(go.as_mut_ptr()) };
+    let faulting = match unsafe { libc::fork() } {
+        0 => {
+            unsafe { libc::close(go[1]) };
+            let mut byte = [0u8; 1];
+            unsafe { libc::read(go[0], byte.as_mut_ptr().cast(), 1) };
+            loop {
+                let q = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
+                write_each_page(q, 64, 1);
+                unmap(q, 64);
+            }
+        }
+        pid => pid,
+    };
+    unsafe { libc::close(go[0]) };
     let pages = mib * (1 << 20) / PAGE;
     let p = map_anon(pages, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
     write_each_page(p, pages, 1);
@@ -132,17 +152,12 @@ pub(crate) fn fork_big(metrics: &MetricsSource, mib: usize) -> anyhow::Result<()
             scrape.sum("mapcount_events_total", &[]),
         ]
     };
-    let before = figure(&metrics.settled_scrape()?);
-    // SAFETY: the faulting child maps, touches, unmaps until killed.
-    let faulting = match unsafe { libc::fork() } {
-        0 => loop {
-            let q = map_anon(64, libc::MAP_PRIVATE, libc::PROT_READ | libc::PROT_WRITE);
-            write_each_page(q, 64, 1);
-            unmap(q, 64);
-        },
-        pid => pid,
-    };
+    // The daemon has taken the big mapping's records; then the faulting
+    // process starts, and a second later the fork.
+    metrics.settled_scrape()?;
+    unsafe { libc::close(go[1]) };
     sleep(Duration::from_secs(1));
+    let before = figure(&metrics.scrape()?);
     let started = Instant::now();
     // SAFETY: the child only waits to be killed.
     let child = match unsafe { libc::fork() } {
@@ -160,6 +175,7 @@ pub(crate) fn fork_big(metrics: &MetricsSource, mib: usize) -> anyhow::Result<()
         libc::kill(faulting, libc::SIGKILL);
         libc::waitpid(faulting, ptr::null_mut(), 0);
     }
+    sleep(Duration::from_secs(1));
     let after = figure(&metrics.settled_scrape()?);
     unsafe {
         libc::kill(child, libc::SIGKILL);
