@@ -92,11 +92,19 @@ pub struct KernelCounters {
     map: Mutex<PerCpuArray<MapData, u64>>,
 }
 
+/// A per-CPU array of the object, taken out of it for the daemon to read.
+fn take_per_cpu_array<T: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Mutex<PerCpuArray<MapData, T>>, ObjectError> {
+    let map = ebpf.take_map(name).ok_or(ObjectError::MissingMap(name))?;
+    let map = PerCpuArray::try_from(map).map_err(|error| ObjectError::Map { name, error })?;
+    Ok(Mutex::new(map))
+}
+
 impl KernelCounters {
     pub fn from_object(ebpf: &mut Ebpf) -> Result<Self, ObjectError> {
-        let map = ebpf.take_map("COUNTERS").ok_or(ObjectError::MissingMap("COUNTERS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|error| ObjectError::Map { name: "COUNTERS", error })?;
-        Ok(Self { map: Mutex::new(map) })
+        Ok(Self { map: take_per_cpu_array(ebpf, "COUNTERS")? })
     }
 
     /// One value per possible CPU for a `counter` slot.
@@ -118,9 +126,7 @@ pub struct KernelTotals {
 
 impl KernelTotals {
     pub fn from_object(ebpf: &mut Ebpf) -> Result<Self, ObjectError> {
-        let map = ebpf.take_map("TOTALS").ok_or(ObjectError::MissingMap("TOTALS"))?;
-        let map = PerCpuArray::try_from(map).map_err(|error| ObjectError::Map { name: "TOTALS", error })?;
-        Ok(Self { map: Mutex::new(map) })
+        Ok(Self { map: take_per_cpu_array(ebpf, "TOTALS")? })
     }
 
     /// Every slot summed over the CPUs: one map lookup.
