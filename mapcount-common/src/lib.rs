@@ -528,6 +528,36 @@ impl KernelLayout {
 
 /// Values of [`KernelLayout::khugepaged_stopped_at`]: what tracepoint
 /// `mm_khugepaged_scan_pmd` passes as its second argument.
+/// Which small folios are tracked once the daemon's table is over its
+/// memory budget (`--folio-table.memory`): a deterministic sample by a hash
+/// of the folio's address. A folio's `struct page` sits at `vmemmap + pfn *
+/// sizeof(struct page)` for as long as the kernel runs, so this is a hash of
+/// its page frame: every event of a sampled folio passes, none of the
+/// others', on the kernel side and in the daemon alike.
+///
+/// At `shift` s a folio is sampled when s bits of its hash are zero: one in
+/// 2^s. The bits at s + 1 include those at s, so raising the shift only
+/// drops folios: a folio never enters the sample halfway through its life
+/// (whose earlier mappings would be missing) and none is counted twice.
+/// Large folios are always tracked: there are few of them, and they are
+/// what the sharing questions are about.
+pub mod sampling {
+    /// One small folio in 2^20 is the sparsest sample.
+    pub const MAX_SHIFT: u32 = 20;
+
+    /// Whether a folio's events are tracked at `shift` (0: all of them).
+    #[inline(always)]
+    pub fn sampled(folio: u64, order: u8, shift: u32) -> bool {
+        if order > 0 || shift == 0 {
+            return true;
+        }
+        // Fibonacci hashing: the product's bits from 32 up depend on all of
+        // the address's low bits, where folios differ.
+        let hash = folio.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        hash & ((1u64 << (shift & 31)) - 1) == 0
+    }
+}
+
 pub mod khugepaged_arg {
     /// A `struct page *` (6.1-7.0), of the folio the scan stopped at.
     pub const PAGE: u32 = 0;
@@ -885,6 +915,39 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn samples_are_nested_and_of_the_stated_rate() {
+        use super::sampling::sampled;
+        // Folio addresses as the kernel has them: struct pages of 64 bytes.
+        let folios = || (0..1u64 << 20).map(|pfn| 0xffff_ea00_0000_0000 + pfn * 64);
+        for shift in 1..=8 {
+            let mut kept = 0u64;
+            for folio in folios() {
+                if sampled(folio, 0, shift) {
+                    kept += 1;
+                    assert!(sampled(folio, 0, shift - 1), "a sampled folio left at a lower shift");
+                }
+                assert!(sampled(folio, 9, shift), "large folios are always tracked");
+            }
+            let expected = (1u64 << 20) >> shift;
+            // Within 3 standard deviations of a binomial draw.
+            let sigma = libm_sqrt(expected as f64);
+            assert!(
+                (kept as f64 - expected as f64).abs() < 3.0 * sigma + 1.0,
+                "shift {shift}: {kept} of {expected}"
+            );
+        }
+    }
+
+    /// no_std: Newton's method is enough for a test's bound.
+    fn libm_sqrt(x: f64) -> f64 {
+        let mut r = x.max(1.0);
+        for _ in 0..64 {
+            r = 0.5 * (r + x / r);
+        }
+        r
+    }
+
     #[test]
     fn every_total_has_its_own_slot() {
         use super::totals::*;

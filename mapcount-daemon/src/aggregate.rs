@@ -7,7 +7,10 @@ use mapcount_common::{
     Event, FIELD_ABSENT, FolioKind, FolioRow, Level, PSS_SHIFT, RmapOp, SmapsFigures, WriteFaultOutcome,
     event_flags, fork_copy, shared_hint, vma_class,
 };
-use prometheus::local::{LocalHistogram, LocalIntCounter};
+use prometheus::{
+    IntGaugeVec,
+    local::{LocalHistogram, LocalIntCounter},
+};
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
@@ -182,6 +185,47 @@ impl Handles {
     }
 }
 
+const PAGE_BYTES: i64 = 4096;
+
+/// How the table's small folios stand for all of them: one in `scale`.
+#[derive(Clone, Copy)]
+struct Sample {
+    scale: i64,
+}
+
+impl Sample {
+    const EXACT: Sample = Sample { scale: 1 };
+
+    fn of(shift: u32) -> Self {
+        Sample { scale: 1 << shift }
+    }
+
+    fn label(self) -> &'static str {
+        if self.scale == 1 { "exact" } else { "scaled" }
+    }
+
+    /// The bound of `sampled * scale` (each folio adding at most `unit`), or
+    /// none for an exact count: see `metrics::ERROR_HELP`. The count of
+    /// folios in the sample is binomial, with variance n p (1 - p), n
+    /// estimated from the sample as (sampled + 1) / p.
+    fn error(self, sampled: i64, unit: i64) -> Option<i64> {
+        if self.scale == 1 {
+            return None;
+        }
+        let p = 1.0 / self.scale as f64;
+        let sigma = ((sampled + 1) as f64 * (1.0 - p)).sqrt() / p;
+        Some((3.0 * sigma * unit as f64).ceil() as i64)
+    }
+
+    /// Sets a gauge to `sampled` scaled up, and its bound.
+    fn publish(self, gauge: &IntGaugeVec, error: &IntGaugeVec, labels: &[&str; 3], sampled: i64, unit: i64) {
+        gauge.with_label_values(labels).set(sampled * self.scale);
+        if let Some(bound) = self.error(sampled, unit) {
+            error.with_label_values(&labels[..2]).set(bound);
+        }
+    }
+}
+
 pub struct Aggregator {
     metrics: Arc<Metrics>,
     handles: Handles,
@@ -237,6 +281,11 @@ impl Aggregator {
 
     pub fn table(&self) -> &FolioTable {
         &self.table
+    }
+
+    /// Entries the table holds before it samples small folios.
+    pub fn set_table_budget(&mut self, entries: usize) {
+        self.table.set_budget(entries);
     }
 
     pub fn apply(&mut self, event: &Decoded) {
@@ -302,6 +351,18 @@ impl Aggregator {
                 }
                 if applied.evicted {
                     m.table_evictions.inc();
+                }
+                if applied.sampled_out {
+                    m.events_sampled_out.inc();
+                }
+                if let Some(dropped) = applied.sample_tightened.filter(|&dropped| dropped > 0) {
+                    m.sample_drops.inc_by(dropped as u64);
+                    tracing::info!(
+                        entries = self.table.len(),
+                        dropped,
+                        one_small_folio_in = 1u64 << self.table.sample_shift(),
+                        "folio table at its memory budget: small folios sampled"
+                    );
                 }
                 if let Some(agrees) = applied.shared_bit_agrees {
                     m.shared_bit_checks.with_label_values(&[if agrees { "agree" } else { "differ" }]).inc();
@@ -448,9 +509,16 @@ impl Aggregator {
             &m.refcount_max,
             &m.maybe_shared_verdicts,
             &m.maybe_shared_false_positive_bytes,
+            &m.folios_error,
+            &m.shared_error,
+            &m.maybe_shared_bit_error,
+            &m.table_vmstat,
+            &m.table_vmstat_error,
         ] {
             g.reset();
         }
+        let sample = Sample::of(self.table.sample_shift());
+        m.sampling_ratio.set(1.0 / sample.scale as f64);
         // Count per (kind, order) first: one gauge update per label set, not per folio.
         #[derive(Clone, Copy, Default)]
         struct Counts {
@@ -462,8 +530,10 @@ impl Aggregator {
         }
         let mut counts = [[Counts::default(); ORDERS]; KINDS];
         let mut worst: Option<(i32, usize)> = None;
-        // In the order of VMSTAT_COUNTERS.
+        // In the order of VMSTAT_COUNTERS; the small folios' share apart,
+        // to be scaled.
         let mut vmstat = [0i64; 5];
+        let mut vmstat_small = [0i64; 2];
         // For the maybe-shared audit, gathered in the same walk of the table.
         let mut audited = Vec::new();
         // What smaps reports, per address space: [exact, estimate].
@@ -474,9 +544,14 @@ impl Aggregator {
                 audited.push(f);
             }
             let pages = f.pages_mapped() as i64;
-            match f.kind {
-                FolioKind::Anon | FolioKind::Ksm => vmstat[0] += pages,
-                FolioKind::File | FolioKind::Shmem | FolioKind::NoMapping => vmstat[1] += pages,
+            let counter = match f.kind {
+                FolioKind::Anon | FolioKind::Ksm => 0,
+                FolioKind::File | FolioKind::Shmem | FolioKind::NoMapping => 1,
+            };
+            if f.order == 0 {
+                vmstat_small[counter] += pages;
+            } else {
+                vmstat[counter] += pages;
             }
             if f.pmd_mapped() {
                 match f.kind {
@@ -499,14 +574,23 @@ impl Aggregator {
         for kind in ALL_KINDS {
             for (order, c) in counts[kind as usize].iter().enumerate().filter(|(_, c)| c.folios > 0) {
                 let labels = [kind.label(), order_label(order as u8)];
-                m.folios.with_label_values(&labels).set(c.folios);
+                // Small folios are the sampled ones; large folios are all here.
+                let sample = if order == 0 { sample } else { Sample::EXACT };
+                let with_value = [labels[0], labels[1], sample.label()];
+                sample.publish(&m.folios, &m.folios_error, &with_value, c.folios, 1);
                 m.partially_mapped.with_label_values(&labels).set(c.partial);
                 if c.unmapped_pages > 0 {
                     m.unmapped_bytes.with_label_values(&labels).set(c.unmapped_pages * 4096);
                 }
-                m.shared.with_label_values(&labels).set(c.shared);
+                sample.publish(&m.shared, &m.shared_error, &with_value, c.shared, 1);
                 if c.maybe_shared > 0 {
-                    m.maybe_shared_bit.with_label_values(&labels).set(c.maybe_shared);
+                    sample.publish(
+                        &m.maybe_shared_bit,
+                        &m.maybe_shared_bit_error,
+                        &with_value,
+                        c.maybe_shared,
+                        1,
+                    );
                 }
             }
         }
@@ -529,20 +613,28 @@ impl Aggregator {
         m.headroom_vmas.set(vmas_left);
         m.table_entries.set(self.table.len() as i64);
         self.publish_maybe_shared(&audited);
-        self.publish_cgroups(per_mm);
-        for (counter, value) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat) {
-            m.table_vmstat.with_label_values(&[counter]).set(value);
+        self.publish_cgroups(per_mm, sample);
+        for (i, (counter, value)) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat).enumerate() {
+            // The PMD counters are of large folios only.
+            let small = vmstat_small.get(i).copied().unwrap_or(0);
+            let sample = if small > 0 { sample } else { Sample::EXACT };
+            let labels = [*counter, sample.label()];
+            m.table_vmstat.with_label_values(&labels).set(value + small * sample.scale);
+            if let Some(error) = sample.error(small, 1) {
+                m.table_vmstat_error.with_label_values(&[counter]).set(error);
+            }
         }
     }
 
     /// `mapcount_cgroup_memory_bytes`: the address spaces' figures summed
     /// per cgroup; the [`CGROUPS_SHOWN`] that map most by name, the rest
     /// as "other".
-    fn publish_cgroups(&self, per_mm: smaps::ByAddressSpace) {
+    fn publish_cgroups(&self, per_mm: smaps::ByAddressSpace, sample: Sample) {
         let mut names = self.cgroups.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut per_cgroup: HashMap<Arc<str>, [SmapsFigures; 2]> = HashMap::default();
+        // Exact and estimated figures, and the small pages sampled in them.
+        let mut per_cgroup: HashMap<Arc<str>, ([SmapsFigures; 2], u64)> = HashMap::default();
         let mut seen = rustc_hash::FxHashSet::default();
-        for (mm, exact, estimate) in per_mm.into_figures() {
+        for (mm, exact, estimate, small_pages) in per_mm.into_figures(sample.scale as u64) {
             let name = match self.table.tgid_of(mm) {
                 Some(tgid) => {
                     seen.insert(tgid);
@@ -550,23 +642,27 @@ impl Aggregator {
                 }
                 None => Arc::from(cgroups::UNKNOWN),
             };
-            let sums = per_cgroup.entry(name).or_default();
+            let (sums, sampled) = per_cgroup.entry(name).or_default();
             sums[0].add(&exact);
             sums[1].add(&estimate);
+            *sampled += small_pages;
         }
         names.retain(|tgid| seen.contains(&tgid));
         let mut ranked: Vec<_> = per_cgroup.into_iter().collect();
-        ranked.sort_by(|a, b| b.1[0].rss_bytes.cmp(&a.1[0].rss_bytes).then_with(|| a.0.cmp(&b.0)));
-        let mut other = [SmapsFigures::default(); 2];
-        for (_, sums) in ranked.iter().skip(CGROUPS_SHOWN) {
-            other[0].add(&sums[0]);
-            other[1].add(&sums[1]);
+        ranked.sort_by(|a, b| b.1.0[0].rss_bytes.cmp(&a.1.0[0].rss_bytes).then_with(|| a.0.cmp(&b.0)));
+        let mut other = ([SmapsFigures::default(); 2], 0);
+        for (_, (sums, sampled)) in ranked.iter().skip(CGROUPS_SHOWN) {
+            other.0[0].add(&sums[0]);
+            other.0[1].add(&sums[1]);
+            other.1 += sampled;
         }
         let shown = ranked.iter().take(CGROUPS_SHOWN).map(|(name, sums)| (&**name, sums));
-        let m = &self.metrics.cgroup_memory;
+        let (m, errors) = (&self.metrics.cgroup_memory, &self.metrics.cgroup_memory_error);
         m.reset();
+        errors.reset();
         let other_row = (ranked.len() > CGROUPS_SHOWN).then_some(("other", &other));
-        for (cgroup, sums) in shown.chain(other_row) {
+        for (cgroup, (sums, sampled)) in shown.chain(other_row) {
+            let sample = if *sampled > 0 { sample } else { Sample::EXACT };
             for (model, figures) in ["exact", "no_page_mapcount"].into_iter().zip(sums) {
                 let rows = [
                     ("rss", figures.rss_bytes),
@@ -576,7 +672,13 @@ impl Aggregator {
                     ("undetermined", figures.undetermined_bytes),
                 ];
                 for (figure, value) in rows {
-                    m.with_label_values(&[cgroup, figure, model]).set(value as i64);
+                    // Undetermined bytes are of large folios only.
+                    let sample = if figure == "undetermined" { Sample::EXACT } else { sample };
+                    m.with_label_values(&[cgroup, figure, model, sample.label()]).set(value as i64);
+                    // A small folio adds at most a page to each figure.
+                    if let Some(error) = sample.error(*sampled as i64, PAGE_BYTES) {
+                        errors.with_label_values(&[cgroup, figure, model]).set(error);
+                    }
                 }
             }
         }
@@ -730,6 +832,54 @@ mod tests {
             ..Event::ZERO
         };
         decode(&encode(&event)).unwrap()
+    }
+
+    /// 200,000 small folios, a third of them shared with a child, in a
+    /// table with room for 5,000: the small folios' gauges are scaled, say
+    /// so, and hold the truth within their stated bound; the large folios'
+    /// stay exact.
+    #[test]
+    fn sampled_gauges_are_scaled_within_their_bound() {
+        let metrics = Arc::new(Metrics::new());
+        let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
+        aggregator.set_table_budget(5000);
+        let apply = |aggregator: &mut Aggregator, op, level, order, folio: u64, mm, base, nr, mapcount| {
+            let event = Event {
+                mapcount,
+                refcount: 2,
+                ..Event::rmap(op, level, FolioKind::Anon, order, folio, mm, base, nr)
+            };
+            aggregator.apply(&decode(&encode(&event)).unwrap());
+        };
+        for i in 0..100u64 {
+            apply(&mut aggregator, RmapOp::AddNew, Level::Pmd, 9, (1 << 40) | (i << 15), 1, i << 21, 512, 0);
+        }
+        let (small, shared) = (200_000u64, 66_667u64);
+        for i in 0..small {
+            let (folio, base) = (0xffff_ea00_0000_0000 + i * 64, 0x7f00_0000_0000 + i * 4096);
+            apply(&mut aggregator, RmapOp::AddNew, Level::Pte, 0, folio, 1, base, 1, 0);
+            if i % 3 == 0 {
+                apply(&mut aggregator, RmapOp::Add, Level::Pte, 0, folio, 2, base, 1, 0);
+            }
+        }
+        aggregator.publish_metrics();
+        let shift = aggregator.table().sample_shift();
+        assert!(shift >= 5, "shift {shift}");
+        assert_eq!(metrics.sampling_ratio.get(), 1.0 / f64::from(1u32 << shift));
+        let within = |gauge: &IntGaugeVec, error: &IntGaugeVec, truth: u64| {
+            let value = gauge.with_label_values(&["anon", "0", "scaled"]).get();
+            let bound = error.with_label_values(&["anon", "0"]).get();
+            assert!(bound > 0 && (value - truth as i64).abs() <= bound, "{value} ± {bound}, truth {truth}");
+            // An honest bound, not a wide one: under a fifth of the truth.
+            assert!(bound < truth as i64 / 5, "{bound} for {truth}");
+        };
+        within(&metrics.folios, &metrics.folios_error, small);
+        within(&metrics.shared, &metrics.shared_error, shared);
+        assert_eq!(metrics.folios.with_label_values(&["anon", "9", "exact"]).get(), 100);
+        let text = metrics.render();
+        assert!(!text.contains(r#"mapcount_folios{kind="anon",order="0",value="exact"}"#));
+        assert!(text.contains(r#"mapcount_table_vmstat{counter="nr_anon_pages",value="scaled"}"#), "{text}");
+        assert!(!text.contains(r#"mapcount_folios_error{kind="anon",order="9"}"#));
     }
 
     #[test]
@@ -916,7 +1066,7 @@ mod tests {
             sink.ingest(&mut aggregator, bytes).unwrap();
         }
         aggregator.publish_metrics();
-        assert_eq!(metrics.shared.with_label_values(&["anon", "9"]).get(), 1);
+        assert_eq!(metrics.shared.with_label_values(&["anon", "9", "exact"]).get(), 1);
         assert_eq!(metrics.forks.get(), 3);
 
         // Children exit, then the parent unmaps: the kernel's counts agree.
@@ -925,7 +1075,7 @@ mod tests {
         }
         aggregator.publish_metrics();
         assert_eq!(metrics.disagreements.with_label_values(&["anon"]).get(), 0);
-        assert_eq!(metrics.folios.with_label_values(&["anon", "9"]).get(), 0);
+        assert_eq!(metrics.folios.with_label_values(&["anon", "9", "exact"]).get(), 0);
         assert_eq!(metrics.sharers.with_label_values(&["anon"]).get_sample_count(), 1);
         assert_eq!(metrics.sharers.with_label_values(&["anon"]).get_sample_sum(), 4.0);
     }

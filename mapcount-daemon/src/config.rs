@@ -105,6 +105,7 @@ pub struct Ringbuf {
 #[serde(default, deny_unknown_fields)]
 pub struct FolioTable {
     pub size: Option<toml::Spanned<usize>>,
+    pub memory: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -172,6 +173,9 @@ impl Config {
         }
         if let Some(size) = &config.record.max_size {
             check("record.max_size", size.span(), byte_size(size.get_ref()).map(drop))?;
+        }
+        if let Some(memory) = &config.folio_table.memory {
+            check("folio_table.memory", memory.span(), byte_size(memory.get_ref()).map(drop))?;
         }
         if let Some(level) = &config.log.level {
             check("log.level", level.span(), log_level(level.get_ref()).map(drop))?;

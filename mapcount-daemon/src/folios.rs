@@ -14,7 +14,7 @@
 use std::{collections::BTreeMap, hash::BuildHasher as _};
 
 use hashbrown::HashTable;
-use mapcount_common::{FolioKind, Level, RmapOp, SmapsReport, shared_hint};
+use mapcount_common::{FolioKind, Level, RmapOp, SmapsReport, sampling, shared_hint};
 use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 use smallvec::SmallVec;
 
@@ -295,6 +295,12 @@ pub struct Applied {
     pub retired: Option<Retired>,
     /// A new folio pushed another out of the full table.
     pub evicted: bool,
+    /// A small folio outside the sample (see [`FolioTable::set_budget`]):
+    /// the event changed nothing.
+    pub sampled_out: bool,
+    /// The table reached its budget at this event and halved its sample of
+    /// small folios (maybe more than once): how many entries it dropped.
+    pub sample_tightened: Option<usize>,
     /// The kernel's maybe-shared bit came with the event, and the
     /// simulated one ([`MmIdSlots`]) was compared with it: equal or not.
     pub shared_bit_agrees: Option<bool>,
@@ -390,6 +396,12 @@ pub struct FolioTable {
     /// Folios whose count differs from the kernel's now, by folio address:
     /// when the first differing event of the current run was read.
     differing_since: HashMap<u64, u64>,
+    /// Entries the table holds before it samples small folios
+    /// (`--folio-table.memory`); `capacity` is the hard bound beyond it.
+    budget: usize,
+    /// Small folios are tracked one in 2^`sample_shift`
+    /// (`mapcount_common::sampling`); 0 while the table is exact.
+    sample_shift: u32,
 }
 
 fn hash(folio: u64) -> u64 {
@@ -412,7 +424,42 @@ impl FolioTable {
             forking: HashSet::default(),
             mm_ids: HashMap::default(),
             differing_since: HashMap::default(),
+            budget: usize::MAX,
+            sample_shift: 0,
         }
+    }
+
+    /// Small folios are tracked exactly while the table holds fewer than
+    /// `entries`; at that point it keeps a sample of them (every large
+    /// folio stays, up to the capacity).
+    pub fn set_budget(&mut self, entries: usize) {
+        self.budget = entries.max(1);
+    }
+
+    /// Small folios are tracked one in 2^shift (0: all).
+    pub fn sample_shift(&self) -> u32 {
+        self.sample_shift
+    }
+
+    /// The table is full of its budget: track half as many small folios
+    /// (drop the entries of those that leave the sample), again until it
+    /// has room for an eighth more, or the sample is at its sparsest.
+    /// Returns the entries dropped. Raising the shift only ever drops
+    /// folios (the samples are nested), so nothing is counted twice.
+    fn tighten_sample(&mut self) -> usize {
+        let mut dropped = 0;
+        while self.sample_shift < sampling::MAX_SHIFT && self.len() >= self.budget - self.budget / 8 {
+            self.sample_shift += 1;
+            for slot in 0..self.slots.len() {
+                if let Some(state) = &self.slots[slot]
+                    && !sampling::sampled(state.folio, state.order, self.sample_shift)
+                {
+                    self.remove(slot as Slot);
+                    dropped += 1;
+                }
+            }
+        }
+        dropped
     }
 
     pub fn len(&self) -> usize {
@@ -635,7 +682,25 @@ impl FolioTable {
         } else if call.op == RmapOp::AddNew && call.order == 0 && self.forking.contains(&call.mm) {
             applied.phantoms += self.replace_fork_copy(call);
         }
-        let found = self.find(call.folio);
+        let mut found = self.find(call.folio);
+        if found.is_none() && call.order == 0 && self.len() >= self.budget {
+            applied.sample_tightened = Some(self.tighten_sample());
+        }
+        // A small folio outside the sample: unless the table holds it as the
+        // large folio it was until a split, it is none of the table's business.
+        // (Its stale entry, when a missed unmap left one, goes.)
+        if call.order == 0 && !sampling::sampled(call.folio, 0, self.sample_shift) {
+            if let Some(slot) = found
+                && (call.op == RmapOp::AddNew || self.state(slot).order == 0)
+            {
+                self.remove(slot);
+                found = None;
+            }
+            if found.is_none() {
+                applied.sampled_out = true;
+                return applied;
+            }
+        }
         let known = found.filter(|_| call.op != RmapOp::AddNew);
         let slot = if let Some(slot) = known {
             slot
@@ -1604,6 +1669,64 @@ mod tests {
         let applied = table.apply(&call(3, 100, 1000, RmapOp::AddNew, Level::Pte, 1, Some(1)));
         assert!(applied.evicted);
         assert_eq!(table.len(), 2);
+    }
+
+    /// Small folios mapped once and then forked: the shape of the sampling
+    /// tests. `kernel` is the kernel's count before the call.
+    fn small(folio: u64, mm: u64, op: RmapOp, kernel: u64) -> RmapCall {
+        RmapCall {
+            order: 0,
+            ..call(folio, mm, 0x7f00_0000_0000 + folio * 64, op, Level::Pte, 1, Some(kernel))
+        }
+    }
+
+    /// Over its budget the table keeps a nested sample of small folios and
+    /// every large one; the small folios it dropped, and those outside the
+    /// sample, change nothing from then on, and what it keeps stays exact.
+    #[test]
+    fn a_full_budget_samples_small_folios() {
+        let mut table = FolioTable::new(1 << 20);
+        table.set_budget(1000);
+        let large = |i: u64| (1 << 40) | (i * 512 * 64);
+        for i in 0..300 {
+            table.apply(&call(large(i), 7, i * THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
+        }
+        let mut dropped = 0;
+        for folio in 1..=20_000u64 {
+            let applied = table.apply(&small(folio * 64, 7, RmapOp::AddNew, 1));
+            dropped += applied.sample_tightened.unwrap_or(0);
+        }
+        let shift = table.sample_shift();
+        assert!(shift >= 4, "20,000 small folios in 700 entries: shift {shift}");
+        assert!(table.len() < 1000, "{} entries", table.len());
+        assert!(dropped > 0);
+        let sampled: Vec<u64> =
+            (1..=20_000u64).map(|f| f * 64).filter(|&f| sampling::sampled(f, 0, shift)).collect();
+        assert_eq!(table.len(), 300 + sampled.len(), "every large folio and exactly the sampled small ones");
+        for i in 0..300 {
+            assert_eq!(table.folio(large(i)).mapcount(), 1);
+        }
+        // A fork: the sampled folios gain a sharer; their kernel counts agree.
+        for &folio in &sampled {
+            let applied = table.apply(&small(folio, 8, RmapOp::Add, 1));
+            assert_eq!(applied.disagreement, None);
+            assert_eq!(table.folio(folio).sharers(), 2);
+        }
+        // Folios outside the sample: nothing happens, whatever their events say.
+        let outside = (1..=20_000u64).map(|f| f * 64).find(|&f| !sampling::sampled(f, 0, shift)).unwrap();
+        assert!(table.apply(&small(outside, 8, RmapOp::Add, 1)).sampled_out);
+        assert!(table.apply(&small(outside, 8, RmapOp::Remove, 2)).sampled_out);
+        // Everything unmapped: the table empties, no disagreement, no phantom.
+        for &folio in &sampled {
+            for (mm, kernel) in [(7, 2), (8, 1)] {
+                let applied = table.apply(&small(folio, mm, RmapOp::Remove, kernel));
+                assert_eq!((applied.disagreement, applied.phantoms), (None, 0));
+            }
+        }
+        for i in 0..300 {
+            table.apply(&call(large(i), 7, i * THP, RmapOp::Remove, Level::Pmd, 512, Some(1)));
+        }
+        assert!(table.is_empty());
     }
 
     /// Under steady eviction pressure the oldest entries go, one each time.

@@ -14,7 +14,7 @@ use crate::{
     aggregate::Aggregator,
     config::Wakeup,
     decode::decode,
-    object::{ObjectError, register},
+    object::{KernelSampling, ObjectError, register},
     record,
 };
 
@@ -65,11 +65,25 @@ pub struct Sink {
     /// One drained batch, and (timestamp, offset, length) per record.
     batch: Vec<u8>,
     index: Vec<(u64, usize, usize)>,
+    /// The kernel side's sample, kept equal to the table's after each batch.
+    sampling: Option<KernelSampling>,
 }
 
 impl Sink {
     pub fn new(aggregator: Arc<Mutex<Aggregator>>, record: Option<record::Recording>) -> Self {
-        Self { aggregator, record, batch: Vec::with_capacity(1 << 20), index: Vec::with_capacity(1 << 14) }
+        Self {
+            aggregator,
+            record,
+            batch: Vec::with_capacity(1 << 20),
+            index: Vec::with_capacity(1 << 14),
+            sampling: None,
+        }
+    }
+
+    /// Tracing a kernel: its sample follows the table's.
+    pub fn with_kernel_sampling(mut self, sampling: KernelSampling) -> Self {
+        self.sampling = Some(sampling);
+        self
     }
 
     /// Decodes and aggregates one record (and records it).
@@ -115,6 +129,11 @@ impl Sink {
         self.batch = batch;
         self.index = index;
         result?;
+        if let Some(sampling) = &mut self.sampling {
+            // Until the kernel side knows, it sends what the daemon drops
+            // (mapcount_events_sampled_out_total).
+            sampling.follow(aggregator.table().sample_shift())?;
+        }
         drop(aggregator);
         self.flush_recording();
         Ok(())

@@ -52,6 +52,16 @@ pub struct Metrics {
     pub table_vmstat: IntGaugeVec,
     pub table_entries: IntGauge,
     pub table_evictions: IntCounter,
+    // Sampling of small folios beyond --folio-table.memory: the bound of
+    // each scaled gauge above, by the same labels.
+    pub sampling_ratio: Gauge,
+    pub sample_drops: IntCounter,
+    pub events_sampled_out: IntCounter,
+    pub folios_error: IntGaugeVec,
+    pub shared_error: IntGaugeVec,
+    pub maybe_shared_bit_error: IntGaugeVec,
+    pub table_vmstat_error: IntGaugeVec,
+    pub cgroup_memory_error: IntGaugeVec,
     // Daemon health.
     pub events: IntCounterVec,
     pub events_undecodable: IntCounter,
@@ -77,6 +87,16 @@ fn must<T>(r: prometheus::Result<T>) -> T {
 }
 
 const KIND_ORDER: &[&str] = &["kind", "order"];
+/// Gauges summed from the folio table say whether their value counts every
+/// folio (value="exact") or was scaled up from the sample of small folios
+/// (value="scaled"; the bound is in the `_error` gauge of the same name).
+const KIND_ORDER_VALUE: &[&str] = &["kind", "order", "value"];
+
+/// What the `_error` gauges state: 3 standard deviations of the scaled
+/// value (a sample of binomial draws, each small folio in it with
+/// probability p), with one more folio assumed so that an empty sample
+/// still has a bound. Values are whole units of the gauge.
+pub const ERROR_HELP: &str = "The bound of the scaled value of the gauge of the same name without _error (same labels), present while the folio table samples small folios: 3 standard deviations of a binomial sample, so the true value lies within plus or minus this with 99.7% probability.";
 
 impl Metrics {
     pub fn new() -> Self {
@@ -177,7 +197,11 @@ impl Metrics {
                 "Pages that are neither anonymous nor file-backed (driver pages) mapped to userspace, by VMA type and a bounded source name.",
                 &["vma", "source"],
             ),
-            folios: gauge("mapcount_folios", "Live mapped folios in the table.", KIND_ORDER),
+            folios: gauge(
+                "mapcount_folios",
+                "Live mapped folios in the table; value=scaled while small folios are sampled (mapcount_folio_table_sampling_ratio).",
+                KIND_ORDER_VALUE,
+            ),
             partially_mapped: gauge(
                 "mapcount_folios_partially_mapped",
                 "Live large folios with only some pages mapped and no PMD/PUD mapping.",
@@ -190,13 +214,13 @@ impl Metrics {
             ),
             shared: gauge(
                 "mapcount_folios_shared",
-                "Live folios mapped by two or more address spaces.",
-                KIND_ORDER,
+                "Live folios mapped by two or more address spaces; value=scaled while small folios are sampled.",
+                KIND_ORDER_VALUE,
             ),
             maybe_shared_bit: gauge(
                 "mapcount_folios_maybe_shared_bit",
-                "Live large folios whose kernel maybe-shared bit (6.15+) was set at their last event.",
-                KIND_ORDER,
+                "Live folios whose kernel maybe-shared bit (6.15+; large folios) was set at their last event; value=scaled while small folios are sampled.",
+                KIND_ORDER_VALUE,
             ),
             maybe_shared_verdicts: gauge(
                 "mapcount_maybe_shared_folios",
@@ -211,7 +235,7 @@ impl Metrics {
             cgroup_memory: gauge(
                 "mapcount_cgroup_memory_bytes",
                 "What smaps reports for the processes of a cgroup (the 10 that map most, then cgroup=\"other\"), summed from the folio table: model=exact as a kernel with per-page mapcounts reports it, model=no_page_mapcount as CONFIG_NO_PAGE_MAPCOUNT estimates it; figure=rss, pss, private (USS), shared, or undetermined (bytes the daemon cannot place, left out of the others; docs/audit.md).",
-                &["cgroup", "figure", "model"],
+                &["cgroup", "figure", "model", "value"],
             ),
             shared_bit_checks: counter(
                 "mapcount_maybe_shared_bit_checks_total",
@@ -277,14 +301,39 @@ impl Metrics {
             ))),
             table_vmstat: gauge(
                 "mapcount_table_vmstat",
-                "What the folio table holds in the units of the kernel's vmstat counter of the same name (mapcount_kernel_vmstat): pages of anonymous and KSM folios mapped, pages of file, shmem and driver folios mapped, PMD-mapped anonymous, shmem and file THPs. The difference stays constant while processes that predate mapcountd keep their mappings.",
-                &["counter"],
+                "What the folio table holds in the units of the kernel's vmstat counter of the same name (mapcount_kernel_vmstat): pages of anonymous and KSM folios mapped, pages of file, shmem and driver folios mapped, PMD-mapped anonymous, shmem and file THPs. The difference stays constant while processes that predate mapcountd keep their mappings. value=scaled while small folios are sampled.",
+                &["counter", "value"],
             ),
             table_entries,
             table_evictions: single(must(IntCounter::new(
                 "mapcount_folio_table_evictions_total",
                 "Folios dropped from the full table (raise --folio-table.size).",
             ))),
+            sampling_ratio: {
+                let g = must(Gauge::new(
+                    "mapcount_folio_table_sampling_ratio",
+                    "The share of small folios the table tracks: 1 while it holds every folio; below --folio-table.memory's budget it halves (1/2, 1/4, ...), chosen by a hash of the page frame. Large folios are always tracked.",
+                ));
+                must(registry.register(Box::new(g.clone())));
+                g
+            },
+            sample_drops: single(must(IntCounter::new(
+                "mapcount_folio_table_sample_drops_total",
+                "Entries of small folios dropped from the table when it reached its memory budget and halved its sample.",
+            ))),
+            events_sampled_out: single(must(IntCounter::new(
+                "mapcount_events_sampled_out_total",
+                "Events of small folios outside the sample that reached the daemon anyway (sent before the kernel side learnt the new sample, or replayed): left out of the table.",
+            ))),
+            folios_error: gauge("mapcount_folios_error", ERROR_HELP, KIND_ORDER),
+            shared_error: gauge("mapcount_folios_shared_error", ERROR_HELP, KIND_ORDER),
+            maybe_shared_bit_error: gauge("mapcount_folios_maybe_shared_bit_error", ERROR_HELP, KIND_ORDER),
+            table_vmstat_error: gauge("mapcount_table_vmstat_error", ERROR_HELP, &["counter"]),
+            cgroup_memory_error: gauge(
+                "mapcount_cgroup_memory_bytes_error",
+                ERROR_HELP,
+                &["cgroup", "figure", "model"],
+            ),
             events: counter("mapcount_events_total", "Events received from the kernel, by type.", &["type"]),
             events_undecodable: single(must(IntCounter::new(
                 "mapcount_events_undecodable_total",

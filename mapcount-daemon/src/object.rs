@@ -1,13 +1,14 @@
 //! The eBPF object in the kernel: loaded with this kernel's layout, the
 //! wake-up setting and the daemon's own identity, and the maps the daemon
-//! reads from it (the per-CPU counters and totals, the event ring buffer).
+//! reads from it (the per-CPU counters and totals, the event ring buffer)
+//! or writes (the sample of small folios).
 //! Attaching its programs is `probes`; draining the ring buffer, `ingest`.
 
 use std::{io, sync::Mutex};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
 };
 use mapcount_common::{KernelLayout, totals::Totals};
 use tokio::io::unix::AsyncFd;
@@ -139,6 +140,30 @@ impl KernelTotals {
             }
         }
         sum
+    }
+}
+
+/// Which small folios the kernel side sends (`SAMPLING`): it follows the
+/// daemon's table, which samples once it is over its memory budget.
+pub struct KernelSampling {
+    map: Array<MapData, u32>,
+    shift: u32,
+}
+
+impl KernelSampling {
+    pub fn from_object(ebpf: &mut Ebpf) -> Result<Self, ObjectError> {
+        let map = ebpf.take_map("SAMPLING").ok_or(ObjectError::MissingMap("SAMPLING"))?;
+        let map = Array::try_from(map).map_err(|error| ObjectError::Map { name: "SAMPLING", error })?;
+        Ok(Self { map, shift: 0 })
+    }
+
+    /// Sends one small folio in 2^`shift` from now on.
+    pub fn follow(&mut self, shift: u32) -> Result<(), ObjectError> {
+        if shift != self.shift {
+            self.map.set(0, shift, 0).map_err(|error| ObjectError::Map { name: "SAMPLING", error })?;
+            self.shift = shift;
+        }
+        Ok(())
     }
 }
 

@@ -260,15 +260,22 @@ impl ByAddressSpace {
 
     /// Each address space with its Rss, PSS, private, shared and
     /// undetermined figures, exact and estimated (pagemap and kpagecount
-    /// sums are left at 0: the metrics do not need them).
-    pub fn into_figures(self) -> impl Iterator<Item = (u64, SmapsFigures, SmapsFigures)> {
+    /// sums are left at 0: the metrics do not need them), and the small
+    /// folios' pages counted in them before scaling. Small folios' figures
+    /// are multiplied by `small_scale`: the table tracks one small folio in
+    /// that many (`FolioTable::sample_shift`).
+    pub fn into_figures(
+        self,
+        small_scale: u64,
+    ) -> impl Iterator<Item = (u64, SmapsFigures, SmapsFigures, u64)> {
         self.mms.into_iter().zip(self.small).zip(self.large).map(
-            |((mm, small), [large_exact, large_estimate])| {
+            move |((mm, small), [large_exact, large_estimate])| {
+                let sampled_pages = small.pages;
                 let small = SmapsFigures {
-                    rss_bytes: small.pages * PAGE_SIZE,
-                    pss_shifted: small.pss_shifted,
-                    private_bytes: small.private_pages * PAGE_SIZE,
-                    shared_bytes: (small.pages - small.private_pages) * PAGE_SIZE,
+                    rss_bytes: small.pages * PAGE_SIZE * small_scale,
+                    pss_shifted: small.pss_shifted * small_scale,
+                    private_bytes: small.private_pages * PAGE_SIZE * small_scale,
+                    shared_bytes: (small.pages - small.private_pages) * PAGE_SIZE * small_scale,
                     ..SmapsFigures::default()
                 };
                 let figures = |large: &SmapsFigures| SmapsFigures {
@@ -283,7 +290,7 @@ impl ByAddressSpace {
                         ..SmapsFigures::default()
                     }
                 };
-                (mm, figures(&large_exact), figures(&large_estimate))
+                (mm, figures(&large_exact), figures(&large_estimate), sampled_pages)
             },
         )
     }
@@ -423,9 +430,9 @@ mod tests {
         for f in &folios {
             by_mm.add(f, None);
         }
-        let mut sums: Vec<_> = by_mm.into_figures().collect();
-        sums.sort_by_key(|(mm, _, _)| *mm);
-        for (mm, exact, estimate) in sums {
+        let mut sums: Vec<_> = by_mm.into_figures(1).collect();
+        sums.sort_by_key(|(mm, _, _, _)| *mm);
+        for (mm, exact, estimate, _) in sums {
             let (mut want_exact, mut want_estimate) = (SmapsFigures::default(), SmapsFigures::default());
             for f in &folios {
                 let (e, n) = figures_of(f, None, mm);

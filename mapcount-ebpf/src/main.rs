@@ -27,7 +27,7 @@ use aya_log_ebpf::warn;
 use mapcount_common::{
     Event, EventType, FIELD_ABSENT, FolioKind, ForkEvent, KernelLayout, Level, MoveEvent, OFFSET_ABSENT,
     RmapOp, SOURCE_NAME_LEN, ScanRefusalEvent, SourceEvent, TeardownEvent, WriteFaultOutcome, counter,
-    event_flags, fork_copy, shared_hint, totals, vm_flags, vma_class,
+    event_flags, fork_copy, sampling, shared_hint, totals, vm_flags, vma_class,
 };
 
 /// Written by the daemon before load (see `mapcount_daemon::layout`).
@@ -105,6 +105,20 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 /// before a record is asked for (see `mapcount_common::totals`).
 #[map]
 static TOTALS: PerCpuArray<totals::Totals> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by the daemon while its folio table is over its memory budget: the
+/// `mapcount_common::sampling` shift (0: every folio). Read per event, so
+/// a change holds from the next call on.
+#[map]
+static SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// A small folio outside the daemon's sample: its events stay here (after
+/// they were counted in the totals).
+#[inline(always)]
+fn sampled_out(event: &Event) -> bool {
+    let shift = SAMPLING.get(0).copied().unwrap_or(0);
+    !sampling::sampled(event.folio, event.order, shift)
+}
 
 /// Adds `n` to this CPU's total at `slot`.
 #[inline(always)]
@@ -610,6 +624,9 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
     total_rmap(op, level, &event, nr_pages);
+    if sampled_out(&event) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
@@ -629,6 +646,9 @@ fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
     total_rmap(op, level, &event, nr_pages);
+    if sampled_out(&event) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, op, level, nr_pages);
 }
@@ -805,6 +825,12 @@ fn new_anon_return(folio: u64, vma: u64) {
         (Level::Pte, 1u32 << (event.order & 31))
     };
     total_rmap(RmapOp::AddNew, level, &event, nr_pages);
+    // Fork's copy of a pinned page goes to the daemon whatever the sample:
+    // the table copied the original into the child, and this says which
+    // mapping to take back (`FolioTable::replace_fork_copy`).
+    if sampled_out(&event) && current_mm_and_tgid().0 == facts.mm {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     submit_rmap(entry, event, vma, &facts, index, RmapOp::AddNew, level, nr_pages);
 }
@@ -966,6 +992,9 @@ fn write_fault_return() {
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (pid_tgid >> 32) as u32;
     total_write_fault(&event);
+    if event.folio != 0 && sampled_out(&event) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     entry.submit(event);
 }
@@ -1116,6 +1145,9 @@ fn pmd_write_fault_return(ret: u64) {
         ..Event::ZERO
     };
     total_write_fault(&event);
+    if event.folio != 0 && sampled_out(&event) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     entry.submit(event);
 }
@@ -1240,6 +1272,9 @@ fn fault_window_return(ret: u64) {
     event.duration_ns = returned_ns.saturating_sub(window.start_ns).min(u32::MAX as u64) as u32;
     event.tgid = (pid_tgid >> 32) as u32;
     total_write_fault(&event);
+    if event.folio != 0 && sampled_out(&event) {
+        return;
+    }
     let Some(entry) = reserve::<Event>() else { return };
     entry.submit(event);
 }

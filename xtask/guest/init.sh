@@ -117,7 +117,7 @@ elif [ "$MODE" = selftests ]; then
         wget -q -O /tmp/drift.prom http://127.0.0.1:9730/metrics
         for c in nr_anon_pages nr_mapped nr_anon_transparent_hugepages nr_shmem_pmdmapped nr_file_pmdmapped; do
             k=$(grep "^mapcount_kernel_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
-            t=$(grep "^mapcount_table_vmstat{counter=\"$c\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            t=$(grep "^mapcount_table_vmstat{counter=\"$c\",value=\"exact\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
             echo "MAPCOUNT-DRIFT phase=$1 counter=$c kernel=$k table=$t"
         done
         # The mTHP counters of each anonymous folio size, where the kernel
@@ -126,7 +126,7 @@ elif [ "$MODE" = selftests ]; then
             [ -r "$stats/nr_anon" ] || continue
             kb=$(echo "$stats" | sed 's/.*hugepages-\([0-9]*\)kB.*/\1/')
             order=0; pages=$((kb / 4)); while [ $pages -gt 1 ]; do pages=$((pages / 2)); order=$((order + 1)); done
-            t=$(grep "^mapcount_folios{kind=\"anon\",order=\"$order\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
+            t=$(grep "^mapcount_folios{kind=\"anon\",order=\"$order\",value=\"exact\"}" /tmp/drift.prom | awk '{printf "%d", $2}')
             echo "MAPCOUNT-DRIFT phase=$1 counter=mthp_order${order}_nr_anon kernel=$(cat "$stats/nr_anon") table=${t:-0}"
             [ -r "$stats/nr_anon_partially_mapped" ] || continue
             t=$(grep "^mapcount_folios_partially_mapped{kind=\"anon\",order=\"$order\"}" /tmp/drift.prom | awk '{printf "%d", $2}')

@@ -49,9 +49,13 @@ enum Command {
         /// Print the short report of `mapcountd report` instead of the metrics.
         #[arg(long)]
         report: bool,
-        /// Most folios the table tracks, lowered to fit a cgroup memory limit.
-        #[arg(long = "folio-table.size", value_name = "N", default_value_t = 1 << 20, value_parser = parse_at_least_one)]
-        folio_table_size: usize,
+        /// Memory for the folio table, as for the daemon (small folios are
+        /// sampled beyond it).
+        #[arg(long = "folio-table.memory", value_name = "BYTES", default_value_t = settings::DEFAULT_TABLE_MEMORY, value_parser = mapcount_daemon::config::byte_size)]
+        folio_table_memory: u64,
+        /// Most folios the table holds [default: twice what --folio-table.memory holds].
+        #[arg(long = "folio-table.size", value_name = "N", value_parser = parse_at_least_one)]
+        folio_table_size: Option<usize>,
     },
     /// How wrong the kernel's maybe-shared guesses are on this host: a
     /// table from a running daemon's metrics (docs/audit.md).
@@ -121,8 +125,8 @@ fn main() -> ExitCode {
 
     let result = match (command, settings) {
         (Some(Command::Check { btf, load }), _) => check::check(btf, load),
-        (Some(Command::Replay { file, report, folio_table_size }), _) => {
-            replay::replay(&file, folio_table_size, report)
+        (Some(Command::Replay { file, report, folio_table_memory, folio_table_size }), _) => {
+            replay::replay(&file, folio_table_memory, folio_table_size, report)
         }
         (Some(Command::Audit { url, file, kernel }), _) => audit::audit(&url, file.as_deref(), kernel),
         (Some(Command::Report { url, file }), _) => scrape::read(&url, file.as_deref()).map(|text| {

@@ -139,7 +139,9 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     let mut events = object::event_ring(&mut ebpf)?;
 
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), args.folio_table_size);
+    aggregator.set_table_budget(crate::settings::table_budget(args.folio_table_memory));
     aggregator.name_cgroups_from_proc();
+    let kernel_sampling = object::KernelSampling::from_object(&mut ebpf)?;
     let aggregator = Arc::new(Mutex::new(aggregator));
     let record = match &args.record {
         Some(path) => {
@@ -150,7 +152,7 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
         }
         None => None,
     };
-    let mut sink = ingest::Sink::new(Arc::clone(&aggregator), record);
+    let mut sink = ingest::Sink::new(Arc::clone(&aggregator), record).with_kernel_sampling(kernel_sampling);
 
     let state = Arc::new(http::HttpState::new(
         Arc::new(Published(Arc::clone(&aggregator))),
@@ -254,6 +256,22 @@ pub(crate) fn fit_to_host(args: &mut Settings) {
         Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
     args.folio_table_size = folio_table_size_for_host(args.folio_table_size);
+    args.folio_table_memory = folio_table_memory_for_host(args.folio_table_memory);
+}
+
+/// `asked`, or half a cgroup memory limit if that is less.
+pub(crate) fn folio_table_memory_for_host(asked: u64) -> u64 {
+    let Some(limit) = resources::cgroup_memory_limit() else { return asked };
+    let memory = asked.min(limit / resources::TABLE_SHARE_OF_LIMIT);
+    if memory < asked {
+        tracing::warn!(
+            asked,
+            memory,
+            memory_limit = limit,
+            "folio table memory lowered to half the cgroup's memory limit; beyond it small folios are sampled"
+        );
+    }
+    memory
 }
 
 /// `asked`, or fewer if a cgroup memory limit (`MemoryMax=`) would not

@@ -12,6 +12,7 @@ use mapcount_daemon::{
     config::{self, AttachMode, Config, Wakeup},
     http,
     layout::DEFAULT_BTF_PATH,
+    resources,
     web_config::WebSecurity,
 };
 use tracing_subscriber::EnvFilter;
@@ -51,8 +52,13 @@ pub(crate) struct RunArgs {
     /// fentry/fexit where the kernel allows, else kprobes (auto), or only one kind [default: auto].
     #[arg(long = "attach.mode", value_name = "MODE", value_enum)]
     attach_mode: Option<AttachMode>,
-    /// Most folios the table tracks; beyond it, entries are evicted and counted
-    /// [default: 1048576, lowered to fit a cgroup memory limit].
+    /// Memory for the folio table: small folios are tracked exactly until it
+    /// is full, then a sample of them (large folios always) [default: 256M,
+    /// lowered to half a cgroup memory limit].
+    #[arg(long = "folio-table.memory", value_name = "BYTES", value_parser = config::byte_size)]
+    folio_table_memory: Option<u64>,
+    /// Most folios the table holds, large ones included; beyond it, entries
+    /// are evicted and counted [default: twice what --folio-table.memory holds].
     #[arg(long = "folio-table.size", value_name = "N", value_parser = parse_at_least_one)]
     folio_table_size: Option<usize>,
     /// TLS and basic authentication, in the Prometheus exporter-toolkit format.
@@ -87,6 +93,7 @@ pub(crate) struct Settings {
     pub(crate) ring_buffer_bytes: u32,
     pub(crate) wakeup: Wakeup,
     pub(crate) attach_mode: AttachMode,
+    pub(crate) folio_table_memory: u64,
     pub(crate) folio_table_size: usize,
     pub(crate) btf: PathBuf,
     pub(crate) record: Option<PathBuf>,
@@ -139,6 +146,10 @@ impl Settings {
                 .or(file_duration(&file.web.header_read_timeout))
                 .unwrap_or(defaults.tls_handshake_timeout),
         };
+        let folio_table_memory = args
+            .folio_table_memory
+            .or(file.folio_table.memory.and_then(|s| config::byte_size(s.get_ref()).ok()))
+            .unwrap_or(DEFAULT_TABLE_MEMORY);
         Ok(Settings {
             config_file: args.config_file.clone(),
             web_limits,
@@ -155,10 +166,11 @@ impl Settings {
                 .unwrap_or(8 << 20),
             wakeup: args.wakeup.or(file.ringbuf.wakeup).unwrap_or(Wakeup::Batch),
             attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
+            folio_table_memory,
             folio_table_size: args
                 .folio_table_size
                 .or(file.folio_table.size.map(|n| n.into_inner()))
-                .unwrap_or(1 << 20),
+                .unwrap_or_else(|| default_table_size(folio_table_memory)),
             btf: args.btf.unwrap_or_else(|| DEFAULT_BTF_PATH.into()),
             record: args.record,
             record_max_size: args
@@ -172,6 +184,20 @@ impl Settings {
                 .unwrap_or_else(|| "info".to_owned()),
         })
     }
+}
+
+/// What a test host gives the folio table by default: 1.6 million folios
+/// (6.4 GiB of small folios mapped) tracked exactly.
+pub(crate) const DEFAULT_TABLE_MEMORY: u64 = 256 << 20;
+
+/// Entries the table holds before it samples, in `memory` bytes.
+pub(crate) fn table_budget(memory: u64) -> usize {
+    usize::try_from(memory / resources::BYTES_PER_FOLIO).unwrap_or(usize::MAX).max(1)
+}
+
+/// Room for twice the budget: large folios are never sampled.
+pub(crate) fn default_table_size(memory: u64) -> usize {
+    table_budget(memory).saturating_mul(2)
 }
 
 pub(crate) fn parse_ring_size(s: &str) -> Result<u32, config::ValueError> {
@@ -223,6 +249,13 @@ pub(crate) fn reload(config_file: Option<&Path>, running: &Settings, log_filter:
         (
             "folio_table.size",
             file.folio_table.size.as_ref().is_some_and(|n| *n.get_ref() != running.folio_table_size),
+        ),
+        (
+            "folio_table.memory",
+            file.folio_table
+                .memory
+                .as_ref()
+                .is_some_and(|m| config::byte_size(m.get_ref()).ok() != Some(running.folio_table_memory)),
         ),
     ];
     for (key, changed) in restart_needed {
