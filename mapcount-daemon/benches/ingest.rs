@@ -298,9 +298,273 @@ fn uptime(total_events: u64) -> bool {
     ok
 }
 
+/// A record's bytes, without a copy: the records are `repr(C)` without
+/// padding (mapcount-common's tests check every size).
+fn bytes_of<T: Copy>(record: &T) -> &[u8] {
+    // SAFETY: plain integers without padding, read as bytes for their lifetime.
+    unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// Peak resident memory of this process, in KiB.
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")?.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The events of a synthetic terabyte host, generated in chunks and fed to
+/// one aggregator whose table has `memory` bytes: 2^28 live small folios
+/// (1 TiB of 4 KiB pages) and 500,000 large ones over 50,000 address
+/// spaces, the first a 100 GiB process that forks twice; each child copies
+/// some pages at write faults, then exits. The generator knows the truth;
+/// the metrics are checked against it at two points: while both children
+/// live, and after they exited. Every event reaches the daemon (no kernel
+/// side to filter): the daemon drops what is outside its sample itself,
+/// the worst case for ingest.
+fn terabyte(memory: u64) -> bool {
+    const PAGE: u64 = 4096;
+    const SMALL: u64 = 1 << 28;
+    const SPACES: u64 = 50_000;
+    const BIG_PAGES: u64 = 100 << 18; // 100 GiB of small folios
+    const LARGE_PER_SPACE: u64 = 10; // 8 of order 4, 2 of order 9
+    const HEAP: u64 = 0x7f00_0000_0000;
+    const CHILDREN: [(u64, u64); 2] = [(SPACES + 1, 1 << 18), (SPACES + 2, 1 << 17)]; // mm, pages copied
+    let small_folio = |index: u64| 0xffff_ea00_0000_0000 + index * 64;
+    let metrics = Arc::new(Metrics::new());
+    let capacity = usize::try_from(2 * memory / mapcount_daemon::resources::BYTES_PER_FOLIO).unwrap();
+    let mut aggregator = Aggregator::new(Arc::clone(&metrics), capacity);
+    aggregator.set_table_memory(memory);
+    let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+    let mut chunk = Stream::default();
+    let (mut events, mut ingest_seconds) = (0u64, 0f64);
+    let (mut rmap_calls, mut rmap_pages, mut copies) = (0u64, 0u64, 0u64);
+    let mut flush = |chunk: &mut Stream, aggregator: &mut Aggregator, force: bool| {
+        if chunk.len() < 1 << 16 && !force {
+            return;
+        }
+        let started = Instant::now();
+        for record in chunk.iter() {
+            sink.ingest(aggregator, record).unwrap();
+        }
+        ingest_seconds += started.elapsed().as_secs_f64();
+        events += chunk.len() as u64;
+        chunk.bytes.clear();
+        chunk.records.clear();
+    };
+    // Every task maps into its own address space (`event_flags::OWN_MM`).
+    let rmap = |op, level, order, folio, mm, base, nr_pages, mapcount| Event {
+        mapcount,
+        refcount: mapcount + 2,
+        flags: mapcount_common::event_flags::OWN_MM,
+        ..Event::rmap(op, level, FolioKind::Anon, order, folio, mm, base, nr_pages)
+    };
+    // Address spaces and their folios; the first is the 100 GiB process.
+    let per_space = (SMALL - BIG_PAGES) / (SPACES - 1);
+    let mut next_small = 0u64;
+    let mut large = 0u64;
+    for mm in 1..=SPACES {
+        let pages = match mm {
+            1 => BIG_PAGES,
+            SPACES => SMALL - BIG_PAGES - per_space * (SPACES - 2),
+            _ => per_space,
+        };
+        for j in 0..LARGE_PER_SPACE {
+            let (order, level, nr) = if j < 8 { (4, Level::Pte, 16) } else { (9, Level::Pmd, 512) };
+            let folio = 0xffff_ec00_0000_0000 + large * 512 * 64;
+            let base = 0x7e00_0000_0000 + j * (2 << 20);
+            chunk.push(bytes_of(&rmap(RmapOp::AddNew, level, order, folio, mm, base, nr, 0)));
+            (rmap_calls, rmap_pages, large) = (rmap_calls + 1, rmap_pages + u64::from(nr), large + 1);
+        }
+        for page in 0..pages {
+            let event = rmap(
+                RmapOp::AddNew,
+                Level::Pte,
+                0,
+                small_folio(next_small + page),
+                mm,
+                HEAP + page * PAGE,
+                1,
+                0,
+            );
+            chunk.push(bytes_of(&event));
+            flush(&mut chunk, &mut aggregator, false);
+        }
+        (rmap_calls, rmap_pages, next_small) = (rmap_calls + pages, rmap_pages + pages, next_small + pages);
+    }
+    // The 100 GiB process forks twice; each child copies its first pages.
+    let copy_folio = |n: u64| 0xffff_ee00_0000_0000 + n * 64;
+    for &(child, _) in &CHILDREN {
+        let fork = ForkEvent {
+            event_type: EventType::Fork as u8,
+            copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
+            _pad: [0; 6],
+            src_mm: 1,
+            start: HEAP,
+            dst_mm: child,
+            end: HEAP + BIG_PAGES * PAGE,
+            timestamp_ns: 0,
+            tgid: 1,
+            cpu: 0,
+        };
+        chunk.push(bytes_of(&fork));
+    }
+    let mappings = |page: u64, after_copies_of: usize| {
+        1 + CHILDREN
+            .iter()
+            .enumerate()
+            .filter(|&(i, &(_, copied))| i >= after_copies_of || page >= copied)
+            .count() as i32
+    };
+    for (i, &(child, copied)) in CHILDREN.iter().enumerate() {
+        for page in 0..copied {
+            let (old, base) = (small_folio(page), HEAP + page * PAGE);
+            chunk.push(bytes_of(&rmap(RmapOp::AddNew, Level::Pte, 0, copy_folio(copies), child, base, 1, 0)));
+            chunk.push(bytes_of(&rmap(
+                RmapOp::Remove,
+                Level::Pte,
+                0,
+                old,
+                child,
+                base,
+                1,
+                mappings(page, i) - 1,
+            )));
+            let fault = Event {
+                duration_ns: 1500,
+                ..Event::write_fault(WriteFaultOutcome::Copy, FolioKind::Anon, 0, old, child)
+            };
+            chunk.push(bytes_of(&fault));
+            flush(&mut chunk, &mut aggregator, false);
+            (rmap_calls, rmap_pages, copies) = (rmap_calls + 2, rmap_pages + 2, copies + 1);
+        }
+    }
+    flush(&mut chunk, &mut aggregator, true);
+    let shared_truth = (0..BIG_PAGES).filter(|&page| mappings(page, CHILDREN.len()) >= 2).count() as u64;
+    let mut ok = true;
+    let mut check = |when: &str,
+                     aggregator: &Aggregator,
+                     small_truth: u64,
+                     shared_truth: u64,
+                     pages_truth: u64| {
+        aggregator.publish_metrics();
+        let gauges = [
+            ("mapcount_folios", &metrics.folios, &metrics.folios_error, small_truth),
+            ("mapcount_folios_shared", &metrics.shared, &metrics.shared_error, shared_truth),
+        ];
+        for (name, gauge, error, truth) in gauges {
+            let value = gauge.with_label_values(&["anon", "0", "scaled"]).get();
+            let bound = error.with_label_values(&["anon", "0"]).get();
+            let within = (value - truth as i64).unsigned_abs() <= bound as u64;
+            ok &= within;
+            println!(
+                "terabyte_gauge {when} {name}{{kind=\"anon\",order=\"0\"}} truth={truth} scaled={value} bound={bound} error={:.3}% within={within}",
+                (value - truth as i64) as f64 * 100.0 / truth.max(1) as f64
+            );
+        }
+        let value = metrics.table_vmstat.with_label_values(&["nr_anon_pages", "scaled"]).get();
+        let bound = metrics.table_vmstat_error.with_label_values(&["nr_anon_pages"]).get();
+        let within = (value - pages_truth as i64).unsigned_abs() <= bound as u64;
+        ok &= within;
+        println!(
+            "terabyte_gauge {when} mapcount_table_vmstat{{counter=\"nr_anon_pages\"}} truth={pages_truth} scaled={value} bound={bound} error={:.3}% within={within}",
+            (value - pages_truth as i64) as f64 * 100.0 / pages_truth as f64
+        );
+        let exact = metrics.folios.with_label_values(&["anon", "4", "exact"]).get()
+            + metrics.folios.with_label_values(&["anon", "9", "exact"]).get();
+        ok &= exact == large as i64;
+        println!("terabyte_large_folios {when} truth={large} exact={exact} equal={}", exact == large as i64);
+    };
+    let large_pages = (SPACES * 8 * 16) + (SPACES * 2 * 512);
+    let small_live = SMALL + copies;
+    check("children_alive", &aggregator, small_live, shared_truth, small_live + large_pages);
+    // The children exit: every page they map is unmapped, then the space goes.
+    for (i, &(child, copied)) in CHILDREN.iter().enumerate().rev() {
+        let first_copy: u64 = CHILDREN[..i].iter().map(|&(_, c)| c).sum();
+        for page in 0..copied {
+            let base = HEAP + page * PAGE;
+            chunk.push(bytes_of(&rmap(
+                RmapOp::Remove,
+                Level::Pte,
+                0,
+                copy_folio(first_copy + page),
+                child,
+                base,
+                1,
+                0,
+            )));
+        }
+        for page in copied..BIG_PAGES {
+            // Children still mapping the page (this one included), and the parent.
+            let before = 1 + CHILDREN[..=i].iter().filter(|&&(_, c)| page >= c).count() as i32;
+            chunk.push(bytes_of(&rmap(
+                RmapOp::Remove,
+                Level::Pte,
+                0,
+                small_folio(page),
+                child,
+                HEAP + page * PAGE,
+                1,
+                before - 1,
+            )));
+            flush(&mut chunk, &mut aggregator, false);
+        }
+        (rmap_calls, rmap_pages) = (rmap_calls + BIG_PAGES, rmap_pages + BIG_PAGES);
+        let exit = TeardownEvent {
+            event_type: EventType::Teardown as u8,
+            _pad: [0; 3],
+            cpu: 0,
+            mm: child,
+            timestamp_ns: 0,
+        };
+        chunk.push(bytes_of(&exit));
+    }
+    flush(&mut chunk, &mut aggregator, true);
+    check("children_exited", &aggregator, SMALL, 0, SMALL + large_pages);
+    let peak_mib = peak_rss_kib() as f64 / 1024.0;
+    let sum = |c: &prometheus::IntCounterVec| -> u64 {
+        use prometheus::core::Collector as _;
+        c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
+    };
+    for (name, value, truth) in [
+        ("mapcount_rmap_calls_total", sum(&metrics.rmap_calls), rmap_calls),
+        ("mapcount_rmap_pages_total", sum(&metrics.rmap_pages), rmap_pages),
+        ("mapcount_cow_faults_total", sum(&metrics.write_faults), copies),
+        ("mapcount_mapcount_disagreements_total", sum(&metrics.disagreements), 0),
+        ("mapcount_phantom_mappings_total", sum(&metrics.phantoms), 0),
+    ] {
+        ok &= value == truth;
+        println!("terabyte_counter {name} truth={truth} value={value} equal={}", value == truth);
+    }
+    let forks = metrics.fork_copy_seconds.get_sample_count();
+    println!(
+        "terabyte_fork forks={forks} folios_copied={} seconds={:.4} (the 100 GiB process: {BIG_PAGES} small folios)",
+        metrics.fork_folios_copied.get(),
+        metrics.fork_copy_seconds.get_sample_sum()
+    );
+    println!("terabyte_sampling_ratio {}", metrics.sampling_ratio.get());
+    println!("terabyte_table_entries {}", aggregator.table().len());
+    println!("terabyte_table_bytes {} (--folio-table.memory {memory})", aggregator.table().heap_bytes());
+    println!("terabyte_heap_bytes {}", heap_bytes());
+    println!("terabyte_events_sampled_out {}", metrics.events_sampled_out.get());
+    println!("terabyte_events {events}");
+    println!("terabyte_ingest_seconds {ingest_seconds:.2}");
+    println!("terabyte_events_per_second {:.0}", events as f64 / ingest_seconds);
+    println!("terabyte_peak_rss_mib {peak_mib:.1}");
+    println!("terabyte_ok {ok}");
+    ok
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1));
+    if let Some(memory) = flag("--terabyte") {
+        let memory =
+            mapcount_daemon::config::byte_size(memory).expect("--terabyte MEMORY (as --folio-table.memory)");
+        std::process::exit(if terabyte(memory) { 0 } else { 1 });
+    }
     if let Some(events) = flag("--uptime") {
         let events: u64 = events.parse().expect("--uptime EVENTS");
         std::process::exit(if uptime(events) { 0 } else { 1 });

@@ -283,9 +283,9 @@ impl Aggregator {
         &self.table
     }
 
-    /// Entries the table holds before it samples small folios.
-    pub fn set_table_budget(&mut self, entries: usize) {
-        self.table.set_budget(entries);
+    /// Heap bytes the table may take before it samples small folios.
+    pub fn set_table_memory(&mut self, bytes: u64) {
+        self.table.set_memory_budget(bytes);
     }
 
     pub fn apply(&mut self, event: &Decoded) {
@@ -612,6 +612,7 @@ impl Aggregator {
         };
         m.headroom_vmas.set(vmas_left);
         m.table_entries.set(self.table.len() as i64);
+        m.table_bytes.set(i64::try_from(self.table.heap_bytes()).unwrap_or(i64::MAX));
         self.publish_maybe_shared(&audited);
         self.publish_cgroups(per_mm, sample);
         for (i, (counter, value)) in crate::metrics::VMSTAT_COUNTERS.iter().zip(vmstat).enumerate() {
@@ -842,7 +843,7 @@ mod tests {
     fn sampled_gauges_are_scaled_within_their_bound() {
         let metrics = Arc::new(Metrics::new());
         let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
-        aggregator.set_table_budget(5000);
+        aggregator.set_table_memory(1 << 20);
         let apply = |aggregator: &mut Aggregator, op, level, order, folio: u64, mm, base, nr, mapcount| {
             let event = Event {
                 mapcount,

@@ -382,6 +382,8 @@ pub struct FolioTable {
     /// whole index is rebuilt when it grows to four times the table.
     by_mm: HashMap<u64, RegionIndex>,
     by_mm_len: usize,
+    /// Regions listed in `by_mm`, for [`FolioTable::heap_bytes`].
+    regions: usize,
     capacity: usize,
     next_serial: u64,
     /// Address space → the tgid seen using it, for the debug view.
@@ -396,8 +398,12 @@ pub struct FolioTable {
     /// Folios whose count differs from the kernel's now, by folio address:
     /// when the first differing event of the current run was read.
     differing_since: HashMap<u64, u64>,
-    /// Entries the table holds before it samples small folios
-    /// (`--folio-table.memory`); `capacity` is the hard bound beyond it.
+    /// Heap bytes the table may take before it samples small folios
+    /// (`--folio-table.memory`; see [`FolioTable::heap_bytes`]).
+    memory_budget: u64,
+    /// The entries it held when that budget was first reached: its
+    /// capacities do not shrink, so from then on the count is the measure.
+    /// `capacity` is the hard bound beyond both.
     budget: usize,
     /// Small folios are tracked one in 2^`sample_shift`
     /// (`mapcount_common::sampling`); 0 while the table is exact.
@@ -417,6 +423,7 @@ impl FolioTable {
             free: Vec::new(),
             by_mm: HashMap::default(),
             by_mm_len: 0,
+            regions: 0,
             // Slot numbers are 32 bits.
             capacity: capacity.clamp(1, Slot::MAX as usize),
             next_serial: 1,
@@ -424,16 +431,52 @@ impl FolioTable {
             forking: HashSet::default(),
             mm_ids: HashMap::default(),
             differing_since: HashMap::default(),
+            memory_budget: u64::MAX,
             budget: usize::MAX,
             sample_shift: 0,
         }
     }
 
-    /// Small folios are tracked exactly while the table holds fewer than
-    /// `entries`; at that point it keeps a sample of them (every large
-    /// folio stays, up to the capacity).
-    pub fn set_budget(&mut self, entries: usize) {
-        self.budget = entries.max(1);
+    /// Small folios are tracked exactly while the table takes less than
+    /// `bytes` of heap; at that point it keeps a sample of them (every
+    /// large folio stays, up to the capacity).
+    pub fn set_memory_budget(&mut self, bytes: u64) {
+        self.memory_budget = bytes;
+    }
+
+    /// The heap the table holds, from its containers' capacities (what
+    /// was allocated, not what is in use): the slab of entries, the hash
+    /// table, the address-space index and the side maps. Mappings of folios
+    /// shared by more than one address space spill to the heap and are not
+    /// counted (a small share: 32 bytes per further mapping).
+    pub fn heap_bytes(&self) -> u64 {
+        /// A region of `by_mm`: a B-tree entry and a vector header, the
+        /// vector's first allocation, and the tree's nodes amortised.
+        const REGION_BYTES: usize = 64;
+        let hashed = |capacity: usize, entry: usize| capacity * (entry + 1); // control byte
+        let bytes = self.slots.capacity() * size_of::<Option<FolioState>>()
+            + self.free.capacity() * size_of::<Slot>()
+            + hashed(self.by_folio.capacity(), size_of::<Slot>())
+            + hashed(self.mm_ids.capacity(), size_of::<(u64, MmIdSlots)>())
+            + hashed(self.differing_since.capacity(), size_of::<(u64, u64)>())
+            + hashed(self.forking.capacity(), size_of::<u64>())
+            + hashed(self.mm_tgid.capacity(), size_of::<(u64, u32)>())
+            + hashed(self.by_mm.capacity(), size_of::<(u64, RegionIndex)>())
+            + self.regions * REGION_BYTES
+            + self.by_mm_len * size_of::<Slot>();
+        bytes as u64
+    }
+
+    /// Whether a new small folio would take the table over its budget.
+    fn over_budget(&mut self) -> bool {
+        if self.budget != usize::MAX {
+            return self.len() >= self.budget;
+        }
+        if self.memory_budget != u64::MAX && self.heap_bytes() >= self.memory_budget {
+            self.budget = self.len();
+            return true;
+        }
+        false
     }
 
     /// Small folios are tracked one in 2^shift (0: all).
@@ -610,7 +653,13 @@ impl FolioTable {
 
     /// Files `slot` under a mapping of `mm` at `base`.
     fn index(&mut self, mm: u64, base: u64, slot: Slot) {
-        let list = self.by_mm.entry(mm).or_default().entry(base >> REGION_SHIFT).or_default();
+        let list = match self.by_mm.entry(mm).or_default().entry(base >> REGION_SHIFT) {
+            std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
+            std::collections::btree_map::Entry::Vacant(place) => {
+                self.regions += 1;
+                place.insert(Vec::new())
+            }
+        };
         if list.last() == Some(&slot) {
             return; // the slot just freed and reused, in the same region
         }
@@ -635,6 +684,7 @@ impl FolioTable {
             }
         }
         self.by_mm_len = 0;
+        self.regions = self.by_mm.values().map(BTreeMap::len).sum();
         for regions in self.by_mm.values_mut() {
             for list in regions.values_mut() {
                 list.sort_unstable();
@@ -663,7 +713,9 @@ impl FolioTable {
             pruned += listed - list.len();
             found.extend_from_slice(list);
         }
+        let before = regions.len();
         regions.retain(|_, list| !list.is_empty());
+        self.regions -= before - regions.len();
         self.by_mm_len -= pruned;
         // A folio `mm` maps at two bases in two regions (the halves of a
         // THP after mremap of one of them) is in both lists. Callers handle
@@ -682,21 +734,21 @@ impl FolioTable {
         } else if call.op == RmapOp::AddNew && call.order == 0 && self.forking.contains(&call.mm) {
             applied.phantoms += self.replace_fork_copy(call);
         }
-        let mut found = self.find(call.folio);
-        if found.is_none() && call.order == 0 && self.len() >= self.budget {
-            applied.sample_tightened = Some(self.tighten_sample());
+        // A small folio outside the sample is none of the table's business.
+        // The table cannot hold it as the large folio it was before a split:
+        // the kernel splits only unmapped folios (the large folio's entry
+        // left with its last unmap), and an order-0 event cannot come from
+        // an inline PMD split, which keeps the folio large. So no lookup:
+        // these are most events of a sampled host.
+        let outside = |table: &Self| call.order == 0 && !sampling::sampled(call.folio, 0, table.sample_shift);
+        if outside(self) {
+            applied.sampled_out = true;
+            return applied;
         }
-        // A small folio outside the sample: unless the table holds it as the
-        // large folio it was until a split, it is none of the table's business.
-        // (Its stale entry, when a missed unmap left one, goes.)
-        if call.order == 0 && !sampling::sampled(call.folio, 0, self.sample_shift) {
-            if let Some(slot) = found
-                && (call.op == RmapOp::AddNew || self.state(slot).order == 0)
-            {
-                self.remove(slot);
-                found = None;
-            }
-            if found.is_none() {
+        let found = self.find(call.folio);
+        if found.is_none() && call.order == 0 && self.over_budget() {
+            applied.sample_tightened = Some(self.tighten_sample());
+            if outside(self) {
                 applied.sampled_out = true;
                 return applied;
             }
@@ -1095,6 +1147,7 @@ impl FolioTable {
         self.mm_tgid.remove(&mm);
         self.forking.remove(&mm);
         let Some(regions) = self.by_mm.remove(&mm) else { return torn };
+        self.regions -= regions.len();
         let mut slots: Vec<Slot> = regions.into_values().flatten().collect();
         self.by_mm_len -= slots.len();
         slots.sort_unstable();
@@ -1686,7 +1739,7 @@ mod tests {
     #[test]
     fn a_full_budget_samples_small_folios() {
         let mut table = FolioTable::new(1 << 20);
-        table.set_budget(1000);
+        table.budget = 1000;
         let large = |i: u64| (1 << 40) | (i * 512 * 64);
         for i in 0..300 {
             table.apply(&call(large(i), 7, i * THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));

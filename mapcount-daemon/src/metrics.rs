@@ -55,6 +55,7 @@ pub struct Metrics {
     // Sampling of small folios beyond --folio-table.memory: the bound of
     // each scaled gauge above, by the same labels.
     pub sampling_ratio: Gauge,
+    pub table_bytes: IntGauge,
     pub sample_drops: IntCounter,
     pub events_sampled_out: IntCounter,
     pub folios_error: IntGaugeVec,
@@ -155,6 +156,10 @@ impl Metrics {
             g
         };
         let table_entries = int_gauge("mapcount_folio_table_entries", "Live folios in the daemon's table.");
+        let table_bytes = int_gauge(
+            "mapcount_folio_table_bytes",
+            "Heap the folio table holds (its containers' capacities), against --folio-table.memory: beyond it, small folios are sampled.",
+        );
 
         let metrics = Self {
             rmap_calls: counter(
@@ -317,6 +322,7 @@ impl Metrics {
                 must(registry.register(Box::new(g.clone())));
                 g
             },
+            table_bytes,
             sample_drops: single(must(IntCounter::new(
                 "mapcount_folio_table_sample_drops_total",
                 "Entries of small folios dropped from the table when it reached its memory budget and halved its sample.",

@@ -5,6 +5,9 @@
 //! with events lost at the same time (the ring-buffer counters of the
 //! same series fall short, and are printed beside them).
 //!
+//! The daemon's table budget is too small for the storm: its small folios
+//! are sampled, and the kernel side keeps the events of the others.
+//!
 //! Order-9 anonymous folios are this scenario's alone: the storm maps
 //! small pages with THP disabled, and nothing else runs in the VM.
 
@@ -14,7 +17,7 @@ use crate::{
     checker::Checker,
     demo,
     kernel::{is_thp, pfn, pid_pfn},
-    memory::{PAGE, unmap},
+    memory::{PAGE, map_anon, unmap, write_each_page},
     metrics::{MetricsSource, Scrape},
     scenarios::{THP, Waiters, map_thp_aligned},
 };
@@ -22,6 +25,8 @@ use crate::{
 /// THPs mapped: 64 MiB, enough that some of their events meet a full
 /// ring buffer.
 const THPS: usize = 32;
+/// Small pages held while the storm runs: 64 MiB, some 2 MB of table.
+const HELD_PAGES: usize = 16384;
 /// The storm runs around the THP work (its start and end included).
 const STORM_SECONDS: u64 = 20;
 
@@ -61,6 +66,12 @@ impl Figures {
 pub(crate) fn exact_totals(metrics: &MetricsSource) -> anyhow::Result<Checker> {
     let mut checker = Checker::default();
     let before = metrics.scrape()?;
+    // Small pages held throughout: more than the daemon's table budget
+    // (`--folio-table.memory=1M` in this mode) holds exactly.
+    let held =
+        map_anon(HELD_PAGES, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, libc::PROT_READ | libc::PROT_WRITE);
+    unsafe { libc::madvise(held.cast(), HELD_PAGES * PAGE, libc::MADV_NOHUGEPAGE) };
+    write_each_page(held, HELD_PAGES, 1);
     // SAFETY: the storm child only maps, touches, forks and exits.
     let storm = match unsafe { libc::fork() } {
         0 => {
@@ -109,6 +120,7 @@ pub(crate) fn exact_totals(metrics: &MetricsSource) -> anyhow::Result<Checker> {
     }
     child.release();
     unmap(p, THPS * THP / PAGE);
+    unmap(held, HELD_PAGES);
     unsafe { libc::waitpid(storm, ptr::null_mut(), 0) };
 
     // The totals are read from the kernel at scrape time: nothing to drain.
@@ -130,5 +142,23 @@ pub(crate) fn exact_totals(metrics: &MetricsSource) -> anyhow::Result<Checker> {
     checker.exact("exact/thp_first_mappings", thps_given, exact.add_new_calls);
     checker.exact("exact/thp_first_mapping_pages", thps_given * 512, exact.add_new_pages);
     checker.exact("exact/thp_page_copies", copied, exact.copies);
+
+    // The daemon runs with a table budget the storm overflows: small folios
+    // are sampled, and the kernel side keeps the others' events. Of the
+    // small folios' rmap calls the kernel counted, those neither received
+    // nor lost (every lost event counted as one of them) stayed in the kernel.
+    let small = |scrape: &Scrape, name: &str| scrape.sum(name, &[("order", "0")]);
+    let counted =
+        small(&after, "mapcount_exact_rmap_calls_total") - small(&before, "mapcount_exact_rmap_calls_total");
+    let received = small(&after, "mapcount_rmap_calls_total") - small(&before, "mapcount_rmap_calls_total");
+    let ratio = after.sum("mapcount_folio_table_sampling_ratio", &[]);
+    let dropped_by_daemon = after.sum("mapcount_events_sampled_out_total", &[]);
+    let kept_in_kernel = counted - received - exact.lost;
+    println!(
+        "MAPCOUNT-SAMPLING ratio={ratio} small_rmap_calls: counted={counted} received={received} kept_in_kernel>={kept_in_kernel} dropped_by_daemon={dropped_by_daemon} table_bytes={}",
+        after.sum("mapcount_folio_table_bytes", &[])
+    );
+    checker.range("sampling/small_folios_sampled", 1, 1.0 / ratio, 2.0, f64::INFINITY);
+    checker.range("sampling/kept_in_the_kernel", 1, kept_in_kernel, 1.0, f64::INFINITY);
     Ok(checker)
 }

@@ -6,7 +6,7 @@ extra=""
 [ "$MODE" = test ] && extra="--record /tmp/events.rec --metrics.dump-on-exit /tmp/final.prom --ringbuf.size=67108864"
 [ "$MODE" = selftests ] && extra="--ringbuf.size=67108864"
 # Overload: a ring buffer the storm overflows, a folio table it fills.
-[ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000"
+[ "$MODE" = soak ] && extra="--ringbuf.size=65536 --folio-table.size=20000 --folio-table.memory=1M"
 mapcountd --web.listen-address=0.0.0.0:9730 --attach.mode=$attach --log.level=info,mapcount_daemon::aggregate=debug,mapcount_daemon::folios=debug $extra >/tmp/mapcountd.log 2>&1 &
 daemon=$!
 ready=0

@@ -31,7 +31,7 @@ pub(crate) fn replay(
         record::Reader::new(BufReader::new(file)).with_context(|| format!("{}", path.display()))?;
     let metrics = Arc::new(Metrics::new());
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), folio_table_size);
-    aggregator.set_table_budget(settings::table_budget(folio_table_memory));
+    aggregator.set_table_memory(folio_table_memory);
     // Records are replayed in the order they were recorded: the live daemon
     // records each batch after sorting it.
     let mut sink =

@@ -139,7 +139,7 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     let mut events = object::event_ring(&mut ebpf)?;
 
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), args.folio_table_size);
-    aggregator.set_table_budget(crate::settings::table_budget(args.folio_table_memory));
+    aggregator.set_table_memory(args.folio_table_memory);
     aggregator.name_cgroups_from_proc();
     let kernel_sampling = object::KernelSampling::from_object(&mut ebpf)?;
     let aggregator = Arc::new(Mutex::new(aggregator));

@@ -190,14 +190,10 @@ impl Settings {
 /// (6.4 GiB of small folios mapped) tracked exactly.
 pub(crate) const DEFAULT_TABLE_MEMORY: u64 = 256 << 20;
 
-/// Entries the table holds before it samples, in `memory` bytes.
-pub(crate) fn table_budget(memory: u64) -> usize {
-    usize::try_from(memory / resources::BYTES_PER_FOLIO).unwrap_or(usize::MAX).max(1)
-}
-
-/// Room for twice the budget: large folios are never sampled.
+/// The hard bound on entries: twice what `memory` holds at the measured
+/// bytes per folio, room for large folios, which are never sampled.
 pub(crate) fn default_table_size(memory: u64) -> usize {
-    table_budget(memory).saturating_mul(2)
+    usize::try_from(memory / resources::BYTES_PER_FOLIO).unwrap_or(usize::MAX).saturating_mul(2).max(1)
 }
 
 pub(crate) fn parse_ring_size(s: &str) -> Result<u32, config::ValueError> {
