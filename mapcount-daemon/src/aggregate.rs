@@ -288,6 +288,11 @@ impl Aggregator {
         self.table.set_memory_budget(bytes);
     }
 
+    /// Sample small folios from the start, one in 2^`shift`.
+    pub fn sample_from_now(&mut self, shift: u32) {
+        self.table.sample_from_now(shift);
+    }
+
     pub fn apply(&mut self, event: &Decoded) {
         // Bounded: a corrupt record must not make the daemon allocate.
         let cpu = event.cpu() as usize;

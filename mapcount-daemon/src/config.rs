@@ -106,6 +106,7 @@ pub struct Ringbuf {
 pub struct FolioTable {
     pub size: Option<toml::Spanned<usize>>,
     pub memory: Option<toml::Spanned<String>>,
+    pub sample_shift: Option<toml::Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq)]
@@ -177,6 +178,11 @@ impl Config {
         if let Some(memory) = &config.folio_table.memory {
             check("folio_table.memory", memory.span(), byte_size(memory.get_ref()).map(drop))?;
         }
+        if let Some(shift) = &config.folio_table.sample_shift
+            && *shift.get_ref() > mapcount_common::sampling::MAX_SHIFT
+        {
+            check("folio_table.sample_shift", shift.span(), Err(ValueError::SampleShift(*shift.get_ref())))?;
+        }
         if let Some(level) = &config.log.level {
             check("log.level", level.span(), log_level(level.get_ref()).map(drop))?;
         }
@@ -207,6 +213,8 @@ pub enum ValueError {
     SizeTooLarge(String),
     #[error("{0:?} is below 1M")]
     SizeTooSmall(String),
+    #[error("{0} is above 20 (one small folio in 2^20)")]
+    SampleShift(u32),
     #[error("{0:?} names no level: use one of off, error, warn, info, debug, trace (or target=level)")]
     LogLevel(String),
     #[error("empty: use one of error, warn, info, debug, trace")]

@@ -401,10 +401,6 @@ pub struct FolioTable {
     /// Heap bytes the table may take before it samples small folios
     /// (`--folio-table.memory`; see [`FolioTable::heap_bytes`]).
     memory_budget: u64,
-    /// The entries it held when that budget was first reached: its
-    /// capacities do not shrink, so from then on the count is the measure.
-    /// `capacity` is the hard bound beyond both.
-    budget: usize,
     /// Small folios are tracked one in 2^`sample_shift`
     /// (`mapcount_common::sampling`); 0 while the table is exact.
     sample_shift: u32,
@@ -432,7 +428,6 @@ impl FolioTable {
             mm_ids: HashMap::default(),
             differing_since: HashMap::default(),
             memory_budget: u64::MAX,
-            budget: usize::MAX,
             sample_shift: 0,
         }
     }
@@ -467,16 +462,33 @@ impl FolioTable {
         bytes as u64
     }
 
-    /// Whether a new small folio would take the table over its budget.
-    fn over_budget(&mut self) -> bool {
-        if self.budget != usize::MAX {
-            return self.len() >= self.budget;
+    /// Whether a new small folio would take the table over its budget:
+    /// over its memory, or to the hard bound on entries (where it would
+    /// evict). A folio that takes a free slot grows nothing (the slab and
+    /// the hash table keep their size when entries leave), so only a table
+    /// without one is asked, and the slab's next doubling counts.
+    fn over_budget(&self) -> bool {
+        if !self.free.is_empty() {
+            return false;
         }
-        if self.memory_budget != u64::MAX && self.heap_bytes() >= self.memory_budget {
-            self.budget = self.len();
+        if self.len() + 1 >= self.capacity {
             return true;
         }
-        false
+        let slot = size_of::<Option<FolioState>>();
+        let growth =
+            if self.slots.len() == self.slots.capacity() { self.slots.capacity().max(4) * slot } else { 0 };
+        self.memory_budget != u64::MAX && self.heap_bytes() + growth as u64 >= self.memory_budget
+    }
+
+    /// Track one small folio in 2^`shift` from now on, before the budget
+    /// asks for it (a sample only ever gets sparser: entries outside it go).
+    pub fn sample_from_now(&mut self, shift: u32) -> usize {
+        let mut dropped = 0;
+        while self.sample_shift < shift.min(sampling::MAX_SHIFT) {
+            self.sample_shift += 1;
+            dropped += self.drop_outside_sample();
+        }
+        dropped
     }
 
     /// Small folios are tracked one in 2^shift (0: all).
@@ -484,22 +496,29 @@ impl FolioTable {
         self.sample_shift
     }
 
-    /// The table is full of its budget: track half as many small folios
-    /// (drop the entries of those that leave the sample), again until it
-    /// has room for an eighth more, or the sample is at its sparsest.
-    /// Returns the entries dropped. Raising the shift only ever drops
-    /// folios (the samples are nested), so nothing is counted twice.
+    /// The table is at its budget: track half as many small folios (drop
+    /// the entries of those that leave the sample; their slots take the
+    /// next folios), halving again while that frees nothing, down to the
+    /// sparsest sample. Returns the entries dropped. Raising the shift only
+    /// ever drops folios (the samples are nested): nothing is counted twice.
     fn tighten_sample(&mut self) -> usize {
         let mut dropped = 0;
-        while self.sample_shift < sampling::MAX_SHIFT && self.len() >= self.budget - self.budget / 8 {
+        while dropped == 0 && self.sample_shift < sampling::MAX_SHIFT {
             self.sample_shift += 1;
-            for slot in 0..self.slots.len() {
-                if let Some(state) = &self.slots[slot]
-                    && !sampling::sampled(state.folio, state.order, self.sample_shift)
-                {
-                    self.remove(slot as Slot);
-                    dropped += 1;
-                }
+            dropped = self.drop_outside_sample();
+        }
+        dropped
+    }
+
+    /// Drops the entries of small folios outside the current sample.
+    fn drop_outside_sample(&mut self) -> usize {
+        let mut dropped = 0;
+        for slot in 0..self.slots.len() {
+            if let Some(state) = &self.slots[slot]
+                && !sampling::sampled(state.folio, state.order, self.sample_shift)
+            {
+                self.remove(slot as Slot);
+                dropped += 1;
             }
         }
         dropped
@@ -1739,7 +1758,7 @@ mod tests {
     #[test]
     fn a_full_budget_samples_small_folios() {
         let mut table = FolioTable::new(1 << 20);
-        table.budget = 1000;
+        table.set_memory_budget(256 << 10);
         let large = |i: u64| (1 << 40) | (i * 512 * 64);
         for i in 0..300 {
             table.apply(&call(large(i), 7, i * THP, RmapOp::AddNew, Level::Pmd, 512, Some(1)));
@@ -1750,8 +1769,9 @@ mod tests {
             dropped += applied.sample_tightened.unwrap_or(0);
         }
         let shift = table.sample_shift();
-        assert!(shift >= 4, "20,000 small folios in 700 entries: shift {shift}");
-        assert!(table.len() < 1000, "{} entries", table.len());
+        assert!(shift >= 2, "20,000 small folios in 256 KiB: shift {shift}");
+        // The large folios are never sampled: they alone may take more.
+        assert!(table.heap_bytes() < 2 * (256 << 10), "{} bytes", table.heap_bytes());
         assert!(dropped > 0);
         let sampled: Vec<u64> =
             (1..=20_000u64).map(|f| f * 64).filter(|&f| sampling::sampled(f, 0, shift)).collect();

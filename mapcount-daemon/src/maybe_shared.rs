@@ -73,14 +73,15 @@ impl Verdict {
 /// Address spaces are told apart by the daemon's mm key instead of the
 /// kernel's `mm_id`: the same identity while the address space lives.
 /// Counts are in `folio_mapcount()` units (one per PTE, one per PMD) and,
-/// like the kernel's, start at -1.
+/// like the kernel's, start at -1; they are `int`s there too. 32 bytes: one
+/// per live large folio.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmIdSlots {
     /// 0 is the kernel's `MM_ID_DUMMY`: a free slot.
     mm: [u64; 2],
-    mapcount: [i64; 2],
+    mapcount: [i32; 2],
     /// `_large_mapcount`.
-    total: i64,
+    total: i32,
     shared: bool,
 }
 
@@ -97,15 +98,15 @@ impl MmIdSlots {
     }
 
     pub fn add(&mut self, mm: u64, diff: u64) {
-        let diff = diff as i64;
+        let diff = i32::try_from(diff).unwrap_or(i32::MAX);
         if diff == 0 {
             return;
         }
-        self.total += diff;
+        self.total = self.total.wrapping_add(diff);
         if self.mm[0] == mm {
-            self.mapcount[0] += diff;
+            self.mapcount[0] = self.mapcount[0].wrapping_add(diff);
         } else if self.mm[1] == mm {
-            self.mapcount[1] += diff;
+            self.mapcount[1] = self.mapcount[1].wrapping_add(diff);
         } else if self.mm[0] == 0 {
             self.mm[0] = mm;
             self.mapcount[0] = diff - 1;
@@ -125,14 +126,14 @@ impl MmIdSlots {
     }
 
     pub fn sub(&mut self, mm: u64, diff: u64) {
-        let diff = diff as i64;
+        let diff = i32::try_from(diff).unwrap_or(i32::MAX);
         if diff == 0 {
             return;
         }
-        self.total -= diff;
+        self.total = self.total.wrapping_sub(diff);
         for i in 0..2 {
             if self.mm[i] == mm {
-                self.mapcount[i] -= diff;
+                self.mapcount[i] = self.mapcount[i].wrapping_sub(diff);
                 if self.mapcount[i] >= 0 {
                     return;
                 }

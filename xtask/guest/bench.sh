@@ -55,6 +55,11 @@ tracer() {
             # Paused while a loop runs: 64 MiB hold every record meanwhile.
             mapcountd --attach.mode=${1#mapcountd-} --ringbuf.size=67108864 --log.level=warn >/tmp/tracer.log 2>&1 &
             tracer_pid=$!; pause="--pause $tracer_pid"; ready ;;
+        mapcountd-fentry-sampled)
+            # As above, tracking one small folio in 2^20: the kernel side
+            # counts every call and sends almost no record.
+            mapcountd --attach.mode=fentry --folio-table.sample-shift=20 --ringbuf.size=67108864 --log.level=warn >/tmp/tracer.log 2>&1 &
+            tracer_pid=$!; pause="--pause $tracer_pid"; ready ;;
         mapcountd-fentry-running)
             mapcountd --attach.mode=fentry --log.level=warn >/tmp/tracer.log 2>&1 &
             tracer_pid=$!; ready ;;
@@ -81,7 +86,7 @@ tracer() {
 }
 # Kernel-side cost: the same loops under each tracer, five rounds.
 for round in 1 2 3 4 5; do
-    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-running mapcountd-fentry-every-record \
+    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running mapcountd-fentry-every-record \
         bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
         tracer_pid=""
         pause=""

@@ -140,8 +140,10 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
 
     let mut aggregator = Aggregator::new(Arc::clone(&metrics), args.folio_table_size);
     aggregator.set_table_memory(args.folio_table_memory);
+    aggregator.sample_from_now(args.folio_table_sample_shift);
     aggregator.name_cgroups_from_proc();
-    let kernel_sampling = object::KernelSampling::from_object(&mut ebpf)?;
+    let mut kernel_sampling = object::KernelSampling::from_object(&mut ebpf)?;
+    kernel_sampling.follow(aggregator.table().sample_shift())?;
     let aggregator = Arc::new(Mutex::new(aggregator));
     let record = match &args.record {
         Some(path) => {

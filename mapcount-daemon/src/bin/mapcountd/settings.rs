@@ -57,6 +57,10 @@ pub(crate) struct RunArgs {
     /// lowered to half a cgroup memory limit].
     #[arg(long = "folio-table.memory", value_name = "BYTES", value_parser = config::byte_size)]
     folio_table_memory: Option<u64>,
+    /// Track one small folio in 2^N from the start, not only once
+    /// --folio-table.memory is reached (a cheaper kernel side) [default: 0].
+    #[arg(long = "folio-table.sample-shift", value_name = "N", value_parser = clap::value_parser!(u32).range(0..=20))]
+    folio_table_sample_shift: Option<u32>,
     /// Most folios the table holds, large ones included; beyond it, entries
     /// are evicted and counted [default: twice what --folio-table.memory holds].
     #[arg(long = "folio-table.size", value_name = "N", value_parser = parse_at_least_one)]
@@ -94,6 +98,7 @@ pub(crate) struct Settings {
     pub(crate) wakeup: Wakeup,
     pub(crate) attach_mode: AttachMode,
     pub(crate) folio_table_memory: u64,
+    pub(crate) folio_table_sample_shift: u32,
     pub(crate) folio_table_size: usize,
     pub(crate) btf: PathBuf,
     pub(crate) record: Option<PathBuf>,
@@ -167,6 +172,10 @@ impl Settings {
             wakeup: args.wakeup.or(file.ringbuf.wakeup).unwrap_or(Wakeup::Batch),
             attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
             folio_table_memory,
+            folio_table_sample_shift: args
+                .folio_table_sample_shift
+                .or(file.folio_table.sample_shift.map(|n| n.into_inner()))
+                .unwrap_or(0),
             folio_table_size: args
                 .folio_table_size
                 .or(file.folio_table.size.map(|n| n.into_inner()))
