@@ -362,8 +362,9 @@ pub struct RmapCall {
 /// Index of a folio's entry in `FolioTable::slots`.
 type Slot = u32;
 
-/// Slots of the folios one address space maps, by 2 MiB region.
-type RegionIndex = BTreeMap<u64, Vec<Slot>>;
+/// Slots of the folios one address space maps, by 2 MiB region. Two slots
+/// fit inline: a sampled table has many regions with one folio in each.
+type RegionIndex = BTreeMap<u64, SmallVec<[Slot; 2]>>;
 
 /// The live folios. Entries sit in a slab (`slots`) and a hash table of
 /// slot numbers finds them by address: 4 bytes per hash bucket instead of
@@ -445,8 +446,8 @@ impl FolioTable {
     /// shared by more than one address space spill to the heap and are not
     /// counted (a small share: 32 bytes per further mapping).
     pub fn heap_bytes(&self) -> u64 {
-        /// A region of `by_mm`: a B-tree entry and a vector header, the
-        /// vector's first allocation, and the tree's nodes amortised.
+        /// A region of `by_mm`: a B-tree entry (two slots inline), the
+        /// tree's nodes amortised; longer lists count in `by_mm_len`.
         const REGION_BYTES: usize = 64;
         let hashed = |capacity: usize, entry: usize| capacity * (entry + 1); // control byte
         let bytes = self.slots.capacity() * size_of::<Option<FolioState>>()
@@ -676,7 +677,7 @@ impl FolioTable {
             std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
             std::collections::btree_map::Entry::Vacant(place) => {
                 self.regions += 1;
-                place.insert(Vec::new())
+                place.insert(SmallVec::new())
             }
         };
         if list.last() == Some(&slot) {
@@ -726,7 +727,7 @@ impl FolioTable {
         let mut pruned = 0;
         for (&region, list) in regions.range_mut(start >> REGION_SHIFT..=(end - 1) >> REGION_SHIFT) {
             let listed = list.len();
-            list.retain(|&slot| slots[slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region)));
+            list.retain(|slot| slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region)));
             list.sort_unstable();
             list.dedup();
             pruned += listed - list.len();
