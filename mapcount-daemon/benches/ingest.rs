@@ -135,13 +135,19 @@ fn recorded_stream(records: &mut Stream, path: &str) {
     }
 }
 
-fn rss_kib() -> u64 {
+/// A memory figure of this process from /proc/self/status, in KiB:
+/// `VmRSS:` now, `VmHWM:` at its peak.
+fn status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")?.split_whitespace().next()?.parse().ok())
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok()))
         .unwrap_or(0)
+}
+
+/// Every series of a counter, summed.
+fn sum(counter: &prometheus::IntCounterVec) -> u64 {
+    use prometheus::core::Collector as _;
+    counter.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
 }
 
 /// Weeks of a busy host's events through one aggregator, generated as
@@ -234,15 +240,11 @@ fn uptime(total_events: u64) -> bool {
         }
         i += 1;
         if i.is_multiple_of((total_events / 20 / 3).max(1)) {
-            samples.push((events, rss_kib()));
+            samples.push((events, status_kib("VmRSS:")));
         }
     }
     let seconds = started.elapsed().as_secs_f64();
     aggregator.publish_metrics();
-    let sum = |c: &prometheus::IntCounterVec| -> u64 {
-        use prometheus::core::Collector as _;
-        c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
-    };
     let checks = [
         ("mapcount_rmap_calls_total", sum(&metrics.rmap_calls), rmap_calls),
         ("mapcount_rmap_pages_total", sum(&metrics.rmap_pages), rmap_pages),
@@ -303,16 +305,6 @@ fn uptime(total_events: u64) -> bool {
 fn bytes_of<T: Copy>(record: &T) -> &[u8] {
     // SAFETY: plain integers without padding, read as bytes for their lifetime.
     unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-/// Peak resident memory of this process, in KiB.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:")?.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// The events of a synthetic terabyte host, generated in chunks and fed to
@@ -523,11 +515,7 @@ fn terabyte(memory: u64) -> bool {
     }
     flush(&mut chunk, &mut aggregator, true);
     check("children_exited", &aggregator, SMALL, 0, SMALL + large_pages);
-    let peak_mib = peak_rss_kib() as f64 / 1024.0;
-    let sum = |c: &prometheus::IntCounterVec| -> u64 {
-        use prometheus::core::Collector as _;
-        c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
-    };
+    let peak_mib = status_kib("VmHWM:") as f64 / 1024.0;
     for (name, value, truth) in [
         ("mapcount_rmap_calls_total", sum(&metrics.rmap_calls), rmap_calls),
         ("mapcount_rmap_pages_total", sum(&metrics.rmap_pages), rmap_pages),
