@@ -487,6 +487,7 @@ fn terabyte(memory: u64) -> bool {
                 1,
                 0,
             )));
+            flush(&mut chunk, &mut aggregator, false);
         }
         for page in copied..BIG_PAGES {
             // Children still mapping the page (this one included), and the parent.

@@ -44,6 +44,8 @@ const PMD_ORDER: u8 = 9;
 
 /// The index files mappings by 2 MiB region of the address space: fork and
 /// mremap ask for an address range, teardown for a whole address space.
+/// A sampled table widens the regions by its sampling factor (see
+/// [`FolioTable::region_shift`]).
 const REGION_SHIFT: u32 = 21;
 
 /// The mappings one address space holds on a folio at one address.
@@ -206,9 +208,10 @@ impl FolioState {
         self.mappings.iter().filter(|m| m.total() > 0).count()
     }
 
-    /// Whether the index's entry for `mm` and `region` is still current.
-    fn filed_at(&self, mm: u64, region: u64) -> bool {
-        self.mappings.iter().any(|m| m.mm == mm && m.base >> REGION_SHIFT == region && m.total() > 0)
+    /// Whether the index's entry for `mm` and `region` (of 2^`shift`
+    /// bytes) is still current.
+    fn filed_at(&self, mm: u64, region: u64, shift: u32) -> bool {
+        self.mappings.iter().any(|m| m.mm == mm && m.base >> shift == region && m.total() > 0)
     }
 
     /// Drops `excess` mappings the kernel does not have: those of other
@@ -362,8 +365,9 @@ pub struct RmapCall {
 /// Index of a folio's entry in `FolioTable::slots`.
 type Slot = u32;
 
-/// Slots of the folios one address space maps, by 2 MiB region. Two slots
-/// fit inline: a sampled table has many regions with one folio in each.
+/// Slots of the folios one address space maps, by region. Two slots fit
+/// inline at no cost (a SmallVec of two `u32` is the size of a Vec): an
+/// address space's few large folios each have a region of their own.
 type RegionIndex = BTreeMap<u64, SmallVec<[Slot; 2]>>;
 
 /// The live folios. Entries sit in a slab (`slots`) and a hash table of
@@ -463,7 +467,7 @@ impl FolioTable {
         bytes as u64
     }
 
-    /// Whether a new small folio would take the table over its budget:
+    /// Whether a new folio would take the table over its budget:
     /// over its memory, or to the hard bound on entries (where it would
     /// evict). A folio that takes a free slot grows nothing (the slab and
     /// the hash table keep their size when entries leave), so only a table
@@ -511,7 +515,8 @@ impl FolioTable {
         dropped
     }
 
-    /// Drops the entries of small folios outside the current sample.
+    /// Drops the entries of small folios outside the current sample, and
+    /// files what stays in regions as much wider as the sample is sparser.
     fn drop_outside_sample(&mut self) -> usize {
         let mut dropped = 0;
         for slot in 0..self.slots.len() {
@@ -522,7 +527,17 @@ impl FolioTable {
                 dropped += 1;
             }
         }
+        self.rebuild_index();
         dropped
+    }
+
+    /// log2 of the index's region size. Exact, 2 MiB: up to 512 small
+    /// folios per region. Sampled one in 2^n, 2^n times wider, so that a
+    /// region still holds about as many entries: at 2 MiB, most regions of
+    /// a sparse sample would hold one folio, and their index cost more than
+    /// the entries (the terabyte replay: a million regions, 64 MB).
+    fn region_shift(&self) -> u32 {
+        REGION_SHIFT + self.sample_shift
     }
 
     pub fn len(&self) -> usize {
@@ -673,7 +688,8 @@ impl FolioTable {
 
     /// Files `slot` under a mapping of `mm` at `base`.
     fn index(&mut self, mm: u64, base: u64, slot: Slot) {
-        let list = match self.by_mm.entry(mm).or_default().entry(base >> REGION_SHIFT) {
+        let region = base >> self.region_shift();
+        let list = match self.by_mm.entry(mm).or_default().entry(region) {
             std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
             std::collections::btree_map::Entry::Vacant(place) => {
                 self.regions += 1;
@@ -691,16 +707,12 @@ impl FolioTable {
     }
 
     fn rebuild_index(&mut self) {
+        let shift = self.region_shift();
         self.by_mm.clear();
         for (slot, state) in self.slots.iter().enumerate() {
             let Some(state) = state else { continue };
             for m in state.mappings.iter().filter(|m| m.total() > 0) {
-                self.by_mm
-                    .entry(m.mm)
-                    .or_default()
-                    .entry(m.base >> REGION_SHIFT)
-                    .or_default()
-                    .push(slot as Slot);
+                self.by_mm.entry(m.mm).or_default().entry(m.base >> shift).or_default().push(slot as Slot);
             }
         }
         self.by_mm_len = 0;
@@ -718,6 +730,7 @@ impl FolioTable {
     /// stale entries on the way. Each slot once, though it may be listed in
     /// more than one region (see the end).
     fn slots_in(&mut self, mm: u64, start: u64, end: u64) -> Vec<Slot> {
+        let shift = self.region_shift();
         let Some(regions) = self.by_mm.get_mut(&mm) else { return Vec::new() };
         if end <= start {
             return Vec::new();
@@ -725,9 +738,9 @@ impl FolioTable {
         let slots = &self.slots;
         let mut found = Vec::new();
         let mut pruned = 0;
-        for (&region, list) in regions.range_mut(start >> REGION_SHIFT..=(end - 1) >> REGION_SHIFT) {
+        for (&region, list) in regions.range_mut(start >> shift..=(end - 1) >> shift) {
             let listed = list.len();
-            list.retain(|slot| slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region)));
+            list.retain(|slot| slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region, shift)));
             list.sort_unstable();
             list.dedup();
             pruned += listed - list.len();
@@ -766,7 +779,9 @@ impl FolioTable {
             return applied;
         }
         let found = self.find(call.folio);
-        if found.is_none() && call.order == 0 && self.over_budget() {
+        // A large folio is always tracked, but the budget is the whole
+        // table's: small folios make room for it.
+        if found.is_none() && self.over_budget() {
             applied.sample_tightened = Some(self.tighten_sample());
             if outside(self) {
                 applied.sampled_out = true;
@@ -1746,6 +1761,53 @@ mod tests {
 
     /// Small folios mapped once and then forked: the shape of the sampling
     /// tests. `kernel` is the kernel's count before the call.
+    /// A sampled table files its entries in regions 2^shift times wider:
+    /// fork and mremap of part of a region still touch only the folios
+    /// mapped inside their range, and one sample shift later as well.
+    #[test]
+    fn sampled_regions_keep_ranges_exact() {
+        let mut table = FolioTable::new(1 << 20);
+        table.sample_from_now(4);
+        let heap = 0x7f00_0000_0000u64;
+        let at = |page: u64| call(0, 7, heap + page * PAGE, RmapOp::AddNew, Level::Pte, 1, Some(0));
+        // Small folios one page apart over 8 MiB, and the sampled ones.
+        let folio_of = |page: u64| (1 << 30) + page * 64;
+        let mut kept = Vec::new();
+        for page in 0..2048 {
+            let applied = table.apply(&RmapCall { folio: folio_of(page), order: 0, ..at(page) });
+            if !applied.sampled_out {
+                kept.push(page);
+            }
+        }
+        assert!(kept.len() > 64 && kept.len() < 2048 / 8, "{} of 2048 sampled at 1/16", kept.len());
+        // The child copies the VMA [1 MiB + 3 pages, 5 MiB): inside one wide region.
+        let (start, end) = (256 + 3, 1280);
+        let inside = kept.iter().filter(|&&p| (start..end).contains(&p)).count();
+        assert_eq!(table.fork(7, 8, heap + start * PAGE, heap + end * PAGE, true), inside);
+        for &page in &kept {
+            let sharers = if (start..end).contains(&page) { 2 } else { 1 };
+            assert_eq!(table.folio(folio_of(page)).sharers(), sharers, "page {page}");
+        }
+        // Sparser: the index is refiled; mremap of [0, 64 pages) to 1 GiB up.
+        table.sample_from_now(5);
+        let kept: Vec<u64> = kept.into_iter().filter(|&p| sampling::sampled(folio_of(p), 0, 5)).collect();
+        let moved = kept.iter().filter(|&&p| p < 64).count();
+        assert_eq!(table.move_range(7, heap, heap + (1 << 30), 64 * PAGE), moved);
+        for &page in &kept {
+            let base = if page < 64 { heap + (1 << 30) + page * PAGE } else { heap + page * PAGE };
+            assert!(
+                table.folio(folio_of(page)).mappings.iter().any(|m| m.mm == 7 && m.base == base),
+                "page {page}"
+            );
+        }
+        // The child's exit leaves the parent's mappings alone.
+        table.teardown(8);
+        for &page in &kept {
+            assert_eq!(table.folio(folio_of(page)).sharers(), 1);
+        }
+        assert_eq!(table.len(), kept.len());
+    }
+
     fn small(folio: u64, mm: u64, op: RmapOp, kernel: u64) -> RmapCall {
         RmapCall {
             order: 0,
