@@ -383,8 +383,9 @@ pub struct Resolved {
 pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 pub fn load_btf(path: &Path) -> Result<Btf, LayoutError> {
-    Btf::from_file(path)
-        .map_err(|e| LayoutError::ReadBtf { path: path.display().to_string(), reason: format!("{e:#}") })
+    let error = |reason: String| LayoutError::ReadBtf { path: path.display().to_string(), reason };
+    let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
+    Btf::from_bytes(&bytes).map_err(|e| error(format!("{e:#}")))
 }
 
 pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {

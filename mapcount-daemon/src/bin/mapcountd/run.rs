@@ -24,13 +24,28 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     privileges::check()?;
     fit_to_host(&mut args);
 
-    let btf = layout::load_btf(&args.btf)?;
-    let resolved = layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")?;
+    // Three reads that take most of start-up before the verifier: the
+    // kernel formats /proc/kallsyms line by line, and the kernel's BTF is
+    // parsed twice (the layout's parser, and aya's for fentry targets).
+    // Each on its own core.
+    let (symbols, aya_btf, resolved) = std::thread::scope(|scope| {
+        let symbols = scope.spawn(KernelSymbols::read);
+        let aya_btf = scope.spawn(aya::Btf::from_sys_fs);
+        let resolved = layout::load_btf(&args.btf).map_err(anyhow::Error::from).and_then(|btf| {
+            layout::resolve(&btf).context("resolving folio field offsets from the kernel's BTF")
+        });
+        let joined = |name| move |_| anyhow::anyhow!("the thread reading {name} panicked");
+        anyhow::Ok((
+            symbols.join().map_err(joined("/proc/kallsyms"))?,
+            aya_btf.join().map_err(joined("the kernel's BTF"))?,
+            resolved?,
+        ))
+    })?;
     for field in resolved.fields.iter().filter(|f| f.offset.is_none()) {
         tracing::info!(field = field.slot, "field absent on this kernel; metrics that need it stay empty");
     }
 
-    let symbols = KernelSymbols::read().context("reading /proc/kallsyms")?;
+    let symbols = symbols.context("reading /proc/kallsyms")?;
     let whole_fault_windows = probes::whole_fault_windows(&symbols);
     if whole_fault_windows {
         tracing::info!(
@@ -46,7 +61,7 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     )?;
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("setting up eBPF logging")?;
     // aya's own BTF parse, for fentry targets; without it every probe uses kprobes.
-    let aya_btf = match aya::Btf::from_sys_fs() {
+    let aya_btf = match aya_btf {
         Ok(btf) => Some(btf),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read kernel BTF for fentry; using kprobes");
