@@ -120,6 +120,44 @@ fn sampled_out(event: &Event) -> bool {
     !sampling::sampled(event.folio, event.order, shift)
 }
 
+/// Small folios are sampled, and `folio`'s address is outside the sample:
+/// the folio's events are dropped if it is small.
+#[inline(always)]
+fn outside_sample(folio: u64) -> bool {
+    let shift = SAMPLING.get(0).copied().unwrap_or(0);
+    shift != 0 && !sampling::sampled(folio, 0, shift)
+}
+
+/// With small folios sampled, most rmap calls are about a small folio
+/// outside the sample. For a `page` whose address is outside it
+/// ([`outside_sample`]), this tells from its first `struct page` alone,
+/// before the VMA, the clock or the folio's counters are read, whether it
+/// is a small folio: then the call is counted in the exact totals (unless
+/// it is on the daemon's own `mm`) and goes no further. False for what the
+/// full path must see: a large folio, a tail page, an unreadable page.
+#[inline(always)]
+fn small_and_sampled_out(page: u64, mm: u64, op: RmapOp, level: Level, nr_pages: u32) -> bool {
+    let mut snapshot = Snapshot::EMPTY;
+    if !snapshot.take_first_page(page) {
+        return false;
+    }
+    let info: u64 = snapshot.field(layout!(page_compound_head)).unwrap_or(0);
+    if info & 1 != 0 || is_large(&snapshot) {
+        return false;
+    }
+    // Hugetlb folios are large: of the full path's filters, only the
+    // daemon's own address space applies.
+    if is_observer(mm) {
+        count(counter::OBSERVER_SKIPPED);
+        return true;
+    }
+    let mut event = Event::ZERO;
+    fill_folio(&mut event, page, &snapshot);
+    note_in_fault_window(op, page);
+    total_rmap(op, level, &event, nr_pages);
+    true
+}
+
 /// Adds `n` to this CPU's total at `slot`.
 #[inline(always)]
 fn add_to_total(slot: usize, n: u64) {
@@ -352,6 +390,19 @@ impl Snapshot {
         }
     }
 
+    /// Copies only the first `struct page` at `base`: all a small folio
+    /// has (fields beyond it read as zero).
+    /// Returns whether it was copied.
+    #[inline(always)]
+    fn take_first_page(&mut self, base: u64) -> bool {
+        self.base = base;
+        let bytes = unsafe {
+            core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SMALL_FOLIO_BYTES)
+        };
+        self.copied = base != 0 && unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+        self.copied
+    }
+
     /// An integer field at `offset`.
     #[inline(always)]
     fn field<T: Copy>(&self, offset: u32) -> Option<T> {
@@ -404,14 +455,21 @@ fn compound_head(page: u64, info: u64) -> u64 {
     if below & below.wrapping_add(1) == 0 { page & value } else { value }
 }
 
+/// PG_head: a large folio.
+#[inline(always)]
+fn is_large(snapshot: &Snapshot) -> bool {
+    let flags: u64 = snapshot.field(layout!(folio_flags)).unwrap_or(0);
+    let head_bit = layout!(pg_head_bit);
+    head_bit < 64 && flags & (1u64 << head_bit) != 0
+}
+
 /// What the folio is and its counters, from a snapshot of the folio.
 #[inline(always)]
 fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
     event.folio = folio;
     let flags: u64 = snapshot.field(layout!(folio_flags)).unwrap_or(0);
     let mapping: u64 = snapshot.field(layout!(folio_mapping)).unwrap_or(0);
-    let head_bit = layout!(pg_head_bit);
-    let large = head_bit < 64 && flags & (1u64 << head_bit) != 0;
+    let large = is_large(snapshot);
     // PG_swapcache is PG_owner_priv_1, which file folios use as PG_checked:
     // folio_test_swapcache() also wants PG_swapbacked.
     let swapcache_bit = layout!(pg_swapcache_bit);
@@ -495,6 +553,12 @@ fn is_observer(mm: u64) -> bool {
         return false;
     }
     let Some(known) = OBSERVER_MM.get_ptr_mut(0) else { return false };
+    // Once learnt, the daemon's mm says it all (it never execs): no read of
+    // the current task on every call.
+    let learnt = unsafe { *known };
+    if learnt != 0 && mm != 0 {
+        return mm == learnt;
+    }
     let (current_mm, tgid) = current_mm_and_tgid();
     if tgid == observer_tgid && current_mm != 0 {
         unsafe { *known = current_mm };
@@ -613,6 +677,9 @@ fn now() -> u64 {
 
 #[inline(always)]
 fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
+    if outside_sample(folio) && small_and_sampled_out(folio, vma_mm(vma), op, level, nr_pages) {
+        return;
+    }
     let facts = vma_facts(vma);
     if left_out(&facts) {
         return;
@@ -635,6 +702,9 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
 #[inline(always)]
 fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
     let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
+    if outside_sample(page) && small_and_sampled_out(page, vma_mm(vma), op, level, nr_pages) {
+        return;
+    }
     let facts = vma_facts(vma);
     if left_out(&facts) {
         return;
@@ -809,6 +879,15 @@ fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
 
 #[inline(always)]
 fn new_anon_return(folio: u64, vma: u64) {
+    // Fork's copy of a pinned page goes to the daemon whatever the sample:
+    // the table copied the original into the child, and this says which
+    // mapping to take back (`FolioTable::replace_fork_copy`).
+    if outside_sample(folio) {
+        let mm = vma_mm(vma);
+        if current_mm_and_tgid().0 == mm && small_and_sampled_out(folio, mm, RmapOp::AddNew, Level::Pte, 1) {
+            return;
+        }
+    }
     let facts = vma_facts(vma);
     if left_out(&facts) {
         return;
@@ -825,9 +904,8 @@ fn new_anon_return(folio: u64, vma: u64) {
         (Level::Pte, 1u32 << (event.order & 31))
     };
     total_rmap(RmapOp::AddNew, level, &event, nr_pages);
-    // Fork's copy of a pinned page goes to the daemon whatever the sample:
-    // the table copied the original into the child, and this says which
-    // mapping to take back (`FolioTable::replace_fork_copy`).
+    // The sample changed since the test above, or the first page was
+    // unreadable: the same rule.
     if sampled_out(&event) && current_mm_and_tgid().0 == facts.mm {
         return;
     }
