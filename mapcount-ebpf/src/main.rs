@@ -410,11 +410,12 @@ impl Snapshot {
             return None;
         }
         let size = size_of::<T>() as u32;
-        // Integers are aligned to their size, which the copy keeps.
+        // Integers are aligned to their size, which the copy keeps. A copy
+        // that failed left zeroes (the helper clears its buffer on error):
+        // no test of `copied` per field, which would give the verifier two
+        // paths at each (callers that must tell zero from unreadable test
+        // it once).
         if offset <= SNAPSHOT_BYTES - size && offset.is_multiple_of(size) {
-            if !self.copied {
-                return None;
-            }
             return Some(unsafe { self.copy.as_ptr().cast::<u8>().add(offset as usize).cast::<T>().read() });
         }
         read_at(self.base, offset)
@@ -496,6 +497,12 @@ fn fill_folio(event: &mut Event, folio: u64, snapshot: &Snapshot) {
         }
     };
 
+    if !snapshot.copied {
+        // Unreadable: counters unknown, not zero.
+        event.refcount = FIELD_ABSENT;
+        event.mapcount = FIELD_ABSENT;
+        return;
+    }
     event.refcount = snapshot.field(layout!(folio_refcount)).unwrap_or(FIELD_ABSENT);
     if large {
         // These fields live in the folio's second struct page; on a small
