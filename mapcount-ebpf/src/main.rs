@@ -384,8 +384,7 @@ impl Snapshot {
                 // in the vmemmap, where the second half of the copy faults.
                 // Its own page is readable: copy that (a failed copy left
                 // zeroes behind it, and a small folio needs nothing there).
-                let head = &mut bytes[..SMALL_FOLIO_BYTES];
-                self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, head) }.is_ok();
+                self.take_first_page(base);
             }
         }
     }
