@@ -252,6 +252,134 @@ fn kernel_mapcount(raw: &Event) -> Option<u64> {
 /// More CPUs than Linux supports (CONFIG_NR_CPUS is at most 8192).
 const MAX_CPUS: usize = 8192;
 
+/// Per (kind, order): one gauge update per label set, not per folio.
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+struct Counts {
+    folios: i64,
+    partial: i64,
+    shared: i64,
+    maybe_shared: i64,
+    unmapped_pages: i64,
+}
+
+/// What the gauges need from the folio table, gathered in one walk of
+/// it. The walk runs at every scrape over every folio, with the table
+/// locked (events wait), so a large table is walked in parts on several
+/// cores and the parts' sums are added up.
+struct TableWalk<'t> {
+    counts: [[Counts; ORDERS]; KINDS],
+    /// The highest peak refcount, with its folio's mappings.
+    worst: Option<(i32, usize)>,
+    /// In the order of VMSTAT_COUNTERS; the small folios' share apart,
+    /// to be scaled.
+    vmstat: [i64; 5],
+    vmstat_small: [i64; 2],
+    /// For the maybe-shared audit.
+    audited: Vec<&'t FolioState>,
+    /// What smaps reports, per address space: [exact, estimate].
+    per_mm: smaps::ByAddressSpace,
+}
+
+/// Folios each part of a parallel walk takes at least: below this, a
+/// thread costs more than it saves.
+const WALK_PART_MIN: usize = 1 << 17;
+
+impl<'t> TableWalk<'t> {
+    fn of(table: &'t FolioTable) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        Self::in_parts(table, (table.slab_len() / WALK_PART_MIN).clamp(1, cores))
+    }
+
+    fn in_parts(table: &'t FolioTable, parts: usize) -> Self {
+        if parts <= 1 {
+            return Self::part(table, table.iter());
+        }
+        std::thread::scope(|scope| {
+            let walks: Vec<_> =
+                table.parts(parts).map(|part| scope.spawn(move || Self::part(table, part))).collect();
+            walks
+                .into_iter()
+                .map(|walk| walk.join().unwrap_or_else(|panicked| std::panic::resume_unwind(panicked)))
+                .reduce(Self::merge)
+                .unwrap_or_else(|| Self::part(table, std::iter::empty()))
+        })
+    }
+
+    fn part(table: &'t FolioTable, folios: impl Iterator<Item = &'t FolioState>) -> Self {
+        let mut walk = Self {
+            counts: [[Counts::default(); ORDERS]; KINDS],
+            worst: None,
+            vmstat: [0; 5],
+            vmstat_small: [0; 2],
+            audited: Vec::new(),
+            per_mm: smaps::ByAddressSpace::default(),
+        };
+        for f in folios {
+            walk.add(table, f);
+        }
+        walk
+    }
+
+    fn add(&mut self, table: &FolioTable, f: &'t FolioState) {
+        let counter = match f.kind {
+            FolioKind::Anon | FolioKind::Ksm => 0,
+            FolioKind::File | FolioKind::Shmem | FolioKind::NoMapping => 1,
+        };
+        let c = &mut self.counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
+        c.folios += 1;
+        c.shared += i64::from(f.sharers() >= 2);
+        c.maybe_shared += i64::from(f.shared_hint == shared_hint::MAYBE_SHARED);
+        if self.worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
+            self.worst = Some((f.peak_refcount, f.vmas()));
+        }
+        if f.order == 0 {
+            // Most of any table: never partially mapped, nor by a PMD, nor audited.
+            self.per_mm.add(f, None);
+            self.vmstat_small[counter] += f.pages_mapped() as i64;
+            return;
+        }
+        self.per_mm.add(f, table.mm_id_slots(f));
+        if maybe_shared::applies(f.kind, f.order) && f.unknown == 0 {
+            self.audited.push(f);
+        }
+        self.vmstat[counter] += f.pages_mapped() as i64;
+        if f.pmd_mapped() {
+            match f.kind {
+                FolioKind::Anon => self.vmstat[2] += 1,
+                FolioKind::Shmem => self.vmstat[3] += 1,
+                FolioKind::File => self.vmstat[4] += 1,
+                _ => {}
+            }
+        }
+        c.partial += i64::from(f.partially_mapped());
+        c.unmapped_pages += smaps::unmapped_pages(f).unwrap_or(0) as i64;
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        for (mine, theirs) in self.counts.iter_mut().flatten().zip(other.counts.iter().flatten()) {
+            mine.folios += theirs.folios;
+            mine.partial += theirs.partial;
+            mine.shared += theirs.shared;
+            mine.maybe_shared += theirs.maybe_shared;
+            mine.unmapped_pages += theirs.unmapped_pages;
+        }
+        if let Some((refcount, vmas)) = other.worst
+            && self.worst.is_none_or(|(mine, _)| refcount > mine)
+        {
+            self.worst = Some((refcount, vmas));
+        }
+        for (mine, theirs) in self.vmstat.iter_mut().zip(other.vmstat) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.vmstat_small.iter_mut().zip(other.vmstat_small) {
+            *mine += theirs;
+        }
+        self.audited.extend(other.audited);
+        self.per_mm.merge(other.per_mm);
+        self
+    }
+}
+
 impl Aggregator {
     /// Names the cgroups of live processes (reading /proc), for a daemon
     /// tracing this host; a replay leaves them "unknown".
@@ -524,58 +652,7 @@ impl Aggregator {
         }
         let sample = Sample::of(self.table.sample_shift());
         m.sampling_ratio.set(1.0 / sample.scale as f64);
-        // Count per (kind, order) first: one gauge update per label set, not per folio.
-        #[derive(Clone, Copy, Default)]
-        struct Counts {
-            folios: i64,
-            partial: i64,
-            shared: i64,
-            maybe_shared: i64,
-            unmapped_pages: i64,
-        }
-        let mut counts = [[Counts::default(); ORDERS]; KINDS];
-        let mut worst: Option<(i32, usize)> = None;
-        // In the order of VMSTAT_COUNTERS; the small folios' share apart,
-        // to be scaled.
-        let mut vmstat = [0i64; 5];
-        let mut vmstat_small = [0i64; 2];
-        // For the maybe-shared audit, gathered in the same walk of the table.
-        let mut audited = Vec::new();
-        // What smaps reports, per address space: [exact, estimate].
-        let mut per_mm = smaps::ByAddressSpace::default();
-        for f in self.table.iter() {
-            per_mm.add(f, if f.order > 0 { self.table.mm_id_slots(f) } else { None });
-            if maybe_shared::applies(f.kind, f.order) && f.unknown == 0 {
-                audited.push(f);
-            }
-            let pages = f.pages_mapped() as i64;
-            let counter = match f.kind {
-                FolioKind::Anon | FolioKind::Ksm => 0,
-                FolioKind::File | FolioKind::Shmem | FolioKind::NoMapping => 1,
-            };
-            if f.order == 0 {
-                vmstat_small[counter] += pages;
-            } else {
-                vmstat[counter] += pages;
-            }
-            if f.pmd_mapped() {
-                match f.kind {
-                    FolioKind::Anon => vmstat[2] += 1,
-                    FolioKind::Shmem => vmstat[3] += 1,
-                    FolioKind::File => vmstat[4] += 1,
-                    _ => {}
-                }
-            }
-            let c = &mut counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
-            c.folios += 1;
-            c.partial += i64::from(f.partially_mapped());
-            c.unmapped_pages += smaps::unmapped_pages(f).unwrap_or(0) as i64;
-            c.shared += i64::from(f.sharers() >= 2);
-            c.maybe_shared += i64::from(f.shared_hint == shared_hint::MAYBE_SHARED);
-            if worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
-                worst = Some((f.peak_refcount, f.vmas()));
-            }
-        }
+        let TableWalk { counts, worst, vmstat, vmstat_small, audited, per_mm } = TableWalk::of(&self.table);
         for kind in ALL_KINDS {
             for (order, c) in counts[kind as usize].iter().enumerate().filter(|(_, c)| c.folios > 0) {
                 let labels = [kind.label(), order_label(order as u8)];
@@ -886,6 +963,52 @@ mod tests {
         assert!(!text.contains(r#"mapcount_folios{kind="anon",order="0",value="exact"}"#));
         assert!(text.contains(r#"mapcount_table_vmstat{counter="nr_anon_pages",value="scaled"}"#), "{text}");
         assert!(!text.contains(r#"mapcount_folios_error{kind="anon",order="9"}"#));
+    }
+
+    /// The gauges' walk of the table, in parts on several threads, adds up
+    /// to the walk in one: a table of small and large folios of several
+    /// kinds, some shared between address spaces that fall in different
+    /// parts, some partially mapped, some mapped by a PMD.
+    #[test]
+    fn a_walk_in_parts_adds_up_to_one_walk() {
+        let mut aggregator = Aggregator::new(Arc::new(Metrics::new()), 1 << 20);
+        let mut apply = |op, level, kind, order, folio: u64, mm: u64, base: u64, nr, mapcount, refcount| {
+            let event =
+                Event { mapcount, refcount, ..Event::rmap(op, level, kind, order, folio, mm, base, nr) };
+            aggregator.apply(&decode(&encode(&event)).unwrap());
+        };
+        let kinds = [FolioKind::Anon, FolioKind::File, FolioKind::Shmem];
+        for i in 0..30_000u64 {
+            let (folio, mm, base) = (0xffff_ea00_0000_0000 + i * 64, 1 + i % 7, 0x7f00_0000_0000 + i * 4096);
+            let kind = kinds[i as usize % 3];
+            let refcount = (i % 1000) as i32;
+            apply(RmapOp::AddNew, Level::Pte, kind, 0, folio, mm, base, 1, 0, refcount);
+            if i % 5 == 0 {
+                apply(RmapOp::Add, Level::Pte, kind, 0, folio, 100 + i % 3, base, 1, 0, refcount);
+            }
+        }
+        for i in 0..300u64 {
+            let (folio, base) = ((1 << 40) | (i << 15), i << 21);
+            if i % 2 == 0 {
+                apply(RmapOp::AddNew, Level::Pmd, FolioKind::Anon, 9, folio, 1 + i % 7, base, 512, 0, 1);
+            } else {
+                // 16 of 32 pages mapped: partially.
+                apply(RmapOp::Add, Level::Pte, FolioKind::File, 5, folio, 1 + i % 7, base, 16, 0, 3);
+            }
+        }
+        let table = aggregator.table();
+        let one = TableWalk::in_parts(table, 1);
+        let figures = |walk: TableWalk| {
+            let mut per_mm: Vec<_> = walk.per_mm.into_figures(1).collect();
+            per_mm.sort_by_key(|row| row.0);
+            (walk.counts, walk.worst, walk.vmstat, walk.vmstat_small, walk.audited.len(), per_mm)
+        };
+        let expected = figures(one);
+        assert_eq!(expected.0[FolioKind::File as usize][5].partial, 150, "the table as built");
+        assert_eq!(expected.0[FolioKind::Anon as usize][0].shared, 2_000);
+        for parts in [2, 3, 8] {
+            assert_eq!(figures(TableWalk::in_parts(table, parts)), expected, "{parts} parts");
+        }
     }
 
     #[test]

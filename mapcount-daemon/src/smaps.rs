@@ -194,7 +194,9 @@ pub struct ByAddressSpace {
     recent: [(u64, usize); RECENT],
 }
 
-const RECENT: usize = 64;
+/// Ways of the cache: a host's processes (at 8 bytes and a number each,
+/// 16 KiB: it stays in the L1 and L2 caches).
+const RECENT: usize = 1024;
 
 #[derive(Clone, Copy, Default)]
 struct SmallSums {
@@ -218,7 +220,7 @@ impl Default for ByAddressSpace {
 impl ByAddressSpace {
     fn slot(&mut self, mm: u64) -> usize {
         // mm_struct addresses differ in their middle bits.
-        let way = (mm.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize % RECENT;
+        let way = (mm.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT.trailing_zeros())) as usize;
         let (cached, i) = self.recent[way];
         if cached == mm && i != usize::MAX {
             return i;
@@ -256,6 +258,19 @@ impl ByAddressSpace {
             self.large[i][0].add(exact);
             self.large[i][1].add(estimate);
         });
+    }
+
+    /// Adds another walk's figures (of other folios) to these.
+    pub fn merge(&mut self, other: Self) {
+        for ((mm, small), large) in other.mms.into_iter().zip(other.small).zip(other.large) {
+            let i = self.slot(mm);
+            let sums = &mut self.small[i];
+            sums.pages += small.pages;
+            sums.pss_shifted += small.pss_shifted;
+            sums.private_pages += small.private_pages;
+            self.large[i][0].add(&large[0]);
+            self.large[i][1].add(&large[1]);
+        }
     }
 
     /// Each address space with its Rss, PSS, private, shared and
