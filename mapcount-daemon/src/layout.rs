@@ -7,8 +7,10 @@
 
 use std::path::Path;
 
-use btf_rs::{Btf, Type};
 use mapcount_common::{KernelLayout, OFFSET_ABSENT, khugepaged_arg};
+
+pub use crate::btf::Btf;
+use crate::btf::{Kind, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -20,8 +22,6 @@ pub enum LayoutError {
     MissingRequiredField { strukt: &'static str, candidates: &'static [&'static str] },
     #[error("BTF has no enum value {0}")]
     MissingEnumValue(&'static str),
-    #[error("malformed BTF: {0}")]
-    Btf(String),
 }
 
 /// Whether mapcount can work without a field of the kernel (here) or a
@@ -385,7 +385,7 @@ pub const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 pub fn load_btf(path: &Path) -> Result<Btf, LayoutError> {
     let error = |reason: String| LayoutError::ReadBtf { path: path.display().to_string(), reason };
     let bytes = std::fs::read(path).map_err(|e| error(e.to_string()))?;
-    Btf::from_bytes(&bytes).map_err(|e| error(format!("{e:#}")))
+    Btf::parse(bytes).map_err(|e| error(e.to_string()))
 }
 
 pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
@@ -433,7 +433,7 @@ pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     layout.pg_swapbacked_bit = enum_value(btf, "pageflags", "PG_swapbacked")?;
     layout.pg_swapcache_bit = enum_value(btf, "pageflags", "PG_swapcache")?;
     if let Some(page) = find_struct(btf, "page")? {
-        layout.page_size = page.size() as u32;
+        layout.page_size = page.size();
         fields.push(ResolvedField { slot: "page (size)", member: None, offset: Some(layout.page_size) });
     }
     // Write faults over the whole handle_mm_fault call need it (do_wp_page inlined).
@@ -495,20 +495,18 @@ const SCAN_EXCEED_SHARED_PTE_SLOT: &str = "scan_result (value)";
 /// `btf_trace_mm_khugepaged_scan_pmd`, a pointer to a function whose first
 /// parameter is the tracepoint's own data, not an argument.
 fn khugepaged_scan_arguments(btf: &Btf) -> Result<Option<(u32, u32)>, LayoutError> {
-    let Ok(types) = btf.resolve_types_by_name("btf_trace_mm_khugepaged_scan_pmd") else { return Ok(None) };
-    for ty in types {
-        let Type::Typedef(typedef) = ty else { continue };
-        let Type::Ptr(pointer) = btf.resolve_chained_type(&typedef)? else { continue };
-        let Type::FuncProto(proto) = btf.resolve_chained_type(&pointer)? else { continue };
-        let parameters = proto.parameters.len();
-        if parameters < 5 {
+    for typedef in btf.named("btf_trace_mm_khugepaged_scan_pmd").filter(|t| t.kind == Kind::Typedef) {
+        let Some(pointer) = btf.get(typedef.type_id()).filter(|t| t.kind == Kind::Ptr) else { continue };
+        let Some(proto) = btf.get(pointer.type_id()).filter(|t| t.kind == Kind::FuncProto) else { continue };
+        let parameters: Vec<u32> = proto.parameters().collect();
+        if parameters.len() < 5 {
             continue;
         }
-        let stopped_at = match btf.resolve_chained_type(&proto.parameters[2])? {
-            Type::Ptr(_) => khugepaged_arg::PAGE,
+        let stopped_at = match btf.get(parameters[2]) {
+            Some(t) if t.kind == Kind::Ptr => khugepaged_arg::PAGE,
             _ => khugepaged_arg::PFN,
         };
-        return Ok(Some((parameters as u32 - 3, stopped_at)));
+        return Ok(Some((parameters.len() as u32 - 3, stopped_at)));
     }
     Ok(None)
 }
@@ -516,94 +514,53 @@ fn khugepaged_scan_arguments(btf: &Btf) -> Result<Option<(u32, u32)>, LayoutErro
 /// Whether BTF describes a function of this name (needed for fentry; also
 /// what `mapcountd check --btf` uses in place of /proc/kallsyms).
 pub fn has_function(btf: &Btf, name: &str) -> bool {
-    btf.resolve_ids_by_name(name)
-        .unwrap_or_default()
-        .into_iter()
-        .any(|id| matches!(btf.resolve_type_by_id(id), Ok(Type::Func(_))))
+    btf.named(name).any(|t| t.kind == Kind::Func)
 }
 
 /// Whether fentry can take `name`: BTF describes it, and it does not return
 /// a struct or union by value, which the verifier refuses (`ptep_clear_flush`
 /// returns a `pte_t`).
 pub fn fentry_can_attach(btf: &Btf, name: &str) -> bool {
-    let returns_aggregate = |function: &btf_rs::Func| -> Result<bool, LayoutError> {
-        let Type::FuncProto(proto) = btf.resolve_chained_type(function)? else { return Ok(false) };
-        if proto.return_type_id() == 0 {
-            return Ok(false); // void
-        }
-        Ok(strip_to_aggregate(btf, btf.resolve_type_by_id(proto.return_type_id())?)?.is_some())
+    let returns_aggregate = |function: Type| {
+        btf.get(function.type_id())
+            .filter(|proto| proto.kind == Kind::FuncProto)
+            .and_then(|proto| strip_to_aggregate(btf, proto.type_id()))
+            .is_some()
     };
-    btf.resolve_ids_by_name(name).unwrap_or_default().into_iter().any(|id| match btf.resolve_type_by_id(id) {
-        Ok(Type::Func(function)) => matches!(returns_aggregate(&function), Ok(false)),
-        _ => false,
-    })
+    btf.named(name).any(|t| t.kind == Kind::Func && !returns_aggregate(t))
 }
 
-fn find_struct(btf: &Btf, name: &str) -> Result<Option<btf_rs::Struct>, LayoutError> {
-    let types = match btf.resolve_types_by_name(name) {
-        Ok(types) => types,
-        Err(_) => return Ok(None),
-    };
-    Ok(types.into_iter().find_map(|t| match t {
-        // A forward declaration has no members; skip to the definition.
-        Type::Struct(s) if !s.members.is_empty() => Some(s),
-        _ => None,
-    }))
+fn find_struct<'b>(btf: &'b Btf, name: &'b str) -> Result<Option<Type<'b>>, LayoutError> {
+    // A forward declaration has no members; skip to the definition.
+    Ok(btf.named(name).find(|t| t.kind == Kind::Struct && t.members().next().is_some()))
 }
 
 /// Skips typedefs and qualifiers to the struct or union underneath.
-fn strip_to_aggregate(btf: &Btf, mut ty: Type) -> Result<Option<btf_rs::Struct>, LayoutError> {
-    loop {
-        ty = match ty {
-            Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
-            Type::Typedef(t) => btf.resolve_chained_type(&t)?,
-            Type::Const(t) => btf.resolve_chained_type(&t)?,
-            Type::Volatile(t) => btf.resolve_chained_type(&t)?,
-            Type::TypeTag(t) => btf.resolve_chained_type(&t)?,
-            _ => return Ok(None),
-        };
-    }
+fn strip_to_aggregate(btf: &Btf, id: u32) -> Option<Type<'_>> {
+    btf.skip_modifiers(id).filter(|t| matches!(t.kind, Kind::Struct | Kind::Union))
 }
 
 /// Bit offset of `name` in `strukt`, searching through anonymous structs
 /// and unions (struct folio is mostly made of them).
-fn member_bit_offset(btf: &Btf, strukt: &btf_rs::Struct, name: &str) -> Result<Option<u32>, LayoutError> {
-    for member in &strukt.members {
-        let member_name = btf.resolve_name(member)?;
-        if member_name == name {
-            return Ok(Some(member.bit_offset()));
+fn member_bit_offset(btf: &Btf, strukt: &Type, name: &str) -> Result<Option<u32>, LayoutError> {
+    for member in strukt.members() {
+        if member.name == name {
+            return Ok(Some(member.bit_offset));
         }
-        if member_name.is_empty() {
-            let inner = btf.resolve_chained_type(member)?;
-            if let Some(inner) = strip_to_aggregate(btf, inner)?
-                && let Some(bits) = member_bit_offset(btf, &inner, name)?
-            {
-                return Ok(Some(member.bit_offset() + bits));
-            }
+        if member.name.is_empty()
+            && let Some(inner) = strip_to_aggregate(btf, member.type_id)
+            && let Some(bits) = member_bit_offset(btf, &inner, name)?
+        {
+            return Ok(Some(member.bit_offset + bits));
         }
     }
     Ok(None)
 }
 
 fn enum_value(btf: &Btf, enum_name: &str, value: &'static str) -> Result<u32, LayoutError> {
-    let types = btf.resolve_types_by_name(enum_name).map_err(|_| LayoutError::MissingEnumValue(value))?;
-    for ty in types {
-        if let Type::Enum(e) = ty {
-            for member in &e.members {
-                if btf.resolve_name(member)? == value {
-                    return Ok(member.val());
-                }
-            }
-        }
-    }
-    Err(LayoutError::MissingEnumValue(value))
-}
-
-/// btf-rs reports errors as `anyhow::Error`, which is not a `std::error::Error`.
-impl From<anyhow::Error> for LayoutError {
-    fn from(e: anyhow::Error) -> Self {
-        LayoutError::Btf(format!("{e:#}"))
-    }
+    btf.named(enum_name)
+        .find_map(|t| t.enum_values().find(|&(name, _)| name == value).map(|(_, v)| v))
+        .ok_or(LayoutError::MissingEnumValue(value))
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! mapcountd: per-folio mapping measurements from the kernel's rmap calls.
 //!
-//! The modules follow the data: [`layout`] reads the kernel's BTF,
+//! The modules follow the data: [`layout`] reads the kernel's BTF (with [`btf`]),
 //! [`object`] loads the eBPF object with it and [`probes`] attaches it, [`ingest`] drains the ring buffer, [`decode`] checks each
 //! record, [`aggregate`] keeps the [`folios`] table and turns events into
 //! [`metrics`], and [`http`] serves them; [`record`] keeps the raw stream.
 
 pub mod aggregate;
 pub mod audit;
+pub mod btf;
 pub mod cgroups;
 pub mod config;
 pub mod decode;

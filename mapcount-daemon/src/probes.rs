@@ -5,13 +5,15 @@
 //! possibly with a compiler suffix such as `.isra.0`) is used. A missing
 //! optional probe only empties the metrics that need it.
 
-use std::{collections::HashSet, fs, io};
+use std::{collections::HashSet, fs, hash::BuildHasher as _, io};
 
 use aya::{
     Btf, Ebpf,
     programs::{FEntry, FExit, KProbe, Program, ProgramError, RawTracePoint},
 };
+use hashbrown::HashTable;
 use mapcount_common::{KernelLayout, OFFSET_ABSENT, khugepaged_arg};
+use rustc_hash::FxBuildHasher;
 
 pub use crate::layout::Need;
 use crate::{
@@ -379,7 +381,12 @@ pub fn whole_fault_windows(symbols: &KernelSymbols) -> bool {
 
 /// Function names the kernel has out of line, from `/proc/kallsyms`.
 pub struct KernelSymbols {
-    names: HashSet<String>,
+    /// The file as read: 120,000 lines on a distribution kernel, whose
+    /// names are not copied out one by one (that was most of start-up's
+    /// wait for this file).
+    text: String,
+    /// Text symbols' names, as (start, end) in `text`, hashed by name.
+    functions: HashTable<(u32, u32)>,
     /// Address of the variable `vmemmap_base` (x86-64), 0 if absent or
     /// hidden (kallsyms shows zeros without privileges). Never shown.
     pub vmemmap_base_address: u64,
@@ -387,24 +394,53 @@ pub struct KernelSymbols {
 
 impl KernelSymbols {
     pub fn read() -> io::Result<Self> {
-        Ok(Self::parse(&fs::read_to_string("/proc/kallsyms")?))
+        Ok(Self::parse(fs::read_to_string("/proc/kallsyms")?))
     }
 
-    pub fn parse(kallsyms: &str) -> Self {
+    pub fn parse(text: String) -> Self {
         let mut vmemmap_base_address = 0;
-        let names = kallsyms
-            .lines()
-            .filter_map(|line| {
-                let mut fields = line.split_ascii_whitespace();
-                let (address, kind, name) = (fields.next()?, fields.next()?, fields.next()?);
-                if name == "vmemmap_base" && matches!(kind, "d" | "D") {
-                    vmemmap_base_address = u64::from_str_radix(address, 16).unwrap_or(0);
-                }
-                // Text symbols only; module symbols carry a "[module]" fourth field and are fine too.
-                matches!(kind, "t" | "T").then(|| name.to_owned())
-            })
-            .collect();
-        Self { names, vmemmap_base_address }
+        let mut names = Vec::new();
+        for line in text.lines() {
+            let mut fields = line.split_ascii_whitespace();
+            let (Some(address), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            if name == "vmemmap_base" && matches!(kind, "d" | "D") {
+                vmemmap_base_address = u64::from_str_radix(address, 16).unwrap_or(0);
+            }
+            // Text symbols only; module symbols carry a "[module]" fourth field and are fine too.
+            if matches!(kind, "t" | "T") {
+                let start = name.as_ptr() as usize - text.as_ptr() as usize;
+                names.push((start as u32, (start + name.len()) as u32));
+            }
+        }
+        let mut functions = HashTable::with_capacity(names.len());
+        let name_of = |&(start, end): &(u32, u32)| &text[start as usize..end as usize];
+        for range in names {
+            functions.insert_unique(FxBuildHasher.hash_one(name_of(&range)), range, |r| {
+                FxBuildHasher.hash_one(name_of(r))
+            });
+        }
+        Self { text, functions, vmemmap_base_address }
+    }
+
+    fn name(&self, &(start, end): &(u32, u32)) -> &str {
+        &self.text[start as usize..end as usize]
+    }
+
+    /// The symbol to attach to for `function`: the plain name, or the name
+    /// with a compiler suffix (`.isra.0`, `.constprop.0`, ...).
+    pub fn find(&self, function: &str) -> Option<String> {
+        let hash = FxBuildHasher.hash_one(function);
+        if self.functions.find(hash, |r| self.name(r) == function).is_some() {
+            return Some(function.to_owned());
+        }
+        let prefix = format!("{function}.");
+        let mut suffixed: Vec<&str> =
+            self.functions.iter().map(|r| self.name(r)).filter(|n| n.starts_with(&prefix)).collect();
+        suffixed.sort_unstable();
+        suffixed.first().map(|s| (*s).to_owned())
     }
 
     /// Functions that function tracing (fentry) may attach to, when tracefs
@@ -417,18 +453,6 @@ impl KernelSymbols {
         .iter()
         .find_map(|p| fs::read_to_string(p).ok())
         .map(|text| text.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect())
-    }
-
-    /// The symbol to attach to for `function`: the plain name, or the name
-    /// with a compiler suffix (`.isra.0`, `.constprop.0`, ...).
-    pub fn find(&self, function: &str) -> Option<String> {
-        if self.names.contains(function) {
-            return Some(function.to_owned());
-        }
-        let prefix = format!("{function}.");
-        let mut suffixed: Vec<&String> = self.names.iter().filter(|n| n.starts_with(&prefix)).collect();
-        suffixed.sort();
-        suffixed.first().map(|s| (*s).clone())
     }
 }
 
@@ -704,7 +728,8 @@ mod tests {
              ffffffff81000100 t wp_page_reuse.isra.0\n\
              ffffffff81000200 D folio_add_new_anon_rmap\n\
              ffffffff81000300 t folio_remove_rmap_ptes [some_module]\n\
-             ffffffff82000000 D vmemmap_base\n",
+             ffffffff82000000 D vmemmap_base\n"
+                .to_owned(),
         );
         assert_eq!(symbols.vmemmap_base_address, 0xffffffff82000000);
         assert_eq!(symbols.find("do_wp_page").as_deref(), Some("do_wp_page"));

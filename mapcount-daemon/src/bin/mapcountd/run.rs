@@ -24,10 +24,10 @@ pub(crate) async fn run(mut args: Settings, log_filter: LogFilter) -> anyhow::Re
     privileges::check()?;
     fit_to_host(&mut args);
 
-    // Three reads that take most of start-up before the verifier: the
-    // kernel formats /proc/kallsyms line by line, and the kernel's BTF is
-    // parsed twice (the layout's parser, and aya's for fentry targets).
-    // Each on its own core.
+    // Three reads before the verifier, each on its own core: the kernel
+    // formats /proc/kallsyms line by line (40-60 ms, the longest), and the
+    // kernel's BTF is read twice (the layout's reader, and aya's for
+    // fentry targets).
     let (symbols, aya_btf, resolved) = std::thread::scope(|scope| {
         let symbols = scope.spawn(KernelSymbols::read);
         let aya_btf = scope.spawn(aya::Btf::from_sys_fs);
