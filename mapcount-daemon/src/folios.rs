@@ -149,7 +149,7 @@ impl FolioState {
     }
 
     /// Distinct address spaces mapping the folio (those the daemon knows).
-    #[inline]
+    #[inline(always)]
     pub fn sharers(&self) -> u32 {
         if let [only] = self.mappings.as_slice() {
             return u32::from(only.total() > 0); // most folios
@@ -164,6 +164,7 @@ impl FolioState {
     /// of a folio and for every folio at a scrape, so without allocating
     /// and in n log n: a file folio mapped by dozens of processes made the
     /// pairwise comparison most of the ingest's time.
+    #[inline(never)]
     fn ptes_per_mm(&self, mut each: impl FnMut(u64)) {
         // Sorted by address space on the stack: a folio holds at most
         // MAX_MAPPINGS_PER_FOLIO mappings.
