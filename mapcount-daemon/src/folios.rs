@@ -762,6 +762,7 @@ impl FolioTable {
         let slots = &self.slots;
         let mut found = Vec::new();
         let mut pruned = 0;
+        let mut emptied = Vec::new();
         for (&region, list) in regions.range_mut(start >> shift..=(end - 1) >> shift) {
             let listed = list.len();
             list.retain(|slot| slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region, shift)));
@@ -769,10 +770,16 @@ impl FolioTable {
             list.dedup();
             pruned += listed - list.len();
             found.extend_from_slice(list);
+            if list.is_empty() {
+                emptied.push(region);
+            }
         }
-        let before = regions.len();
-        regions.retain(|_, list| !list.is_empty());
-        self.regions -= before - regions.len();
+        // Only the regions read: a fork calls this once per VMA, and a walk
+        // of every region of a large process at each made forks quadratic.
+        for region in &emptied {
+            regions.remove(region);
+        }
+        self.regions -= emptied.len();
         self.by_mm_len -= pruned;
         // A folio `mm` maps at two bases in two regions (the halves of a
         // THP after mremap of one of them) is in both lists. Callers handle
