@@ -286,7 +286,9 @@ const WALK_PART_MIN: usize = 1 << 17;
 
 impl<'t> TableWalk<'t> {
     fn of(table: &'t FolioTable) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        // Asked once: the standard library reads the cgroup's CPU quota to answer.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
         Self::in_parts(table, (table.slab_len() / WALK_PART_MIN).clamp(1, cores))
     }
 
