@@ -331,7 +331,9 @@ pub mod counter {
     /// Every record the kernel side tried to put in the ring buffer.
     pub const PRODUCED: u32 = 2;
     /// rmap calls and write faults on mapcountd's own address space, left
-    /// out so that the observer does not measure itself (no record made).
+    /// out so that the observer does not measure itself (no record made):
+    /// all but its rmap calls of page-cache folios, which it shares with
+    /// every process mapping the same binaries and libraries.
     pub const OBSERVER_SKIPPED: u32 = 3;
     /// rmap calls on hugetlb VMAs, left out of the table: 6.12+ maps and
     /// unmaps hugetlb folios through inline helpers, so only some of their

@@ -440,7 +440,7 @@ impl Metrics {
         self.registry.register(Box::new(ReadAtScrape::new(
             "mapcount_rmap_calls_left_out_total",
             "rmap calls and write faults the kernel side leaves out on purpose, by reason: \
-             mapcountd's own address space (observer), hugetlb VMAs (hugetlb).",
+             mapcountd's own address space but its page-cache folios (observer), hugetlb VMAs (hugetlb).",
             Some("reason"),
             &["observer", "hugetlb"],
             move || vec![left_out(counter::OBSERVER_SKIPPED), left_out(counter::HUGETLB_SKIPPED)],

@@ -56,7 +56,8 @@ static VMEMMAP_BASE_ADDRESS: u64 = 0;
 
 /// Set by the daemon: its own thread group id. Its address space is left
 /// out (its ring buffer alone is thousands of driver-page mappings, and its
-/// heap and stacks come and go with every scrape).
+/// heap and stacks come and go with every scrape), but for the page cache
+/// (see [`observer_leaves_out`]).
 #[unsafe(no_mangle)]
 static OBSERVER_TGID: u32 = 0;
 
@@ -147,12 +148,11 @@ fn small_and_sampled_out(page: u64, mm: u64, op: RmapOp, level: Level, nr_pages:
     }
     // Hugetlb folios are large: of the full path's filters, only the
     // daemon's own address space applies.
-    if is_observer(mm) {
-        count(counter::OBSERVER_SKIPPED);
-        return true;
-    }
     let mut event = Event::ZERO;
     fill_folio(&mut event, page, &snapshot);
+    if observer_leaves_out(mm, event.kind) {
+        return true;
+    }
     note_in_fault_window(op, page);
     total_rmap(op, level, &event, nr_pages);
     true
@@ -574,15 +574,31 @@ fn is_observer(mm: u64) -> bool {
 }
 
 /// Filters applied before a record is reserved (so that produced = received
-/// + lost still holds): the observer's own address space, and hugetlb.
+/// + lost still holds): hugetlb VMAs here, the observer's own address space
+/// once the folio's kind is known ([`observer_leaves_out`]).
 #[inline(always)]
-fn left_out(vma: &VmaFacts) -> bool {
-    if is_observer(vma.mm) {
-        count(counter::OBSERVER_SKIPPED);
-        return true;
-    }
+fn hugetlb_left_out(vma: &VmaFacts) -> bool {
     if vma.flags & vm_flags::HUGETLB != 0 {
         count(counter::HUGETLB_SKIPPED);
+        return true;
+    }
+    false
+}
+
+/// Whether an rmap call on `mm` of a folio of `kind` is left out as the
+/// daemon's own. Page-cache folios are not: the daemon maps its binary and
+/// the libraries every process maps, and a page of those it faults in
+/// after a workload mapped it is one more mapping in the kernel's count,
+/// which the table must see too (left out, every later event on the page
+/// found the table one mapping short). Its anonymous and driver pages are
+/// its alone.
+#[inline(always)]
+fn observer_leaves_out(mm: u64, kind: u8) -> bool {
+    if kind == FolioKind::File as u8 || kind == FolioKind::Shmem as u8 {
+        return false;
+    }
+    if is_observer(mm) {
+        count(counter::OBSERVER_SKIPPED);
         return true;
     }
     false
@@ -687,15 +703,18 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
         return;
     }
     let facts = vma_facts(vma);
-    if left_out(&facts) {
+    if hugetlb_left_out(&facts) {
         return;
     }
-    note_in_fault_window(op, folio);
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
+    if observer_leaves_out(facts.mm, event.kind) {
+        return;
+    }
+    note_in_fault_window(op, folio);
     total_rmap(op, level, &event, nr_pages);
     if sampled_out(&event) {
         return;
@@ -712,15 +731,18 @@ fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
         return;
     }
     let facts = vma_facts(vma);
-    if left_out(&facts) {
+    if hugetlb_left_out(&facts) {
         return;
     }
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     let folio = folio_of_page(page, &mut snapshot);
-    note_in_fault_window(op, folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, &snapshot);
+    if observer_leaves_out(facts.mm, event.kind) {
+        return;
+    }
+    note_in_fault_window(op, folio);
     total_rmap(op, level, &event, nr_pages);
     if sampled_out(&event) {
         return;
@@ -895,7 +917,7 @@ fn new_anon_return(folio: u64, vma: u64) {
         }
     }
     let facts = vma_facts(vma);
-    if left_out(&facts) {
+    if observer_leaves_out(facts.mm, FolioKind::Anon as u8) || hugetlb_left_out(&facts) {
         return;
     }
     let timestamp_ns = now();

@@ -66,6 +66,21 @@ if [ "$MODE" = test ]; then
     echo "MAPCOUNT-DAEMON-EXIT $?"
     end=$(cut -d' ' -f1 /proc/uptime | tr -d .)
     echo "MAPCOUNT-SHUTDOWN progs_before=$progs links_before=$links progs_after=$(bpftool prog show | grep -c '^[0-9]*:') links_after=$(bpftool link show | grep -c '^[0-9]*:') centiseconds=$((end - start))"
+    if [ -f /share-path ]; then
+        # MAPCOUNT_KEEP_RECORDS: the record and the log, for the host.
+        share=$(cat /share-path)
+        mkdir -p "$share"
+        if mount -t virtiofs share "$share"; then
+            cell="$share/$(uname -r)-$attach"
+            cp /tmp/events.rec "$cell.rec"
+            cp /tmp/mapcountd.log "$cell.log"
+            sync
+            umount "$share"
+            echo "MAPCOUNT-KEPT $cell.rec"
+        else
+            echo "MAPCOUNT-KEPT none: cannot mount $share (virtiofs)"
+        fi
+    fi
     mapcountd replay /tmp/events.rec >/tmp/replay.prom 2>/tmp/replay.log
     cat /tmp/replay.log
     mapcount-workload compare /tmp/final.prom /tmp/replay.prom

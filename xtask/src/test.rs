@@ -67,7 +67,14 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
     for kernel in &kernels {
         // Prometheus runs in the 7.3 cells, where every metric has data.
         let prometheus = kernel.name == "7.3";
-        let extra = if prometheus { prometheus::image_extra()? } else { vm::Extra::default() };
+        let mut extra = if prometheus { prometheus::image_extra()? } else { vm::Extra::default() };
+        // MAPCOUNT_KEEP_RECORDS=DIR: each cell's record file and daemon log
+        // are copied there (virtiofs), to replay a failing cell on the host.
+        let keep = keep_records_dir()?;
+        if let Some(dir) = &keep {
+            extra.texts.push(("share-path".into(), dir.display().to_string()));
+            extra.share = true;
+        }
         let image = vm::Image::build(&bin, kernel, vm::Mode::Test, extra)?;
         for mode in modes {
             if kernel.name == kernels::SMALL && mode == "kprobe" {
@@ -89,7 +96,7 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
             let started = std::time::Instant::now();
             // The small kernel finds one CPU without ACPI tables to read.
             let cpus = if kernel.name == kernels::SMALL { 1 } else { 2 };
-            let boot = || vm::Boot { cpus, ..vm::Boot::new(mode, 600) };
+            let boot = || vm::Boot { cpus, share: keep.as_deref(), ..vm::Boot::new(mode, 600) };
             let mut output = vm::boot(kernel, &image, boot())?;
             // Multi-threaded TCG sometimes executes code the kernel is
             // patching (text_poke's int3 while a trampoline or kprobe is
@@ -245,6 +252,13 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
         bail!("{} test(s) failed", tally.failed);
     }
     Ok(())
+}
+
+/// `MAPCOUNT_KEEP_RECORDS`, created and made absolute, if set.
+fn keep_records_dir() -> anyhow::Result<Option<PathBuf>> {
+    let Some(dir) = std::env::var_os("MAPCOUNT_KEEP_RECORDS") else { return Ok(None) };
+    std::fs::create_dir_all(&dir)?;
+    Ok(Some(Path::new(&dir).canonicalize()?))
 }
 
 /// What an operator installs, checked with the real tools: the systemd

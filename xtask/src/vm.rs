@@ -129,7 +129,7 @@ impl Image {
             fs::copy(lib, &dst).with_context(|| format!("copy {}", lib.display()))?;
         }
         let modules: &[&str] = match mode {
-            Mode::Demo if extra.share => SHARE_MODULES,
+            Mode::Demo | Mode::Test if extra.share => SHARE_MODULES,
             Mode::Demo => NET_MODULES,
             Mode::Bench => &["virtio_blk"],
             _ => &[],

@@ -1,8 +1,9 @@
 //! The scenarios: each maps, forks, moves or pins memory in a way that
 //! has a known answer from the kernel (pagemap, kpagecount, kpageflags),
 //! and checks mapcountd's view against it. One file each; `run_all` runs
-//! them in order (a to r). See README.md in this folder to add one.
+//! them in order (a to s). See README.md in this folder to add one.
 
+mod daemon_pages;
 mod driver_pages;
 mod file_pmd_fork;
 mod hugetlb;
@@ -25,6 +26,7 @@ mod unshare;
 use std::{fs, ptr};
 
 use anyhow::anyhow;
+use daemon_pages::daemon_pages;
 use driver_pages::driver_pages;
 use file_pmd_fork::file_pmd_fork;
 use hugetlb::hugetlb;
@@ -286,7 +288,7 @@ pub(super) fn my_pid() -> i32 {
 
 pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) -> anyhow::Result<()> {
     type Scenario = fn(&MetricsSource, &mut Checker) -> anyhow::Result<()>;
-    let scenarios: [(&str, Scenario); 18] = [
+    let scenarios: [(&str, Scenario); 19] = [
         ("a_shared_thp", shared_thp),
         ("b_partial", partial),
         ("c_cow_large", large_folio_cow),
@@ -305,6 +307,7 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
         ("p_maybe_shared", maybe_shared),
         ("q_smaps", smaps),
         ("r_khugepaged", khugepaged),
+        ("s_daemon_pages", daemon_pages),
     ];
     let mut last = metrics.settled_scrape()?.sum("mapcount_mapcount_disagreements_total", &[]);
     for (name, scenario) in scenarios {
