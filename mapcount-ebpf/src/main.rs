@@ -573,8 +573,8 @@ fn is_observer(mm: u64) -> bool {
     mm != 0 && mm == unsafe { *known }
 }
 
-/// Filters applied before a record is reserved (so that produced = received
-/// + lost still holds): hugetlb VMAs here, the observer's own address space
+/// Filters applied before a record is reserved, so that produced equals
+/// received plus lost: hugetlb VMAs here, the observer's own address space
 /// once the folio's kind is known ([`observer_leaves_out`]).
 #[inline(always)]
 fn hugetlb_left_out(vma: &VmaFacts) -> bool {
