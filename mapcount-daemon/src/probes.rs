@@ -104,16 +104,6 @@ pub const PROBES: &[ProbeSpec] = &[
         feeds: "op=\"add_new\" rmap rows, COW copy detection",
     },
     ProbeSpec {
-        name: "anon_add_new_return",
-        candidates: &[
-            ret!("folio_add_new_anon_rmap", "add_new_anon_return", "add_new_anon_fexit"),
-            ret!("page_add_new_anon_rmap", "add_new_anon_return", "page_add_new_anon_fexit"),
-        ],
-        need: Need::Core,
-        when: When::Always,
-        feeds: "op=\"add_new\" rmap rows",
-    },
-    ProbeSpec {
         name: "file_add_ptes",
         candidates: &[
             entry!("folio_add_file_rmap_ptes", "add_file_ptes", "add_file_ptes_fentry"),

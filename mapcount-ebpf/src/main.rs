@@ -13,7 +13,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_get_func_arg, bpf_get_smp_processor_id,
@@ -150,6 +150,11 @@ fn small_and_sampled_out(page: u64, mm: u64, op: RmapOp, level: Level, nr_pages:
     // daemon's own address space applies.
     let mut event = Event::ZERO;
     fill_folio(&mut event, page, &snapshot);
+    if op == RmapOp::AddNew {
+        // Read at the entry of folio_add_new_anon_rmap, which sets the
+        // mapping (see `new_anon`).
+        event.kind = FolioKind::Anon as u8;
+    }
     if observer_leaves_out(mm, event.kind) {
         return true;
     }
@@ -229,17 +234,6 @@ static WRITE_FAULTS: LruHashMap<u32, WriteFaultWindow> = LruHashMap::with_max_en
 fn open_write_fault(tid: u32) -> Option<*mut WriteFaultWindow> {
     WRITE_FAULTS.get_ptr_mut(tid).filter(|&window| unsafe { (*window).start_ns } != 0)
 }
-
-/// Arguments of `folio_add_new_anon_rmap`, kept from kprobe to kretprobe.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct NewAnonCall {
-    folio: u64,
-    vma: u64,
-}
-
-#[map]
-static NEW_ANON_CALLS: HashMap<u32, NewAnonCall> = HashMap::with_max_entries(16384, 0);
 
 const PMD_PAGES: u32 = 512;
 const PUD_PAGES: u32 = 512 * 512;
@@ -891,22 +885,45 @@ entry_probe!(page_remove, page_remove_fentry, |a| emit_page_rmap(
 // ---- new anonymous folios -------------------------------------------------
 //
 // folio_add_new_anon_rmap(folio, vma, address[, flags]) and 6.1's
-// page_add_new_anon_rmap(page, vma, address) initialise the counters and the
-// mapping, so the event is built when they return.
+// page_add_new_anon_rmap(page, vma, address) (the same first three
+// arguments up to 7.3) make a folio nobody maps yet the anonymous folio of
+// one mapping. The record is built at their entry, from what the call sets:
+// the kind (anon), the counters (one mapping) and the index (the address's
+// page in the VMA). Not at their return: a return probe is a second
+// program at every anonymous page fault, and the dearer kind (fexit's
+// trampoline calls the function itself; a kretprobe replaces the return
+// address and keeps the arguments in a map until then).
 
+/// `ENTIRELY_MAPPED` (mm/internal.h; `COMPOUND_MAPPED` before 6.8): the
+/// bit `_nr_pages_mapped` holds while a PMD maps the folio.
+const ENTIRELY_MAPPED: i32 = 0x80_0000;
+
+/// The counters of a new anonymous folio once `folio_add_new_anon_rmap`
+/// has set them, as the kernel stores them (minus one), for a record read
+/// at its entry. A field the kernel lacks stays absent.
 #[inline(always)]
-fn new_anon_entry(folio: u64, vma: u64, keep_arguments: bool) {
-    if keep_arguments && NEW_ANON_CALLS.insert(thread_id(), NewAnonCall { folio, vma }, 0).is_err() {
-        let _ = count(counter::TASK_STATE_FULL);
+fn as_after_new_anon(event: &mut Event, level: Level, nr_pages: u32) {
+    event.kind = FolioKind::Anon as u8;
+    let pmd = level == Level::Pmd;
+    if event.mapcount != FIELD_ABSENT {
+        // A small folio's `_mapcount`; a large one's `_large_mapcount`
+        // counts the PMD once, or each PTE.
+        event.mapcount = if pmd { 0 } else { nr_pages as i32 - 1 };
     }
-    // A new anonymous folio inside a write fault is the copy.
-    if let Some(window) = open_write_fault(thread_id()) {
-        unsafe { (*window).saw_new_anon = 1 };
+    if event.entire_mapcount != FIELD_ABSENT {
+        event.entire_mapcount = if pmd { 0 } else { -1 };
+    }
+    if event.nr_pages_mapped != FIELD_ABSENT {
+        event.nr_pages_mapped = if pmd { ENTIRELY_MAPPED } else { nr_pages as i32 };
     }
 }
 
 #[inline(always)]
-fn new_anon_return(folio: u64, vma: u64) {
+fn new_anon(folio: u64, vma: u64, address: u64) {
+    // A new anonymous folio inside a write fault is the copy.
+    if let Some(window) = open_write_fault(thread_id()) {
+        unsafe { (*window).saw_new_anon = 1 };
+    }
     // Fork's copy of a pinned page goes to the daemon whatever the sample:
     // the table copied the original into the child, and this says which
     // mapping to take back (`FolioTable::replace_fork_copy`).
@@ -923,14 +940,14 @@ fn new_anon_return(folio: u64, vma: u64) {
     let timestamp_ns = now();
     let mut snapshot = Snapshot::EMPTY;
     snapshot.take(folio);
-    let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
-    let event = folio_event(timestamp_ns, folio, &snapshot);
+    let mut event = folio_event(timestamp_ns, folio, &snapshot);
     // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
     let (level, nr_pages) = if event.order >= PMD_ORDER {
         (Level::Pmd, PMD_PAGES)
     } else {
         (Level::Pte, 1u32 << (event.order & 31))
     };
+    as_after_new_anon(&mut event, level, nr_pages);
     total_rmap(RmapOp::AddNew, level, &event, nr_pages);
     // The sample changed since the test above, or the first page was
     // unreadable: the same rule.
@@ -938,57 +955,33 @@ fn new_anon_return(folio: u64, vma: u64) {
         return;
     }
     let Some(entry) = reserve::<Event>() else { return };
+    // linear_page_index(): what the call stores in folio->index.
+    const PAGE_SHIFT: u32 = 12;
+    let index = (address.wrapping_sub(facts.start) >> PAGE_SHIFT).wrapping_add(facts.pgoff);
     submit_rmap(entry, event, vma, &facts, index, RmapOp::AddNew, level, nr_pages);
 }
 
 #[kprobe]
 pub fn add_new_anon(ctx: ProbeContext) -> u32 {
-    new_anon_entry(Args::raw(&ctx, 0), Args::raw(&ctx, 1), true);
+    new_anon(Args::raw(&ctx, 0), Args::raw(&ctx, 1), Args::raw(&ctx, 2));
     0
 }
 
 #[kprobe]
 pub fn page_add_new_anon(ctx: ProbeContext) -> u32 {
-    new_anon_entry(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1), true);
+    new_anon(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1), Args::raw(&ctx, 2));
     0
 }
 
-#[kretprobe]
-pub fn add_new_anon_return(ctx: RetProbeContext) -> u32 {
-    let tid = thread_id();
-    let Some(call) = (unsafe { NEW_ANON_CALLS.get(tid) }).copied() else {
-        warn!(&ctx, "new-anon return without its entry");
-        return 0;
-    };
-    let _ = NEW_ANON_CALLS.remove(tid);
-    new_anon_return(call.folio, call.vma);
-    0
-}
-
-// fentry/fexit see the arguments at both ends: nothing to keep in between.
 #[fentry]
 pub fn add_new_anon_fentry(ctx: FEntryContext) -> u32 {
-    new_anon_entry(0, 0, false);
-    let _ = ctx;
-    0
-}
-
-#[fexit]
-pub fn add_new_anon_fexit(ctx: FExitContext) -> u32 {
-    new_anon_return(Args::raw(&ctx, 0), Args::raw(&ctx, 1));
+    new_anon(Args::raw(&ctx, 0), Args::raw(&ctx, 1), Args::raw(&ctx, 2));
     0
 }
 
 #[fentry]
 pub fn page_add_new_anon_fentry(ctx: FEntryContext) -> u32 {
-    new_anon_entry(0, 0, false);
-    let _ = ctx;
-    0
-}
-
-#[fexit]
-pub fn page_add_new_anon_fexit(ctx: FExitContext) -> u32 {
-    new_anon_return(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1));
+    new_anon(page_folio(Args::raw(&ctx, 0)), Args::raw(&ctx, 1), Args::raw(&ctx, 2));
     0
 }
 
@@ -1534,25 +1527,31 @@ fn move_entry_common<A: Args>(args: &A) {
 }
 
 #[inline(always)]
-fn move_return_common(moved: u64) {
+fn move_return_common<C: EbpfContext>(ctx: &C, moved: u64) {
     let tid = thread_id();
-    if let Some(&call) = unsafe { MOVE_CALLS.get(tid) } {
-        let _ = MOVE_CALLS.remove(tid);
-        page_tables_moved(&call, moved);
-    }
+    let Some(&call) = (unsafe { MOVE_CALLS.get(tid) }) else {
+        // Attached while the call ran, or its entry found the map full:
+        // entries moved that the table does not follow.
+        if moved != 0 {
+            warn!(ctx, "move_page_tables returned without its entry: {} bytes moved unseen", moved);
+        }
+        return;
+    };
+    let _ = MOVE_CALLS.remove(tid);
+    page_tables_moved(&call, moved);
 }
 
 entry_probe!(move_entry, move_entry_fentry, |a| move_entry_common(a));
 
 #[kretprobe]
 pub fn move_return(ctx: RetProbeContext) -> u32 {
-    move_return_common(ctx.ret::<u64>());
+    move_return_common(&ctx, ctx.ret::<u64>());
     0
 }
 
 #[fexit]
 pub fn move_fexit(ctx: FExitContext) -> u32 {
-    move_return_common(ctx.ret::<u64>().unwrap_or(0));
+    move_return_common(&ctx, ctx.ret::<u64>().unwrap_or(0));
     0
 }
 

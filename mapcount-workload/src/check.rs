@@ -26,7 +26,6 @@ pub(crate) fn check(metrics: &MetricsSource, scratch: &str, expect_mode: &str) -
         for probe in [
             "anon_add_ptes",
             "anon_add_new",
-            "anon_add_new_return",
             "file_add_ptes",
             "remove_ptes",
             "write_fault",

@@ -320,12 +320,9 @@ pub fn run_all(metrics: &MetricsSource, checker: &mut Checker, base: &Scrape) ->
     // Every event of every scenario, checked against the kernel's own counter.
     let disagreements = after.sum("mapcount_mapcount_disagreements_total", &[])
         - base.sum("mapcount_mapcount_disagreements_total", &[]);
-    // Known gap, measured: the daemon keys mappings by VMA, and the
-    // dynamic loader's mprotect/mmap over the workload's own data
-    // mappings can split or merge VMAs after pages were mapped; a fork
-    // then copies entries the daemon filed under another VMA. Seen as
-    // 0 in most runs and at most 2 in others over the whole scenario set.
-    checker.range("crosscheck/disagreements", 0, disagreements, 0.0, 2.0);
+    // None. The 1 to 7 per run once accepted as noise were the daemon's
+    // own mappings of library pages, left out (s_daemon_pages).
+    checker.exact("crosscheck/disagreements", 0, disagreements);
     // Every scenario's processes have exited: nothing of theirs may be
     // left in the table when the kernel tore their address spaces down.
     // (Corrections by the self-check are disagreements, counted above.)
