@@ -512,7 +512,14 @@ pub fn bench() -> anyhow::Result<()> {
            the daemon's mm once learnt instead of reading current->mm: the sampled faults loop's overhead, as a\n  \
            multiple of an empty fentry program's, x3.28 -> x2.63 (one boot each; bpftrace counting x2.71, x3.28).\n\
          - Snapshot fields read without a test of the copy each (a failed copy leaves zeroes; the counters test it\n  \
-           once): the kprobe programs that add mappings verify in about 30 ms each instead of 34-37 (host).\n",
+           once): the kprobe programs that add mappings verify in about 30 ms each instead of 34-37 (host).\n\
+         - A new anonymous folio recorded at the entry of folio_add_new_anon_rmap, with the counters the call\n  \
+           sets, instead of at its return: one program per anonymous fault instead of two (no fexit trampoline\n  \
+           calling the function, no kretprobe and its map of arguments). Overhead over the untraced loop, this\n  \
+           boot against the one before: faults 171 -> 144 ms (fentry), 259 -> 191 ms (kprobe); fork_cow\n  \
+           175 -> 128 ms and 240 -> 211 ms. As multiples of bpftrace counting: fentry faults x1.15 -> x1.22\n  \
+           (bpftrace's counting itself 413 -> 367 ms between the boots), fork_cow x1.07 -> x0.94; kprobe faults\n  \
+           x1.32 -> x1.10, fork_cow x1.20 -> x1.14.\n",
         verdict(rate >= 30e6),
         verdict(bytes <= 96.0),
         fmt_slowdowns(&vm, "mapcountd-fentry"),
