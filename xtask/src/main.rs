@@ -123,6 +123,8 @@ fn main() -> anyhow::Result<ExitCode> {
                 modules: modules.as_deref(),
                 share: share.as_deref(),
                 command: &command,
+                timeout: None,
+                single_threaded: false,
             });
         }
         Cmd::Package { install_test } => package::command(install_test),
