@@ -235,6 +235,8 @@ fn open_write_fault(tid: u32) -> Option<*mut WriteFaultWindow> {
     WRITE_FAULTS.get_ptr_mut(tid).filter(|&window| unsafe { (*window).start_ns } != 0)
 }
 
+/// x86-64's base pages.
+const PAGE_SHIFT: u32 = 12;
 const PMD_PAGES: u32 = 512;
 const PUD_PAGES: u32 = 512 * 512;
 const PMD_ORDER: u8 = 9;
@@ -604,7 +606,6 @@ fn observer_leaves_out(mm: u64, kind: u8) -> bool {
 /// process) is filed at the VMA's start, the same for its add and remove.
 #[inline(always)]
 fn folio_base(vma: &VmaFacts, index: u64, order: u8) -> u64 {
-    const PAGE_SHIFT: u32 = 12;
     let base = vma.start.wrapping_add(index.wrapping_sub(vma.pgoff) << PAGE_SHIFT);
     let size = 1u64 << ((order as u32 & 31) + PAGE_SHIFT);
     if base.wrapping_add(size) <= vma.start || base >= vma.end { vma.start } else { base }
@@ -956,7 +957,6 @@ fn new_anon(folio: u64, vma: u64, address: u64) {
     }
     let Some(entry) = reserve::<Event>() else { return };
     // linear_page_index(): what the call stores in folio->index.
-    const PAGE_SHIFT: u32 = 12;
     let index = (address.wrapping_sub(facts.start) >> PAGE_SHIFT).wrapping_add(facts.pgoff);
     submit_rmap(entry, event, vma, &facts, index, RmapOp::AddNew, level, nr_pages);
 }
