@@ -330,7 +330,7 @@ impl<'t> TableWalk<'t> {
         let c = &mut self.counts[f.kind as usize][usize::from(f.order).min(ORDERS - 1)];
         c.folios += 1;
         c.shared += i64::from(f.sharers() >= 2);
-        c.maybe_shared += i64::from(f.shared_hint == shared_hint::MAYBE_SHARED);
+        c.maybe_shared += i64::from(f.shared_hint() == shared_hint::MAYBE_SHARED);
         if self.worst.is_none_or(|(refcount, _)| f.peak_refcount > refcount) {
             self.worst = Some((f.peak_refcount, f.vmas()));
         }
@@ -841,7 +841,7 @@ impl Aggregator {
         }
         for (f, address) in folios.into_iter().take(max_rows) {
             let row = FolioRow {
-                serial: f.serial,
+                serial: u64::from(f.serial),
                 address,
                 kind: f.kind.label().to_owned(),
                 order: f.order,
@@ -850,13 +850,13 @@ impl Aggregator {
                 ptes: f.mappings.iter().map(|m| u64::from(m.ptes)).sum(),
                 pmds: f.mappings.iter().map(|m| u64::from(m.pmds)).sum(),
                 partial: f.partially_mapped(),
-                ever_partial: f.ever_partially_mapped,
+                ever_partial: f.ever_partially_mapped(),
                 peak_sharers: u32::from(f.peak_sharers),
                 peak_mapcount: f.peak_mapcount,
                 peak_refcount: f.peak_refcount,
                 cow_copies: f.cow_copies,
                 cow_reuses: f.cow_reuses,
-                kernel_bit: match f.shared_hint {
+                kernel_bit: match f.shared_hint() {
                     shared_hint::MAYBE_SHARED => "set",
                     shared_hint::EXCLUSIVE => "clear",
                     _ => "-",

@@ -48,6 +48,10 @@ const PMD_ORDER: u8 = 9;
 /// [`FolioTable::region_shift`]).
 const REGION_SHIFT: u32 = 21;
 
+/// Mappings waiting to be filed in the index (`FolioTable::unfiled`):
+/// 96 KiB.
+const UNFILED_MAX: usize = 4096;
+
 /// The mappings one address space holds on a folio at one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -69,15 +73,19 @@ impl Mapping {
 /// and only shared folios allocate.
 pub type Mappings = SmallVec<[Mapping; 1]>;
 
-/// One live folio. Kept at 72 bytes: with a million live folios the table
-/// is most of the daemon's memory (docs/metrics.md).
+/// One live folio. Kept at 64 bytes, one cache line: with a million live
+/// folios the table is most of the daemon's memory (docs/metrics.md), and
+/// an event reads and writes its folio's entry.
 #[derive(Clone, Debug)]
 pub struct FolioState {
     /// The folio's address, the table's key; never shown.
     folio: u64,
-    /// Daemon-assigned identity, safe to show (unlike the folio's address).
-    pub serial: u64,
     pub mappings: Mappings,
+    /// Daemon-assigned identity, safe to show (unlike the folio's address).
+    /// Wraps after 2^32 folios: the debug view orders by age (see
+    /// [`FolioTable::mapped_by_tgid`]), which stays right unless a folio
+    /// outlives 2^32 others.
+    pub serial: u32,
     /// Mappings by address spaces the daemon did not see being made
     /// (mapped before it started, or by paths no probe sees).
     pub unknown: u32,
@@ -91,18 +99,54 @@ pub struct FolioState {
     pub order: u8,
     /// At most [`MAX_MAPPINGS_PER_FOLIO`].
     pub peak_sharers: u8,
-    /// The kernel's maybe-shared bit at the last event (a `shared_hint` value).
-    pub shared_hint: u8,
-    pub ever_partially_mapped: bool,
-    /// Consecutive events at which the kernel's count differed (see `apply`).
-    differing_events: u8,
+    marks: Marks,
+}
+
+/// A folio's flags and small counts, in one byte of its entry.
+#[derive(Clone, Copy, Debug, Default)]
+struct Marks(u8);
+
+impl Marks {
+    /// Consecutive events at which the kernel's count differed (see
+    /// `FolioTable::apply`), saturating at 3 = [`CONFIRM_AFTER`].
+    const DIFFERING: u8 = 0b11;
     /// The daemon saw every mapping of the folio being made (it was new,
     /// or first mapped after the daemon started). Only such a folio's
     /// differences from the kernel are disagreements; the others hold
     /// mappings made before the daemon started, which fork duplicates
     /// without the daemon knowing whose they are.
-    complete: bool,
+    const COMPLETE: u8 = 1 << 2;
+    const EVER_PARTIALLY_MAPPED: u8 = 1 << 3;
+    /// The kernel's maybe-shared bit at the last event: a `shared_hint`
+    /// value (0 to 2) in two bits.
+    const HINT_SHIFT: u32 = 4;
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+
+    fn set(&mut self, bit: u8, on: bool) {
+        self.0 = if on { self.0 | bit } else { self.0 & !bit };
+    }
+
+    fn differing_events(self) -> u8 {
+        self.0 & Self::DIFFERING
+    }
+
+    fn set_differing_events(&mut self, events: u8) {
+        self.0 = (self.0 & !Self::DIFFERING) | events.min(Self::DIFFERING);
+    }
+
+    fn shared_hint(self) -> u8 {
+        self.0 >> Self::HINT_SHIFT
+    }
+
+    fn set_shared_hint(&mut self, hint: u8) {
+        self.0 = (self.0 & !(0b11 << Self::HINT_SHIFT)) | ((hint & 0b11) << Self::HINT_SHIFT);
+    }
 }
+
+const _: () = assert!(CONFIRM_AFTER <= Marks::DIFFERING, "the differing count saturates below CONFIRM_AFTER");
 
 /// Counts kept narrower than the kernel's: saturate instead of wrapping.
 fn narrow<T: TryFrom<u64> + Copy>(value: u64, max: T) -> T {
@@ -110,7 +154,7 @@ fn narrow<T: TryFrom<u64> + Copy>(value: u64, max: T) -> T {
 }
 
 impl FolioState {
-    fn new(folio: u64, serial: u64, kind: FolioKind, order: u8) -> Self {
+    fn new(folio: u64, serial: u32, kind: FolioKind, order: u8) -> Self {
         Self {
             folio,
             serial,
@@ -123,23 +167,30 @@ impl FolioState {
             kind,
             order,
             peak_sharers: 0,
-            shared_hint: 0,
-            ever_partially_mapped: false,
-            differing_events: 0,
-            complete: false,
+            marks: Marks::default(),
         }
     }
 
     /// A folio whose every mapping the daemon saw being made.
     pub fn complete(&self) -> bool {
-        self.complete
+        self.marks.has(Marks::COMPLETE)
+    }
+
+    /// Some of its pages were unmapped while others stayed, at some point.
+    pub fn ever_partially_mapped(&self) -> bool {
+        self.marks.has(Marks::EVER_PARTIALLY_MAPPED)
+    }
+
+    /// The kernel's maybe-shared bit at the last event (a `shared_hint` value).
+    pub fn shared_hint(&self) -> u8 {
+        self.marks.shared_hint()
     }
 
     #[cfg(test)]
     pub fn for_test(kind: FolioKind, order: u8, mappings: &[Mapping]) -> Self {
         let mut state = Self::new(0, 0, kind, order);
         state.mappings = mappings.iter().copied().collect();
-        state.complete = true;
+        state.marks.set(Marks::COMPLETE, true);
         state
     }
 
@@ -348,7 +399,7 @@ impl Retired {
             order: state.order,
             peak_sharers: u32::from(state.peak_sharers),
             peak_mapcount: u64::from(state.peak_mapcount),
-            ever_partially_mapped: state.ever_partially_mapped,
+            ever_partially_mapped: state.ever_partially_mapped(),
         }
     }
 }
@@ -410,10 +461,16 @@ pub struct FolioTable {
     /// whole index is rebuilt when it grows to four times the table.
     by_mm: HashMap<u64, RegionIndex>,
     by_mm_len: usize,
+    /// Mappings made since `by_mm` was last asked: (address space, base,
+    /// slot), filed when fork, mremap or teardown asks, or when this is
+    /// full. Most small folios come and go between two such questions
+    /// (a fault, a write, an unmap): their mappings are never filed, and
+    /// the index does not fill with entries only to prune them.
+    unfiled: Vec<(u64, u64, Slot)>,
     /// Regions listed in `by_mm`, for [`FolioTable::heap_bytes`].
     regions: usize,
     capacity: usize,
-    next_serial: u64,
+    next_serial: u32,
     /// Address space → the tgid seen using it, for the debug view.
     mm_tgid: HashMap<u64, u32>,
     /// Children whose fork is under way: the table copied their parent's
@@ -447,6 +504,7 @@ impl FolioTable {
             free: Vec::new(),
             by_mm: HashMap::default(),
             by_mm_len: 0,
+            unfiled: Vec::new(),
             regions: 0,
             // Slot numbers are 32 bits.
             capacity: capacity.clamp(1, Slot::MAX as usize),
@@ -486,7 +544,8 @@ impl FolioTable {
             + hashed(self.mm_tgid.capacity(), size_of::<(u64, u32)>())
             + hashed(self.by_mm.capacity(), size_of::<(u64, RegionIndex)>())
             + self.regions * REGION_BYTES
-            + self.by_mm_len * size_of::<Slot>();
+            + self.by_mm_len * size_of::<Slot>()
+            + self.unfiled.capacity() * size_of::<(u64, u64, Slot)>();
         bytes as u64
     }
 
@@ -645,7 +704,8 @@ impl FolioTable {
                 Some((f, base))
             })
             .collect();
-        found.sort_by_key(|(f, _)| f.serial);
+        // Oldest first: by age, which a wrapped serial keeps.
+        found.sort_by_key(|(f, _)| std::cmp::Reverse(self.next_serial.wrapping_sub(f.serial)));
         found
     }
 
@@ -711,7 +771,7 @@ impl FolioTable {
         if state.order > 0 {
             self.mm_ids.remove(&state.folio);
         }
-        if state.differing_events > 0 {
+        if state.marks.differing_events() > 0 {
             self.differing_since.remove(&state.folio);
         }
         if let Ok(entry) = self.by_folio.find_entry(hash(state.folio), |&s| s == slot) {
@@ -721,8 +781,30 @@ impl FolioTable {
         state
     }
 
-    /// Files `slot` under a mapping of `mm` at `base`.
+    /// `slot` has a new mapping of `mm` at `base`: filed in the index
+    /// before anything asks the index (see `unfiled`).
     fn index(&mut self, mm: u64, base: u64, slot: Slot) {
+        if self.unfiled.len() == UNFILED_MAX {
+            self.file_unfiled();
+        }
+        self.unfiled.push((mm, base, slot));
+    }
+
+    /// Files the mappings made since the index was last asked that are
+    /// still there.
+    fn file_unfiled(&mut self) {
+        let shift = self.region_shift();
+        let mut unfiled = std::mem::take(&mut self.unfiled);
+        for (mm, base, slot) in unfiled.drain(..) {
+            if self.slots[slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, base >> shift, shift)) {
+                self.file(mm, base, slot);
+            }
+        }
+        self.unfiled = unfiled; // empty, its room kept
+    }
+
+    /// Files `slot` under a mapping of `mm` at `base`.
+    fn file(&mut self, mm: u64, base: u64, slot: Slot) {
         let region = base >> self.region_shift();
         let list = match self.by_mm.entry(mm).or_default().entry(region) {
             std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
@@ -744,6 +826,7 @@ impl FolioTable {
     fn rebuild_index(&mut self) {
         let shift = self.region_shift();
         self.by_mm.clear();
+        self.unfiled.clear(); // what they list is in the slots
         for (slot, state) in self.slots.iter().enumerate() {
             let Some(state) = state else { continue };
             for m in state.mappings.iter().filter(|m| m.total() > 0) {
@@ -765,6 +848,7 @@ impl FolioTable {
     /// stale entries on the way. Each slot once, though it may be listed in
     /// more than one region (see the end).
     fn slots_in(&mut self, mm: u64, start: u64, end: u64) -> Vec<Slot> {
+        self.file_unfiled();
         let shift = self.region_shift();
         let Some(regions) = self.by_mm.get_mut(&mm) else { return Vec::new() };
         if end <= start {
@@ -837,9 +921,10 @@ impl FolioTable {
             // A new folio, or one the daemon first sees now: whatever the
             // kernel already counts belongs to address spaces not yet seen.
             let serial = self.next_serial;
-            self.next_serial += 1;
+            self.next_serial = self.next_serial.wrapping_add(1);
             let mut state = FolioState::new(call.folio, serial, call.kind, call.order);
-            state.complete = call.op == RmapOp::AddNew || call.kernel_mapcount == Some(0);
+            let complete = call.op == RmapOp::AddNew || call.kernel_mapcount == Some(0);
+            state.marks.set(Marks::COMPLETE, complete);
             if call.op != RmapOp::AddNew {
                 let unknown = call.kernel_mapcount.unwrap_or(match call.op {
                     RmapOp::Remove => mappings_of(call),
@@ -847,7 +932,7 @@ impl FolioTable {
                 });
                 state.unknown = narrow(unknown, u32::MAX);
             }
-            let simulated = state.complete && maybe_shared::applies(call.kind, call.order);
+            let simulated = complete && maybe_shared::applies(call.kind, call.order);
             let slot = match found {
                 // Freshly allocated at an address the table still holds
                 // (its last unmap was missed): start over in place.
@@ -885,23 +970,24 @@ impl FolioTable {
             // events counts, and for a folio whose every mapping the table
             // saw, one that lasted CONFIRM_AFTER_NS.
             let own = state.mapcount();
+            let differing = state.marks.differing_events();
             if own == kernel {
-                if state.differing_events > 0 {
+                if differing > 0 {
                     self.differing_since.remove(&call.folio);
                 }
-                state.differing_events = 0;
+                state.marks.set_differing_events(0);
             } else {
-                state.differing_events = state.differing_events.saturating_add(1);
+                state.marks.set_differing_events(differing + 1);
                 let since = *self.differing_since.entry(call.folio).or_insert(call.timestamp_ns);
-                let lasted = !state.complete || call.timestamp_ns.saturating_sub(since) >= CONFIRM_AFTER_NS;
-                if state.differing_events >= CONFIRM_AFTER && lasted {
+                let lasted = !state.complete() || call.timestamp_ns.saturating_sub(since) >= CONFIRM_AFTER_NS;
+                if differing + 1 >= CONFIRM_AFTER && lasted {
                     self.differing_since.remove(&call.folio);
-                    if state.complete {
+                    if state.complete() {
                         applied.disagreement = Some((own, kernel));
                     } else {
                         applied.preexisting_corrected = true;
                     }
-                    state.differing_events = 0;
+                    state.marks.set_differing_events(0);
                     sim = None;
                     // Adopt the kernel's count: mappings the daemon cannot
                     // place become unknown, mappings the kernel lacks go.
@@ -936,7 +1022,7 @@ impl FolioTable {
         state.kind = call.kind;
         state.order = call.order;
         state.peak_refcount = state.peak_refcount.max(call.refcount);
-        state.shared_hint = call.shared_hint;
+        state.marks.set_shared_hint(call.shared_hint);
 
         let mut new_entry = false;
         match call.op {
@@ -997,7 +1083,7 @@ impl FolioTable {
         let mapcount = state.mapcount();
         state.note_peaks(mapcount, new_entry);
         if state.partially_mapped() {
-            state.ever_partially_mapped = true;
+            state.marks.set(Marks::EVER_PARTIALLY_MAPPED, true);
         }
         if call.op == RmapOp::AddNew
             && let (Some(kernel), Some(sim)) = (kernel_bit, &sim)
@@ -1223,6 +1309,7 @@ impl FolioTable {
         let mut torn = TornDown::default();
         self.mm_tgid.remove(&mm);
         self.forking.remove(&mm);
+        self.file_unfiled();
         let Some(regions) = self.by_mm.remove(&mm) else { return torn };
         self.regions -= regions.len();
         let mut slots: Vec<Slot> = regions.into_values().flatten().collect();
@@ -1241,7 +1328,7 @@ impl FolioTable {
                 phantoms,
                 mapcount = state.mapcount(),
                 sharers = state.sharers(),
-                complete = state.complete,
+                complete = state.complete(),
                 "mappings left at teardown"
             );
             state.mappings.retain(|m| m.mm != mm);
@@ -1421,10 +1508,13 @@ mod tests {
         }
         table.apply(&call(5000, 100, THP, RmapOp::AddNew, Level::Pte, 1, Some(1)));
         table.apply(&call(5001, 100, THP + PAGE, RmapOp::AddNew, Level::Pte, 1, Some(1)));
-        let listed = |table: &FolioTable| table.by_mm[&100][&1].len();
-        assert_eq!(listed(&table), 2);
+        let listed = |table: &mut FolioTable| {
+            table.file_unfiled();
+            table.by_mm[&100][&1].len()
+        };
+        assert_eq!(listed(&mut table), 2);
         assert_eq!(table.fork(100, 101, THP, 2 * THP, true), 2);
-        assert_eq!(listed(&table), 2);
+        assert_eq!(listed(&mut table), 2);
         assert_eq!(table.folio(5001).sharers(), 2);
     }
 
@@ -1808,7 +1898,7 @@ mod tests {
     /// docs/metrics.md quotes these sizes.
     #[test]
     fn entry_sizes_are_as_documented() {
-        assert_eq!(size_of::<Option<FolioState>>(), 72);
+        assert_eq!(size_of::<Option<FolioState>>(), 64);
         assert_eq!(size_of::<Mapping>(), 24);
     }
 
