@@ -76,6 +76,9 @@ struct Handles {
     sharers: Vec<Option<LocalHistogram>>,
     peak_mapcount: Vec<Option<LocalHistogram>>,
     partial_lifetimes: Vec<Option<LocalIntCounter>>,
+    /// The kernel's maybe-shared bit against its simulation: [agree, differ]
+    /// (checked at most events of large folios).
+    shared_bit_checks: [Option<LocalIntCounter>; 2],
 }
 
 const OPS: usize = 4;
@@ -104,7 +107,14 @@ impl Handles {
             sharers: vec![None; KINDS],
             peak_mapcount: vec![None; KINDS * ORDERS],
             partial_lifetimes: vec![None; KINDS * ORDERS],
+            shared_bit_checks: [None, None],
         }
+    }
+
+    fn shared_bit_check(&mut self, m: &Metrics, agrees: bool) -> &LocalIntCounter {
+        let (at, label) = if agrees { (0, "agree") } else { (1, "differ") };
+        self.shared_bit_checks[at]
+            .get_or_insert_with(|| m.shared_bit_checks.with_label_values(&[label]).local())
     }
 
     fn rmap(
@@ -178,7 +188,8 @@ impl Handles {
             .chain(self.copy_reasons.iter().map(|(_, c)| c))
             .chain([&self.forks])
             .chain(&self.fork_vmas)
-            .chain(self.partial_lifetimes.iter().flatten());
+            .chain(self.partial_lifetimes.iter().flatten())
+            .chain(self.shared_bit_checks.iter().flatten());
         counters.for_each(LocalIntCounter::flush);
         let histograms = self.sharers.iter().chain(&self.peak_mapcount).flatten();
         histograms.chain([&self.write_fault_duration]).for_each(LocalHistogram::flush);
@@ -500,7 +511,7 @@ impl Aggregator {
                     );
                 }
                 if let Some(agrees) = applied.shared_bit_agrees {
-                    m.shared_bit_checks.with_label_values(&[if agrees { "agree" } else { "differ" }]).inc();
+                    self.handles.shared_bit_check(m, agrees).inc();
                     if !agrees {
                         tracing::debug!(
                             kind = kind.label(),

@@ -860,8 +860,10 @@ impl FolioTable {
         let mut emptied = Vec::new();
         for (&region, list) in regions.range_mut(start >> shift..=(end - 1) >> shift) {
             let listed = list.len();
+            // Not sorted here: `found` is, once. A slot listed twice in a
+            // region (freed and reused there, with others between) stays
+            // so until the index is rebuilt.
             list.retain(|slot| slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, region, shift)));
-            list.sort_unstable();
             list.dedup();
             pruned += listed - list.len();
             found.extend_from_slice(list);
