@@ -12,7 +12,7 @@ use std::{ffi::CString, fs, io, ptr};
 
 use anyhow::{anyhow, bail};
 
-use super::my_pid;
+use super::{mapped_ranges, my_pid};
 use crate::{
     checker::Checker,
     kernel::kpagecount,
@@ -29,7 +29,7 @@ pub(super) fn daemon_pages(metrics: &MetricsSource, checker: &mut Checker) -> an
     if pidfd < 0 {
         bail!("pidfd_open({daemon}): {}", io::Error::last_os_error());
     }
-    for (start, end) in file_ranges(daemon, &binary.display().to_string())? {
+    for (start, end) in mapped_ranges(daemon, &binary.display().to_string())? {
         let range = libc::iovec { iov_base: start as *mut libc::c_void, iov_len: end - start };
         let done = unsafe {
             libc::syscall(
@@ -132,17 +132,4 @@ fn daemon_pid() -> anyhow::Result<i32> {
         }
     }
     Err(anyhow!("no mapcountd process"))
-}
-
-/// The address ranges of `pid` that map the file at `path`.
-fn file_ranges(pid: i32, path: &str) -> anyhow::Result<Vec<(usize, usize)>> {
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
-    let mut ranges = Vec::new();
-    for line in maps.lines().filter(|l| l.ends_with(path)) {
-        let Some((start, end)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) else {
-            continue;
-        };
-        ranges.push((usize::from_str_radix(start, 16)?, usize::from_str_radix(end, 16)?));
-    }
-    Ok(ranges)
 }

@@ -218,6 +218,20 @@ pub(super) fn new_cgroup(name: &str) -> Option<(String, i32)> {
     (fd >= 0).then_some((format!("/{name}"), fd))
 }
 
+/// The address ranges of `pid` that map the file at `path` (as
+/// /proc/PID/maps names it, "(deleted)" or not).
+pub(super) fn mapped_ranges(pid: i32, path: &str) -> anyhow::Result<Vec<(usize, usize)>> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut ranges = Vec::new();
+    for line in maps.lines().filter(|l| l.trim_end_matches(" (deleted)").ends_with(path)) {
+        let Some((start, end)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        ranges.push((usize::from_str_radix(start, 16)?, usize::from_str_radix(end, 16)?));
+    }
+    Ok(ranges)
+}
+
 pub(super) fn pipe() -> (i32, i32) {
     let mut fds = [0; 2];
     unsafe { libc::pipe(fds.as_mut_ptr()) };

@@ -4,7 +4,7 @@ use std::{ffi::CString, ptr};
 
 use anyhow::anyhow;
 
-use super::{THP, Waiters, pipe};
+use super::{THP, Waiters, mapped_ranges, pipe};
 use crate::{
     checker::Checker,
     memory::{PAGE, read_each_page},
@@ -52,11 +52,21 @@ pub(super) fn shared_file(metrics: &MetricsSource, checker: &mut Checker) -> any
         unsafe { libc::close(fd) };
     }
     metrics.settled_scrape()?;
-    // The readers also map the workload's own binary, which lives in
-    // the initramfs (tmpfs, so shmem too) and has 7 sharers with the parent.
-    let rows = metrics.folios_of(readers.pids[0])?;
-    let five: Vec<_> = rows.iter().filter(|r| r.kind == "shmem" && r.sharers == 5).collect();
-    let pages: usize = five.iter().map(|r| 1usize << r.order).sum();
+    // The readers also map the workload's own binary, which lives in the
+    // initramfs (tmpfs, so shmem too): its pages can have 5 sharers for a
+    // moment (the sixth child wrote to the pipe and has yet to run the
+    // code it waits in). Only the file's range in the first reader counts,
+    // where the kernel's maps put it.
+    let reader = readers.pids[0];
+    let ranges = mapped_ranges(reader, "/memfd:mapcount-shared")?;
+    if ranges.len() != 1 {
+        return Err(anyhow!("the first reader maps the shared file {} times: {ranges:x?}", ranges.len()));
+    }
+    let (start, end) = ranges[0];
+    let rows = metrics.folios_of(reader)?;
+    let in_file = |address: u64| (start..end).contains(&(address as usize));
+    let five = rows.iter().filter(|r| in_file(r.address) && r.kind == "shmem" && r.sharers == 5);
+    let pages: usize = five.map(|r| 1usize << r.order).sum();
     checker.exact("d_shared_file/shmem_pages_with_5_sharers", THP / PAGE, pages as f64);
     readers.release();
     unsafe { libc::close(fd) };
