@@ -62,6 +62,10 @@ enum Command {
         /// Stop this mapcountd (SIGSTOP) while a loop runs.
         #[arg(long)]
         pause: Option<i32>,
+        /// Run the loops this many times, one after the other (the times of
+        /// one tracer's session, for a best of more rounds on a noisy host).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
     },
     /// Map and unmap pages at a target rate, for the lossless-rate table.
     Rate {
@@ -113,8 +117,10 @@ fn main() -> ExitCode {
             demo::storm(seconds);
             ExitCode::SUCCESS
         }
-        Command::Cost { pause } => {
-            bench::cost(&metrics, pause);
+        Command::Cost { pause, repeat } => {
+            for _ in 0..repeat {
+                bench::cost(&metrics, pause);
+            }
             ExitCode::SUCCESS
         }
         Command::Rate { events_per_second, seconds } => {

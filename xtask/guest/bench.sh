@@ -84,14 +84,17 @@ tracer() {
             sleep 1 ;;
     esac
 }
-# Kernel-side cost: the same loops under each tracer, five rounds.
+# Kernel-side cost: the same loops under each tracer, five rounds of three
+# runs each. The best of fifteen: a shared host slows a round by up to
+# twice (see the report's spread), and a tracer's start-up costs more than
+# its loops, so each session runs them three times.
 for round in 1 2 3 4 5; do
     for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running mapcountd-fentry-every-record \
         bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
         tracer_pid=""
         pause=""
         tracer $t || continue
-        mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
+        mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause --repeat 3 | sed "s/^MAPCOUNT-COST /MAPCOUNT-COST tracer=$t round=$round /"
         if [ -n "$tracer_pid" ]; then
             finish $tracer_pid INT
             grep -q ERROR /tmp/tracer.log && sed "s/^/tracer $t: /" /tmp/tracer.log | head -5

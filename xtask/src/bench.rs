@@ -192,7 +192,7 @@ impl VmFigures {
             })
             .collect();
         out.push_str(&format!(
-            "\nThe untraced loop's slowest round against its fastest, in this boot: {}. Differences between\n\
+            "\nThe untraced loop's slowest run against its fastest, in this boot: {}. Differences between\n\
              tracers smaller than that are within the noise of TCG on a shared host.\n",
             spreads.join(", ")
         ));
@@ -442,7 +442,8 @@ pub fn bench() -> anyhow::Result<()> {
          sample itself: the worst case for ingest. The truth is the generator's own count; the bound is the\n\
          `_error` gauge's (3 standard deviations).\n\n{terabyte_lines}\n\
          ## Kernel-side cost\n\n\
-         Best of 5 rounds per cell; the ratio is to the untraced loop, ns/record is the extra time divided by the\n\
+         Best of 15 runs per cell (5 rounds, each starting every tracer in turn and running the loops 3 times\n\
+         under it); the ratio is to the untraced loop, ns/record is the extra time divided by the\n\
          rmap and write-fault records mapcountd produced in that loop. In the \"mapcountd fentry\" and \"kprobe\"\n\
          columns the daemon is stopped (SIGSTOP, 64 MiB ring buffer) while a loop runs: the loop pays for the\n\
          probes and the ring buffer, the kernel side, as bpftrace's loops pay for its programs and maps. The\n\
