@@ -12,6 +12,8 @@
 #![no_std]
 #![no_main]
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
@@ -138,18 +140,19 @@ fn outside_sample(folio: u64) -> bool {
 /// full path must see: a large folio, a tail page, an unreadable page.
 #[inline(always)]
 fn small_and_sampled_out(page: u64, mm: u64, op: RmapOp, level: Level, nr_pages: u32) -> bool {
-    let mut snapshot = Snapshot::EMPTY;
-    if !snapshot.take_first_page(page) {
+    let mut place = MaybeUninit::uninit();
+    let snapshot = Snapshot::of_first_page(&mut place, page);
+    if !snapshot.copied {
         return false;
     }
     let info: u64 = snapshot.field(layout!(page_compound_head)).unwrap_or(0);
-    if info & 1 != 0 || is_large(&snapshot) {
+    if info & 1 != 0 || is_large(snapshot) {
         return false;
     }
     // Hugetlb folios are large: of the full path's filters, only the
     // daemon's own address space applies.
     let mut event = Event::ZERO;
-    fill_folio(&mut event, page, &snapshot);
+    fill_folio(&mut event, page, snapshot);
     if op == RmapOp::AddNew {
         // Read at the entry of folio_add_new_anon_rmap, which sets the
         // mapping (see `new_anon`).
@@ -319,8 +322,24 @@ impl<T> Reserved<T> {
     #[inline(always)]
     fn submit(self, record: T) {
         let mut entry = self.entry;
-        entry.write(record);
+        if size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8 {
+            copy_words(entry.as_mut_ptr(), &record);
+        } else {
+            entry.write(record); // a driver page's source: rare
+        }
         entry.submit(wakeup_flags(self.produced));
+    }
+}
+
+/// `*dst = *src` for a record of whole, aligned words, a word at a time: a
+/// plain copy made LLVM call `memmove`, a loop of one-byte loads and stores
+/// (see [`Snapshot`]).
+#[inline(always)]
+fn copy_words<T>(dst: *mut T, src: &T) {
+    let (dst, src) = (dst.cast::<u64>(), (src as *const T).cast::<u64>());
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: both are valid and aligned for all of T's words.
+        unsafe { dst.add(i).write_volatile(src.add(i).read()) };
     }
 }
 
@@ -355,14 +374,61 @@ const SMALL_FOLIO_BYTES: usize = 64;
 /// offsets come from [`LAYOUT`], read-only data whose values the verifier
 /// knows, so each access is at a fixed stack offset. A field beyond the copy
 /// (a kernel with unusual struct layout) falls back to a read of its own.
+///
+/// The copy starts uninitialised and [`Snapshot::take`] or
+/// [`Snapshot::take_first_page`] writes every word of it: the helper
+/// writes what it copies (zeroes, if the copy fails), [`zero_words`] the
+/// rest. Zero-initialising it instead made LLVM call `memset`, which on
+/// this target is a loop of one-byte stores: five instructions a byte,
+/// 680 per snapshot, most of a record's cost.
 struct Snapshot {
     base: u64,
     copied: bool,
-    copy: [u64; (SNAPSHOT_BYTES / 8) as usize],
+    copy: [MaybeUninit<u64>; SNAPSHOT_WORDS],
+}
+
+const SNAPSHOT_WORDS: usize = (SNAPSHOT_BYTES / 8) as usize;
+
+/// Stores zero in `words[from..]`, a word at a time. Volatile, so that LLVM
+/// does not merge the stores into a `memset` call (see [`Snapshot`]).
+#[inline(always)]
+fn zero_words(words: &mut [MaybeUninit<u64>; SNAPSHOT_WORDS], from: usize) {
+    for word in words.iter_mut().skip(from) {
+        // SAFETY: a valid, aligned place on this program's stack.
+        unsafe { core::ptr::write_volatile(word, MaybeUninit::new(0)) };
+    }
 }
 
 impl Snapshot {
-    const EMPTY: Self = Self { base: 0, copied: false, copy: [0; (SNAPSHOT_BYTES / 8) as usize] };
+    /// A snapshot of `base`, made in `place` on the caller's stack. (A
+    /// constant with an uninitialised copy would not do: LLVM may store
+    /// undefined bytes as zeroes, with the same `memset`.)
+    #[inline(always)]
+    fn of(place: &mut MaybeUninit<Snapshot>, base: u64) -> &mut Snapshot {
+        let snapshot = Self::place(place);
+        snapshot.take(base);
+        snapshot
+    }
+
+    /// A snapshot of the first `struct page` at `base` ([`Snapshot::take_first_page`]).
+    #[inline(always)]
+    fn of_first_page(place: &mut MaybeUninit<Snapshot>, base: u64) -> &mut Snapshot {
+        let snapshot = Self::place(place);
+        snapshot.take_first_page(base);
+        snapshot
+    }
+
+    #[inline(always)]
+    fn place(place: &mut MaybeUninit<Snapshot>) -> &mut Snapshot {
+        let snapshot = place.as_mut_ptr();
+        // SAFETY: the fields that must be initialised are, before the
+        // reference is made; the copy is `MaybeUninit` words.
+        unsafe {
+            (&raw mut (*snapshot).base).write(0);
+            (&raw mut (*snapshot).copied).write(false);
+            place.assume_init_mut()
+        }
+    }
 
     /// Copies `base` into this snapshot, in place: the stack is 512 bytes
     /// for everything, and a snapshot is a quarter of it.
@@ -370,18 +436,20 @@ impl Snapshot {
     fn take(&mut self, base: u64) {
         self.base = base;
         self.copied = false;
-        if base != 0 {
-            let bytes = unsafe {
-                core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
-            };
-            self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
-            if !self.copied {
-                // A small folio's struct page can be the last before a hole
-                // in the vmemmap, where the second half of the copy faults.
-                // Its own page is readable: copy that (a failed copy left
-                // zeroes behind it, and a small folio needs nothing there).
-                self.take_first_page(base);
-            }
+        if base == 0 {
+            zero_words(&mut self.copy, 0);
+            return;
+        }
+        let bytes = unsafe {
+            core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
+        };
+        self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+        if !self.copied {
+            // A small folio's struct page can be the last before a hole
+            // in the vmemmap, where the second half of the copy faults.
+            // Its own page is readable: copy that (a failed copy left
+            // zeroes behind it, and a small folio needs nothing there).
+            self.take_first_page(base);
         }
     }
 
@@ -391,10 +459,16 @@ impl Snapshot {
     #[inline(always)]
     fn take_first_page(&mut self, base: u64) -> bool {
         self.base = base;
+        if base == 0 {
+            zero_words(&mut self.copy, 0);
+            self.copied = false;
+            return false;
+        }
         let bytes = unsafe {
             core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SMALL_FOLIO_BYTES)
         };
-        self.copied = base != 0 && unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+        self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+        zero_words(&mut self.copy, SMALL_FOLIO_BYTES / 8);
         self.copied
     }
 
@@ -417,17 +491,17 @@ impl Snapshot {
     }
 }
 
-/// The folio a page belongs to, with `snapshot` taken of it: the page's
+/// The folio a page belongs to, and a snapshot of it in `place`: the page's
 /// own copy when it is not a tail page (one copy instead of two).
 #[inline(always)]
-fn folio_of_page(page: u64, snapshot: &mut Snapshot) -> u64 {
-    snapshot.take(page);
+fn folio_of_page(page: u64, place: &mut MaybeUninit<Snapshot>) -> (u64, &Snapshot) {
+    let snapshot = Snapshot::of(place, page);
     let info: u64 = snapshot.field(layout!(page_compound_head)).unwrap_or(0);
     let folio = compound_head(page, info);
     if folio != page {
         snapshot.take(folio);
     }
-    folio
+    (folio, snapshot)
 }
 
 /// `page_folio()`. A tail page has bit 0 of `compound_head` set; the rest
@@ -535,8 +609,8 @@ struct VmaFacts {
 
 #[inline(always)]
 fn vma_facts(vma: u64) -> VmaFacts {
-    let mut snapshot = Snapshot::EMPTY;
-    snapshot.take(vma);
+    let mut place = MaybeUninit::uninit();
+    let snapshot = Snapshot::of(&mut place, vma);
     VmaFacts {
         mm: snapshot.field(layout!(vma_mm)).unwrap_or(0),
         flags: snapshot.field(layout!(vma_flags)).unwrap_or(0),
@@ -702,10 +776,10 @@ fn emit_rmap(folio: u64, vma: u64, op: RmapOp, level: Level, nr_pages: u32) {
         return;
     }
     let timestamp_ns = now();
-    let mut snapshot = Snapshot::EMPTY;
-    snapshot.take(folio);
+    let mut place = MaybeUninit::uninit();
+    let snapshot = Snapshot::of(&mut place, folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
-    let event = folio_event(timestamp_ns, folio, &snapshot);
+    let event = folio_event(timestamp_ns, folio, snapshot);
     if observer_leaves_out(facts.mm, event.kind) {
         return;
     }
@@ -730,10 +804,10 @@ fn emit_page_rmap(page: u64, vma: u64, op: RmapOp, compound: bool) {
         return;
     }
     let timestamp_ns = now();
-    let mut snapshot = Snapshot::EMPTY;
-    let folio = folio_of_page(page, &mut snapshot);
+    let mut place = MaybeUninit::uninit();
+    let (folio, snapshot) = folio_of_page(page, &mut place);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
-    let event = folio_event(timestamp_ns, folio, &snapshot);
+    let event = folio_event(timestamp_ns, folio, snapshot);
     if observer_leaves_out(facts.mm, event.kind) {
         return;
     }
@@ -939,9 +1013,9 @@ fn new_anon(folio: u64, vma: u64, address: u64) {
         return;
     }
     let timestamp_ns = now();
-    let mut snapshot = Snapshot::EMPTY;
-    snapshot.take(folio);
-    let mut event = folio_event(timestamp_ns, folio, &snapshot);
+    let mut place = MaybeUninit::uninit();
+    let snapshot = Snapshot::of(&mut place, folio);
+    let mut event = folio_event(timestamp_ns, folio, snapshot);
     // A PMD-sized anonymous folio is mapped by one PMD; smaller (m)THPs by PTEs.
     let (level, nr_pages) = if event.order >= PMD_ORDER {
         (Level::Pmd, PMD_PAGES)
@@ -991,8 +1065,8 @@ pub fn page_add_new_anon_fentry(ctx: FEntryContext) -> u32 {
 #[inline(always)]
 fn write_fault_entry(vmf: u64) {
     let vma: u64 = read_at(vmf, layout!(vmf_vma)).unwrap_or(0);
-    let mut vma_snapshot = Snapshot::EMPTY;
-    vma_snapshot.take(vma);
+    let mut vma_place = MaybeUninit::uninit();
+    let vma_snapshot = Snapshot::of(&mut vma_place, vma);
     let flags: u64 = vma_snapshot.field(layout!(vma_flags)).unwrap_or(0);
     let mm = vma_snapshot.field(layout!(vma_mm)).unwrap_or(0);
     if is_observer(mm) {
@@ -1079,9 +1153,9 @@ fn write_fault_return() {
 
     let returned_ns = now();
     let mut event = if page != 0 {
-        let mut snapshot = Snapshot::EMPTY;
-        let folio = folio_of_page(page, &mut snapshot);
-        folio_event(returned_ns, folio, &snapshot)
+        let mut place = MaybeUninit::uninit();
+        let (folio, snapshot) = folio_of_page(page, &mut place);
+        folio_event(returned_ns, folio, snapshot)
     } else {
         Event { cpu: this_cpu(), timestamp_ns: returned_ns, ..Event::ZERO }
     };
@@ -1359,9 +1433,9 @@ fn fault_window_return(ret: u64) {
     };
     let returned_ns = now();
     let mut event = if window.folio != 0 {
-        let mut snapshot = Snapshot::EMPTY;
-        snapshot.take(window.folio);
-        folio_event(returned_ns, window.folio, &snapshot)
+        let mut place = MaybeUninit::uninit();
+        let snapshot = Snapshot::of(&mut place, window.folio);
+        folio_event(returned_ns, window.folio, snapshot)
     } else {
         Event { cpu: this_cpu(), timestamp_ns: returned_ns, ..Event::ZERO }
     };
@@ -1419,14 +1493,14 @@ entry_probe!(clear_flush_marker, clear_flush_marker_fentry, |a| {
 /// duplicates, decided as it does (see `fork_copy`).
 #[inline(always)]
 fn fork_copy(dst_vma: u64, src_vma: u64) {
-    let mut dst = Snapshot::EMPTY;
-    dst.take(dst_vma);
+    let mut dst_place = MaybeUninit::uninit();
+    let dst = Snapshot::of(&mut dst_place, dst_vma);
     let dst_mm = dst.field(layout!(vma_mm)).unwrap_or(0);
     let dst_flags: u64 = dst.field(layout!(vma_flags)).unwrap_or(0);
     let dst_ops: u64 = dst.field(layout!(vma_ops)).unwrap_or(0);
     let Some(entry) = reserve::<ForkEvent>() else { return };
-    let mut src = Snapshot::EMPTY;
-    src.take(src_vma);
+    let mut src_place = MaybeUninit::uninit();
+    let src = Snapshot::of(&mut src_place, src_vma);
     let flags: u64 = src.field(layout!(vma_flags)).unwrap_or(0);
     let anon_vma: u64 = src.field(layout!(vma_anon_vma)).unwrap_or(0);
     // vma_needs_copy(), 6.1 to 7.x: the child's uffd-wp, then the source's

@@ -288,6 +288,10 @@ pub struct Boot<'a> {
     /// kprobe's int3 to a vCPU after another finished patching the text,
     /// which oopses the guest (seen when attaching during a benchmark).
     pub single_threaded: bool,
+    /// Guest time counted in instructions, each 2^shift ns (qemu's
+    /// `-icount`, single-threaded): the same work takes the same guest time
+    /// whatever else the host runs.
+    pub icount_shift: Option<u8>,
     /// A host directory the guest mounts at the same path (virtiofs).
     pub share: Option<&'a Path>,
     /// Write the console to this file as it arrives.
@@ -312,6 +316,7 @@ impl<'a> Boot<'a> {
             cpus: 2,
             disk: None,
             single_threaded: false,
+            icount_shift: None,
             share: None,
             console_log: None,
             stop: None,
@@ -351,6 +356,11 @@ pub fn boot(kernel: &Kernel, image: &Image, boot: Boot<'_>) -> anyhow::Result<St
             boot.init.map(|init| format!(" rdinit={init}")).unwrap_or_default()
         ),
     ]);
+    if let Some(shift) = boot.icount_shift {
+        // sleep=off: an idle guest's clock jumps to its next timer instead
+        // of following the host's, so guest time is instructions only.
+        cmd.args(["-icount", &format!("shift={shift},sleep=off,align=off")]);
+    }
     // virtiofs: qemu hands the guest's memory to virtiofsd, so it must be
     // a shared memory object of the same size as -m.
     let _virtiofsd = match boot.share {
