@@ -434,23 +434,21 @@ impl Snapshot {
     /// for everything, and a snapshot is a quarter of it.
     #[inline(always)]
     fn take(&mut self, base: u64) {
-        self.base = base;
-        self.copied = false;
-        if base == 0 {
-            zero_words(&mut self.copy, 0);
-            return;
+        if base != 0 {
+            self.base = base;
+            let bytes = unsafe {
+                core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
+            };
+            self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
+            if self.copied {
+                return;
+            }
         }
-        let bytes = unsafe {
-            core::slice::from_raw_parts_mut(self.copy.as_mut_ptr().cast::<u8>(), SNAPSHOT_BYTES as usize)
-        };
-        self.copied = unsafe { bpf_probe_read_kernel_buf(base as *const u8, bytes) }.is_ok();
-        if !self.copied {
-            // A small folio's struct page can be the last before a hole
-            // in the vmemmap, where the second half of the copy faults.
-            // Its own page is readable: copy that (a failed copy left
-            // zeroes behind it, and a small folio needs nothing there).
-            self.take_first_page(base);
-        }
+        // A small folio's struct page can be the last before a hole in the
+        // vmemmap, where the second half of the copy faults. Its own page
+        // is readable: copy that (a small folio needs nothing beyond it).
+        // For no object at all, this zeroes the snapshot.
+        self.take_first_page(base);
     }
 
     /// Copies only the first `struct page` at `base`: all a small folio

@@ -85,9 +85,9 @@ tracer() {
     esac
 }
 # Kernel-side cost: the same loops under each tracer, five rounds of three
-# runs each. The best of fifteen: a shared host slows a round by up to
-# twice (see the report's spread), and a tracer's start-up costs more than
-# its loops, so each session runs them three times.
+# runs each, the best of fifteen. A tracer's first run can overlap its own
+# start-up (bpftrace attaches after it says so: its first run is up to 1.5
+# times its others), and starting a tracer costs more than its loops.
 for round in 1 2 3 4 5; do
     for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running mapcountd-fentry-every-record \
         bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
