@@ -101,6 +101,20 @@ for round in 1 2 3 4 5; do
         fi
     done
 done
+# Instructions per call of each of mapcountd's programs: the kernel's BPF
+# statistics over one more run of the loops under each mode (guest time
+# counts instructions, 8 ns each, so run time / 8 is instructions).
+for t in mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe; do
+    tracer_pid=""
+    pause=""
+    tracer $t || continue
+    echo 1 >/proc/sys/kernel/bpf_stats_enabled
+    mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause --repeat 1 >/dev/null
+    echo 0 >/proc/sys/kernel/bpf_stats_enabled
+    bpftool prog show |
+        sed -n "s/^[0-9]*: *[a-z_]* *name \([a-z_0-9]*\) .* run_time_ns \([0-9]*\) run_cnt \([0-9]*\).*/MAPCOUNT-PROG tracer=$t name=\1 ns=\2 calls=\3/p"
+    finish $tracer_pid INT
+done
 # A 1 GiB process forks while another faults at full speed, against a
 # fresh daemon with the default ring buffer.
 mapcountd --log.level=warn >/tmp/fork-big.log 2>&1 &

@@ -55,6 +55,9 @@ pub struct VmFigures {
     pub tracer_errors: Vec<String>,
     /// The `MAPCOUNT-FORK-BIG` line's fields: a 1 GiB process's fork.
     pub fork_big: Option<String>,
+    /// (tracer, program name as bpftool shows it) -> (run time ns, calls):
+    /// the kernel's BPF statistics over one run of the loops.
+    pub programs: BTreeMap<(String, String), (f64, f64)>,
 }
 
 pub struct RateStep {
@@ -83,6 +86,7 @@ pub fn parse(console: &str) -> VmFigures {
         probes: String::new(),
         tracer_errors: Vec::new(),
         fork_big: None,
+        programs: BTreeMap::new(),
     };
     let mut rates: BTreeMap<(std::cmp::Reverse<u64>, u64), RateStep> = BTreeMap::new();
     for line in console.lines() {
@@ -92,6 +96,12 @@ pub fn parse(console: &str) -> VmFigures {
             }
         } else if let Some(rest) = line.strip_prefix("MAPCOUNT-FORK-BIG ") {
             f.fork_big = Some(rest.to_owned());
+        } else if let Some(rest) = line.strip_prefix("MAPCOUNT-PROG ") {
+            if let (Some(tracer), Some(name), Some(ns), Some(calls)) =
+                (field(rest, "tracer"), field(rest, "name"), number(rest, "ns"), number(rest, "calls"))
+            {
+                f.programs.insert((tracer.to_owned(), name.to_owned()), (ns, calls));
+            }
         } else if let Some(rest) = line.strip_prefix("MAPCOUNT-BENCH-PROBES ") {
             f.probes = rest.to_owned();
         } else if let Some(rest) = line.strip_prefix("MAPCOUNT-COST ") {
@@ -216,6 +226,61 @@ impl VmFigures {
     pub fn no_slower_than_bpftrace(&self, tracer: &str) -> bool {
         let (_, counting) = bpftrace_counterparts(tracer);
         LOOPS.iter().all(|name| self.best(tracer, name) <= self.best(counting, name))
+    }
+}
+
+/// Guest nanoseconds per instruction in the bench VM (`-icount shift=3`).
+const NS_PER_INSTRUCTION: f64 = 8.0;
+
+/// The modes whose programs the BPF statistics cover, as table columns.
+const PROFILED: &[(&str, &str)] = &[
+    ("mapcountd-fentry", "fentry"),
+    ("mapcountd-fentry-sampled", "fentry, sampled"),
+    ("mapcountd-kprobe", "kprobe"),
+];
+
+impl VmFigures {
+    /// Instructions per call of each program that ran, by mode: where a
+    /// record's cost goes. Both attach kinds of a handler share a row.
+    pub fn program_table(&self) -> String {
+        let handler = |name: &str| {
+            ["_fentry", "_fexit", "_kprobe", "_kretprobe"]
+                .iter()
+                .find_map(|kind| name.strip_suffix(kind))
+                .unwrap_or(name)
+                .to_owned()
+        };
+        let mut rows: BTreeMap<String, BTreeMap<&str, (f64, f64)>> = BTreeMap::new();
+        for ((tracer, name), &(ns, calls)) in &self.programs {
+            let Some(&(_, column)) = PROFILED.iter().find(|(t, _)| t == tracer) else { continue };
+            if calls > 0.0 {
+                let cell = rows.entry(handler(name)).or_default().entry(column).or_default();
+                *cell = (cell.0 + ns, cell.1 + calls);
+            }
+        }
+        if rows.is_empty() {
+            return "No BPF statistics in the console (no MAPCOUNT-PROG line).\n".to_owned();
+        }
+        let mut table = String::from("| program |");
+        for (_, column) in PROFILED {
+            table.push_str(&format!(" {column}: calls | instructions per call |"));
+        }
+        table.push_str("\n|---|");
+        table.push_str(&"---|---|".repeat(PROFILED.len()));
+        table.push('\n');
+        for (name, cells) in rows {
+            table.push_str(&format!("| {name} |"));
+            for (_, column) in PROFILED {
+                match cells.get(column) {
+                    Some(&(ns, calls)) => {
+                        table.push_str(&format!(" {calls:.0} | {:.0} |", ns / calls / NS_PER_INSTRUCTION))
+                    }
+                    None => table.push_str(" | |"),
+                }
+            }
+            table.push('\n');
+        }
+        table
     }
 }
 
@@ -456,6 +521,11 @@ pub fn bench() -> anyhow::Result<()> {
          (and the one host thread) with the loop. The empty and counting programs are bpftrace (Debian's\n\
          package) on the functions mapcountd attached in that boot, as kprobes/kretprobes and as fentry/fexit:\n\
          `{probes}`.\n\n{table}{errors}\n\
+         ### Instructions per call, by program\n\n\
+         From the kernel's BPF statistics (`kernel.bpf_stats_enabled`: run time and calls per program) over one\n\
+         more run of the three loops under each mode, the daemon stopped meanwhile; guest time counts\n\
+         instructions, so run time / 8 ns is the program's instructions per call, without the trampoline or\n\
+         kprobe that enters it (an empty program's whole cost is in the table above).\n\n{programs}\n\
          ## Lossless rate\n\n\
          One process per vCPU, pinned, maps, touches and unmaps one page at a time (two records) at its share of\n\
          the target rate for 10 s, against a fresh mapcountd with the default 8 MiB ring buffer, then with 64 KiB.\n\
@@ -576,6 +646,7 @@ pub fn bench() -> anyhow::Result<()> {
         scenarios_rate = figure("ingest_scenarios_alone_events_per_second"),
         probes = vm.probes,
         table = vm.report(),
+        programs = vm.program_table(),
     );
     std::fs::write(root.join("BENCHMARKS.md"), &report)?;
     print!("{report}");
@@ -615,12 +686,19 @@ mod tests {
             MAPCOUNT-COST tracer=none round=1 loop=faults ns=1000 events=0\n\
             MAPCOUNT-COST tracer=mapcountd-fentry round=1 loop=faults ns=1500 events=100\n\
             MAPCOUNT-COST tracer=bpftrace-fentry-empty round=1 loop=faults ns=1100 events=0\n\
+            MAPCOUNT-PROG tracer=mapcountd-fentry name=remove_ptes_fentry ns=80000 calls=10\n\
+            MAPCOUNT-PROG tracer=mapcountd-kprobe name=remove_ptes ns=160000 calls=10\n\
+            MAPCOUNT-PROG tracer=mapcountd-kprobe name=remove_pmd ns=0 calls=0\n\
             MAPCOUNT-RATE ring=4096 target=1000 2026 INFO mapcountd: event accounting cpu=0 produced=7 received=5 lost=2 balanced=true\n\
             MAPCOUNT-RATE ring=4096 target=1000 2026 INFO mapcountd: event accounting cpu=1 produced=3 received=3 lost=0 balanced=true\n";
         let f = parse(console);
         assert_eq!(f.startup_ms, [812.0]);
         assert_eq!(f.cost_per_event("mapcountd-fentry", "faults"), 5.0);
         assert_eq!(f.multiples_of_empty("mapcountd-fentry")[0].1, 5.0);
+        // 8 ns an instruction; kinds of one handler on one row; idle programs left out.
+        let programs = f.program_table();
+        assert!(programs.contains("| remove_ptes | 10 | 1000 | | | 10 | 2000 |"), "{programs}");
+        assert!(!programs.contains("remove_pmd"), "{programs}");
         let step = &f.rates[0];
         assert_eq!(
             (step.ring, step.target, step.produced, step.received, step.lost, step.cpus),
