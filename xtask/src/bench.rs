@@ -227,19 +227,7 @@ impl VmFigures {
         let (_, counting) = bpftrace_counterparts(tracer);
         LOOPS.iter().all(|name| self.best(tracer, name) <= self.best(counting, name))
     }
-}
 
-/// Guest nanoseconds per instruction in the bench VM (`-icount shift=3`).
-const NS_PER_INSTRUCTION: f64 = 8.0;
-
-/// The modes whose programs the BPF statistics cover, as table columns.
-const PROFILED: &[(&str, &str)] = &[
-    ("mapcountd-fentry", "fentry"),
-    ("mapcountd-fentry-sampled", "fentry, sampled"),
-    ("mapcountd-kprobe", "kprobe"),
-];
-
-impl VmFigures {
     /// Instructions per call of each program that ran, by mode: where a
     /// record's cost goes. Both attach kinds of a handler share a row.
     pub fn program_table(&self) -> String {
@@ -284,6 +272,20 @@ impl VmFigures {
     }
 }
 
+/// The bench VM's `-icount` shift: guest time advances 2^shift ns per
+/// instruction.
+const ICOUNT_SHIFT: u8 = 3;
+
+/// Guest nanoseconds per instruction in the bench VM.
+const NS_PER_INSTRUCTION: f64 = (1u32 << ICOUNT_SHIFT) as f64;
+
+/// The modes whose programs the BPF statistics cover, as table columns.
+const PROFILED: &[(&str, &str)] = &[
+    ("mapcountd-fentry", "fentry"),
+    ("mapcountd-fentry-sampled", "fentry, sampled"),
+    ("mapcountd-kprobe", "kprobe"),
+];
+
 pub fn rate_or_none(rate: f64) -> String {
     if rate > 0.0 { format!("{rate:.0} records/s") } else { "none of the rates tried".to_owned() }
 }
@@ -321,7 +323,7 @@ pub fn bench_vm(bin: &Path) -> anyhow::Result<String> {
             single_threaded: true,
             // 8 ns an instruction: the shift only sets the figures' scale
             // (and how long guest time-outs last in instructions).
-            icount_shift: Some(3),
+            icount_shift: Some(ICOUNT_SHIFT),
             ..vm::Boot::new("auto", 3600)
         },
     )?;
