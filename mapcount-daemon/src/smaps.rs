@@ -218,6 +218,7 @@ impl Default for ByAddressSpace {
 }
 
 impl ByAddressSpace {
+    #[inline(always)]
     fn slot(&mut self, mm: u64) -> usize {
         // mm_struct addresses differ in their middle bits.
         let way = (mm.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - RECENT.trailing_zeros())) as usize;
@@ -225,6 +226,12 @@ impl ByAddressSpace {
         if cached == mm && i != usize::MAX {
             return i;
         }
+        self.slot_uncached(mm, way)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn slot_uncached(&mut self, mm: u64, way: usize) -> usize {
         let next = self.mms.len();
         let i = *self.index.entry(mm).or_insert(next);
         if i == next {
@@ -239,17 +246,8 @@ impl ByAddressSpace {
     pub fn add(&mut self, folio: &FolioState, slots: Option<&MmIdSlots>) {
         if folio.order == 0 {
             let mapcount = folio.mapcount();
-            let pss =
-                if mapcount >= 2 { (PAGE_SIZE << PSS_SHIFT) / mapcount } else { PAGE_SIZE << PSS_SHIFT };
             for m in folio.mappings.iter().filter(|m| m.total() > 0) {
-                let pages = pages_covered(m, 1);
-                let i = self.slot(m.mm);
-                let sums = &mut self.small[i];
-                sums.pages += pages;
-                sums.pss_shifted += pages * pss;
-                if mapcount < 2 {
-                    sums.private_pages += pages;
-                }
+                self.add_small_mapping(m, mapcount);
             }
             return;
         }
@@ -258,6 +256,21 @@ impl ByAddressSpace {
             self.large[i][0].add(exact);
             self.large[i][1].add(estimate);
         });
+    }
+
+    /// One live mapping `m` of a small folio mapped `mapcount` times in all.
+    #[inline(always)]
+    pub fn add_small_mapping(&mut self, m: &Mapping, mapcount: u64) {
+        let pages = pages_covered(m, 1);
+        let i = self.slot(m.mm);
+        let sums = &mut self.small[i];
+        sums.pages += pages;
+        if mapcount < 2 {
+            sums.pss_shifted += pages * (PAGE_SIZE << PSS_SHIFT);
+            sums.private_pages += pages;
+        } else {
+            sums.pss_shifted += pages * ((PAGE_SIZE << PSS_SHIFT) / mapcount);
+        }
     }
 
     /// Adds another walk's figures (of other folios) to these.
