@@ -69,6 +69,9 @@ struct Handles {
     write_fault_duration: LocalHistogram,
     copy_reasons: Vec<(&'static str, LocalIntCounter)>,
     forks: LocalIntCounter,
+    /// Small folios' events outside the table's sample: most events of a
+    /// sampled host.
+    sampled_out: LocalIntCounter,
     /// Fork VMAs whose page tables were copied, and those left to faults.
     fork_vmas: [LocalIntCounter; 2],
     /// Facts of folios that left the table: sharers by [kind], peak
@@ -103,6 +106,7 @@ impl Handles {
             write_fault_duration: m.write_fault_duration.local(),
             copy_reasons: Vec::new(),
             forks: m.forks.local(),
+            sampled_out: m.events_sampled_out.local(),
             fork_vmas: ["copied", "lazy"].map(|how| m.fork_vmas.with_label_values(&[how]).local()),
             sharers: vec![None; KINDS],
             peak_mapcount: vec![None; KINDS * ORDERS],
@@ -186,7 +190,7 @@ impl Handles {
             .chain(self.write_faults.iter().flatten())
             .chain(&self.events)
             .chain(self.copy_reasons.iter().map(|(_, c)| c))
-            .chain([&self.forks])
+            .chain([&self.forks, &self.sampled_out])
             .chain(&self.fork_vmas)
             .chain(self.partial_lifetimes.iter().flatten())
             .chain(self.shared_bit_checks.iter().flatten());
@@ -535,7 +539,7 @@ impl Aggregator {
                     m.table_evictions.inc();
                 }
                 if applied.sampled_out {
-                    m.events_sampled_out.inc();
+                    self.handles.sampled_out.inc();
                 }
                 if let Some(dropped) = applied.sample_tightened.filter(|&dropped| dropped > 0) {
                     m.sample_drops.inc_by(dropped as u64);

@@ -473,6 +473,10 @@ pub struct FolioTable {
     next_serial: u32,
     /// Address space → the tgid seen using it, for the debug view.
     mm_tgid: HashMap<u64, u32>,
+    /// The address space last given an owner in `mm_tgid`: a task's
+    /// events come in runs, and most carry their owner (so no hash
+    /// lookup per event). 0 when none.
+    last_owner_noted: u64,
     /// Children whose fork is under way: the table copied their parent's
     /// mappings, and their own task has not run yet.
     forking: HashSet<u64>,
@@ -510,6 +514,7 @@ impl FolioTable {
             capacity: capacity.clamp(1, Slot::MAX as usize),
             next_serial: 1,
             mm_tgid: HashMap::default(),
+            last_owner_noted: 0,
             forking: HashSet::default(),
             mm_ids: HashMap::default(),
             differing_since: HashMap::default(),
@@ -677,8 +682,9 @@ impl FolioTable {
     /// would name the space after a process that is gone. (The entry goes
     /// at teardown, so a reused `mm` gets its new owner.)
     pub fn note_owner(&mut self, mm: u64, tgid: u32) {
-        if mm != 0 {
+        if mm != 0 && mm != self.last_owner_noted {
             self.mm_tgid.entry(mm).or_insert(tgid);
+            self.last_owner_noted = mm;
         }
     }
 
@@ -890,8 +896,11 @@ impl FolioTable {
     #[expect(clippy::expect_used, reason = "the index only holds slots of live folios")]
     pub fn apply(&mut self, call: &RmapCall) -> Applied {
         let mut applied = Applied::default();
+        // Most events are a task's own (`own_mm`) and no fork is under way.
         if call.own_mm {
-            self.forking.remove(&call.mm);
+            if !self.forking.is_empty() {
+                self.forking.remove(&call.mm);
+            }
         } else if call.op == RmapOp::AddNew && call.order == 0 && self.forking.contains(&call.mm) {
             applied.phantoms += self.replace_fork_copy(call);
         }
@@ -1310,6 +1319,9 @@ impl FolioTable {
     pub fn teardown(&mut self, mm: u64) -> TornDown {
         let mut torn = TornDown::default();
         self.mm_tgid.remove(&mm);
+        if self.last_owner_noted == mm {
+            self.last_owner_noted = 0;
+        }
         self.forking.remove(&mm);
         self.file_unfiled();
         let Some(regions) = self.by_mm.remove(&mm) else { return torn };
