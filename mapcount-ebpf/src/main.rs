@@ -140,10 +140,17 @@ fn outside_sample(folio: u64) -> bool {
 /// ([`outside_sample`]), this tells from its first `struct page` alone,
 /// before the VMA, the clock or the folio's counters are read, whether it
 /// is a small folio: then the call is counted in the exact totals (unless
-/// it is on the daemon's own `mm`) and goes no further. False for what the
-/// full path must see: a large folio, a tail page, an unreadable page.
+/// it is on the daemon's own address space, which `mm` returns) and goes no
+/// further. False for what the full path must see: a large folio, a tail
+/// page, an unreadable page.
 #[inline(always)]
-fn small_and_sampled_out(page: u64, mm: u64, op: RmapOp, level: Level, nr_pages: u32) -> bool {
+fn small_and_sampled_out(
+    page: u64,
+    mm: impl FnOnce() -> u64,
+    op: RmapOp,
+    level: Level,
+    nr_pages: u32,
+) -> bool {
     let mut place = MaybeUninit::uninit();
     let snapshot = Snapshot::of_first_page(&mut place, page);
     if !snapshot.copied {
@@ -731,19 +738,21 @@ fn hugetlb_left_out(vma: &VmaFacts) -> bool {
     false
 }
 
-/// Whether an rmap call on `mm` of a folio of `kind` is left out as the
-/// daemon's own. Page-cache folios are not: the daemon maps its binary and
+/// Whether an rmap call on the address space `mm` returns, of a folio of
+/// `kind`, is left out as the daemon's own; `mm` is asked only for a kind
+/// that may be (on the sampled path it costs a helper call). Page-cache
+/// folios are not: the daemon maps its binary and
 /// the libraries every process maps, and a page of those it faults in
 /// after a workload mapped it is one more mapping in the kernel's count,
 /// which the table must see too (left out, every later event on the page
 /// found the table one mapping short). Its anonymous and driver pages are
 /// its alone.
 #[inline(always)]
-fn observer_leaves_out(mm: u64, kind: u8) -> bool {
+fn observer_leaves_out(mm: impl FnOnce() -> u64, kind: u8) -> bool {
     if kind == FolioKind::File as u8 || kind == FolioKind::Shmem as u8 {
         return false;
     }
-    if is_observer(mm) {
+    if is_observer(mm()) {
         count(counter::OBSERVER_SKIPPED);
         return true;
     }
@@ -847,7 +856,7 @@ fn now() -> u64 {
 #[inline(always)]
 fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, level: Level, nr_pages: u32) {
     let (folio, vma) = (args.raw(folio_arg), args.raw(vma_arg));
-    if outside_sample(folio) && small_and_sampled_out(folio, vma_mm(vma), op, level, nr_pages) {
+    if outside_sample(folio) && small_and_sampled_out(folio, || vma_mm(vma), op, level, nr_pages) {
         return;
     }
     let facts = args.vma_facts(vma_arg);
@@ -859,7 +868,7 @@ fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, lev
     let snapshot = Snapshot::of(&mut place, folio);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, snapshot);
-    if observer_leaves_out(facts.mm, event.kind) {
+    if observer_leaves_out(|| facts.mm, event.kind) {
         return;
     }
     note_in_fault_window(op, folio);
@@ -876,7 +885,7 @@ fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, lev
 fn emit_page_rmap(args: &impl Args, page_arg: usize, vma_arg: usize, op: RmapOp, compound: bool) {
     let (page, vma) = (args.raw(page_arg), args.raw(vma_arg));
     let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
-    if outside_sample(page) && small_and_sampled_out(page, vma_mm(vma), op, level, nr_pages) {
+    if outside_sample(page) && small_and_sampled_out(page, || vma_mm(vma), op, level, nr_pages) {
         return;
     }
     let facts = args.vma_facts(vma_arg);
@@ -888,7 +897,7 @@ fn emit_page_rmap(args: &impl Args, page_arg: usize, vma_arg: usize, op: RmapOp,
     let (folio, snapshot) = folio_of_page(page, &mut place);
     let index = snapshot.field(layout!(folio_index)).unwrap_or(0);
     let event = folio_event(timestamp_ns, folio, snapshot);
-    if observer_leaves_out(facts.mm, event.kind) {
+    if observer_leaves_out(|| facts.mm, event.kind) {
         return;
     }
     note_in_fault_window(op, folio);
@@ -1062,12 +1071,13 @@ fn new_anon(args: &impl Args, folio: u64) {
     // mapping to take back (`FolioTable::replace_fork_copy`).
     if outside_sample(folio) {
         let mm = vma_mm(vma);
-        if current_mm_and_tgid().0 == mm && small_and_sampled_out(folio, mm, RmapOp::AddNew, Level::Pte, 1) {
+        if current_mm_and_tgid().0 == mm && small_and_sampled_out(folio, || mm, RmapOp::AddNew, Level::Pte, 1)
+        {
             return;
         }
     }
     let facts = args.vma_facts(1);
-    if observer_leaves_out(facts.mm, FolioKind::Anon as u8) || hugetlb_left_out(&facts) {
+    if observer_leaves_out(|| facts.mm, FolioKind::Anon as u8) || hugetlb_left_out(&facts) {
         return;
     }
     let timestamp_ns = now();
