@@ -738,15 +738,14 @@ fn hugetlb_left_out(vma: &VmaFacts) -> bool {
     false
 }
 
-/// Whether an rmap call on the address space `mm` returns, of a folio of
-/// `kind`, is left out as the daemon's own; `mm` is asked only for a kind
-/// that may be (on the sampled path it costs a helper call). Page-cache
-/// folios are not: the daemon maps its binary and
-/// the libraries every process maps, and a page of those it faults in
-/// after a workload mapped it is one more mapping in the kernel's count,
-/// which the table must see too (left out, every later event on the page
-/// found the table one mapping short). Its anonymous and driver pages are
-/// its alone.
+/// Whether an rmap call on a folio of `kind`, in the address space that
+/// `mm` returns, is left out as the daemon's own. `mm` is called only for
+/// a kind that can be (on the sampled path it costs a helper call).
+/// Page-cache folios are not: the daemon maps its binary and the libraries
+/// every process maps, and a page of those it faults in after a workload
+/// mapped it is one more mapping in the kernel's count, which the table
+/// must see too (left out, every later event on the page found the table
+/// one mapping short). Its anonymous and driver pages are its alone.
 #[inline(always)]
 fn observer_leaves_out(mm: impl FnOnce() -> u64, kind: u8) -> bool {
     if kind == FolioKind::File as u8 || kind == FolioKind::Shmem as u8 {
