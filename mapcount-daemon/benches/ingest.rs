@@ -558,6 +558,10 @@ fn main() {
         let events: u64 = events.parse().expect("--uptime EVENTS");
         std::process::exit(if uptime(events) { 0 } else { 1 });
     }
+    if args.iter().any(|a| a == "--fork-cost") {
+        fork_cost(&mut Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None));
+        return;
+    }
     let live_folios: u64 = flag("--live-folios").and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
 
     // Ingest: best of three passes, each into a fresh aggregator.
@@ -654,4 +658,74 @@ fn main() {
     println!("scrape_seconds_best_of_5 {best:.4}");
     // The table's walk takes up to this many cores (parts of 2^17 folios).
     println!("scrape_cores {}", std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+    drop(aggregator);
+    fork_cost(&mut sink);
+}
+
+/// A 1 GiB process of small folios forks, and the child goes (exec or
+/// exit: the kernel unmaps each page, one event each): the daemon's copy
+/// of the parent's mappings at fork, per folio, against its work on one of
+/// the child's unmaps. Best of three, each on a fresh table.
+fn fork_cost(sink: &mut Sink) {
+    const PAGE: u64 = 4096;
+    const FOLIOS: u64 = 1 << 18;
+    const HEAP: u64 = 0x7f00_0000_0000;
+    let (parent, child) = (1, 2);
+    let folio = |i: u64| 0xffff_ea00_0000_0000 + i * 64;
+    let rmap = |op, mm, i: u64, mapcount| Event {
+        mapcount,
+        refcount: mapcount + 2,
+        flags: mapcount_common::event_flags::OWN_MM,
+        ..Event::rmap(op, Level::Pte, FolioKind::Anon, 0, folio(i), mm, HEAP + i * PAGE, 1)
+    };
+    let fork = ForkEvent {
+        event_type: EventType::Fork as u8,
+        copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
+        _pad: [0; 6],
+        src_mm: parent,
+        start: HEAP,
+        dst_mm: child,
+        end: HEAP + FOLIOS * PAGE,
+        timestamp_ns: 0,
+        tgid: 1,
+        cpu: 0,
+    };
+    let exit = TeardownEvent {
+        event_type: EventType::Teardown as u8,
+        _pad: [0; 3],
+        cpu: 0,
+        mm: child,
+        timestamp_ns: 0,
+    };
+    let mut unmaps = Stream::default();
+    for i in 0..FOLIOS {
+        unmaps.push(bytes_of(&rmap(RmapOp::Remove, child, i, 1)));
+    }
+    unmaps.push(bytes_of(&exit));
+    let (mut copy, mut unmap) = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        let metrics = Arc::new(Metrics::new());
+        let mut aggregator = Aggregator::new(Arc::clone(&metrics), 4 * FOLIOS as usize);
+        for i in 0..FOLIOS {
+            sink.ingest(&mut aggregator, bytes_of(&rmap(RmapOp::AddNew, parent, i, 0))).unwrap();
+        }
+        let started = Instant::now();
+        sink.ingest(&mut aggregator, bytes_of(&fork)).unwrap();
+        copy = copy.min(started.elapsed().as_secs_f64());
+        assert_eq!(metrics.fork_folios_copied.get(), FOLIOS, "every folio gained the child");
+        let started = Instant::now();
+        for record in unmaps.iter() {
+            sink.ingest(&mut aggregator, record).unwrap();
+        }
+        unmap = unmap.min(started.elapsed().as_secs_f64());
+        let disagreements: u64 = [FolioKind::Anon]
+            .iter()
+            .map(|&k| metrics.disagreements.with_label_values(&[k.label()]).get())
+            .sum();
+        assert_eq!(disagreements, 0, "the counts in the stream agree with the table");
+        assert_eq!(aggregator.table().len() as u64, FOLIOS, "the parent's folios stay");
+    }
+    println!("fork_folios {FOLIOS}");
+    println!("fork_copy_ns_per_folio {:.1}", copy * 1e9 / FOLIOS as f64);
+    println!("fork_child_unmap_ns_per_event {:.1}", unmap * 1e9 / unmaps.len() as f64);
 }

@@ -797,33 +797,36 @@ impl FolioTable {
     }
 
     /// Files the mappings made since the index was last asked that are
-    /// still there.
+    /// still there. They come in runs of one address space and region (a
+    /// process faulting its pages in, a fork copying a VMA): each run's
+    /// list is looked up once, not once per mapping, which made this most
+    /// of a large fork's cost.
     fn file_unfiled(&mut self) {
         let shift = self.region_shift();
-        let mut unfiled = std::mem::take(&mut self.unfiled);
-        for (mm, base, slot) in unfiled.drain(..) {
-            if self.slots[slot as usize].as_ref().is_some_and(|s| s.filed_at(mm, base >> shift, shift)) {
-                self.file(mm, base, slot);
+        let slots = &self.slots;
+        // In place: each base becomes its region, and what went is dropped.
+        self.unfiled.retain_mut(|(mm, base, slot)| {
+            *base >>= shift;
+            slots[*slot as usize].as_ref().is_some_and(|s| s.filed_at(*mm, *base, shift))
+        });
+        for run in self.unfiled.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (mm, region, _) = run[0];
+            let list = match self.by_mm.entry(mm).or_default().entry(region) {
+                std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
+                std::collections::btree_map::Entry::Vacant(place) => {
+                    self.regions += 1;
+                    place.insert(SmallVec::new())
+                }
+            };
+            for &(_, _, slot) in run {
+                // Not when the slot was just freed and reused in the region.
+                if list.last() != Some(&slot) {
+                    list.push(slot);
+                    self.by_mm_len += 1;
+                }
             }
         }
-        self.unfiled = unfiled; // empty, its room kept
-    }
-
-    /// Files `slot` under a mapping of `mm` at `base`.
-    fn file(&mut self, mm: u64, base: u64, slot: Slot) {
-        let region = base >> self.region_shift();
-        let list = match self.by_mm.entry(mm).or_default().entry(region) {
-            std::collections::btree_map::Entry::Occupied(list) => list.into_mut(),
-            std::collections::btree_map::Entry::Vacant(place) => {
-                self.regions += 1;
-                place.insert(SmallVec::new())
-            }
-        };
-        if list.last() == Some(&slot) {
-            return; // the slot just freed and reused, in the same region
-        }
-        list.push(slot);
-        self.by_mm_len += 1;
+        self.unfiled.clear(); // its room kept
         if self.by_mm_len > 4 * self.len().max(1024) {
             self.rebuild_index();
         }
