@@ -477,6 +477,13 @@ pub struct KernelLayout {
     pub scan_exceed_shared_pte: u32,
     /// What the tracepoint's second argument is: a [`khugepaged_arg`] value.
     pub khugepaged_stopped_at: u32,
+    /// 1 when the kernel's BTF is sorted by name (7.x): its verifier then
+    /// finds a loaded pointer's trust annotations by binary search, and
+    /// fentry programs read pointer fields (`vma->vm_mm`, `current->mm`)
+    /// as plain loads; 0 on older kernels, whose linear search for each
+    /// such load cost more start-up than a helper call costs per event.
+    /// Not an offset.
+    pub typed_pointer_loads: u32,
 }
 
 impl KernelLayout {
@@ -525,6 +532,7 @@ impl KernelLayout {
         khugepaged_status_arg: OFFSET_ABSENT,
         scan_exceed_shared_pte: OFFSET_ABSENT,
         khugepaged_stopped_at: OFFSET_ABSENT,
+        typed_pointer_loads: 0,
     };
 }
 
@@ -1037,7 +1045,7 @@ mod tests {
 
     #[test]
     fn layout_has_no_hidden_padding() {
-        assert_eq!(size_of::<KernelLayout>(), 44 * 4);
+        assert_eq!(size_of::<KernelLayout>(), 45 * 4);
     }
 
     /// The decoder tells records apart by size as well as by type byte.

@@ -205,6 +205,22 @@ impl Btf {
         })
     }
 
+    /// Whether the types are sorted by name, the unnamed ones first: how
+    /// 7.x builds vmlinux BTF, so that its verifier can search it by
+    /// binary search (`btf_find_by_name_kind`); older kernels' BTF is in
+    /// build order and searched linearly. Stops at the first pair out of
+    /// order, which on those comes within the first few types.
+    pub fn sorted_by_name(&self) -> bool {
+        let names = (1..self.records.len() as u32).map(|id| self.name_of(id));
+        let mut named = names.skip_while(|name| name.is_empty()).peekable();
+        while let Some(name) = named.next() {
+            if named.peek().is_some_and(|next| next.as_bytes() < name.as_bytes()) {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Every type of this name.
     pub fn named<'b>(&'b self, name: &'b str) -> impl Iterator<Item = Type<'b>> + 'b {
         let hash = FxBuildHasher.hash_one(name);
@@ -297,6 +313,25 @@ mod tests {
         (kind_flag as u32) << 31 | (kind as u32) << 24 | vlen
     }
 
+    /// 7.x sorts vmlinux BTF by name, unnamed types first; older kernels
+    /// keep build order.
+    #[test]
+    fn tells_btf_sorted_by_name() {
+        let strings = b"\0a\0b\0";
+        let sorted = |first: u32, second: u32| {
+            #[rustfmt::skip]
+            let types = [
+                0, info(Kind::Const, 0, false), 2,
+                first, info(Kind::Int, 0, false), 4, 32,
+                second, info(Kind::Int, 0, false), 4, 32,
+            ];
+            Btf::parse(blob(&types, strings)).unwrap().sorted_by_name()
+        };
+        assert!(sorted(1, 3));
+        assert!(sorted(1, 1), "one name twice");
+        assert!(!sorted(3, 1));
+    }
+
     #[test]
     fn reads_structs_enums_and_prototypes() {
         // Names at 1 (int), 5 (s), 7 (a), 9 (b), 11 (e), 13 (E1), 16 (f).
@@ -317,6 +352,7 @@ mod tests {
             16, info(Kind::Func, 0, false), 5,
         ];
         let btf = Btf::parse(blob(&types, strings)).unwrap();
+        assert!(!btf.sorted_by_name(), "an unnamed type after named ones");
         let s = btf.named("s").next().unwrap();
         assert_eq!((s.kind, s.size()), (Kind::Struct, 8));
         let members: Vec<_> = s.members().map(|m| (m.name, m.type_id, m.bit_offset)).collect();

@@ -390,6 +390,7 @@ pub fn load_btf(path: &Path) -> Result<Btf, LayoutError> {
 
 pub fn resolve(btf: &Btf) -> Result<Resolved, LayoutError> {
     let mut layout = KernelLayout::ABSENT;
+    layout.typed_pointer_loads = u32::from(btf.sorted_by_name());
     let mut fields = Vec::with_capacity(FIELDS.len() + 2);
     for spec in FIELDS {
         let strukt = match find_struct(btf, spec.strukt)? {

@@ -303,6 +303,12 @@ trait Args {
     fn vma_facts(&self, n: usize) -> VmaFacts {
         vma_facts(self.raw(n))
     }
+
+    /// The address space of the VMA in argument `n`.
+    #[inline(always)]
+    fn vma_mm(&self, n: usize) -> u64 {
+        vma_mm(self.raw(n))
+    }
 }
 
 impl Args for ProbeContext {
@@ -332,22 +338,50 @@ impl Args for FEntryContext {
     /// (a `struct vm_area_struct *` to the verifier, which checks each
     /// offset against the kernel's BTF; the JIT makes each a fault-safe
     /// load) instead of from a 128-byte copy: about 70 instructions fewer
-    /// per record. The mm is a pointer field, whose plain load the verifier
-    /// checks by a search of the BTF by name (see `current_mm_and_tgid`):
-    /// still read by a helper, whose call costs about 130 instructions
-    /// whatever it copies.
+    /// per record. The mm is a pointer field: see [`FEntryContext::vma_mm`].
     #[inline(always)]
     fn vma_facts(&self, n: usize) -> VmaFacts {
-        // SAFETY: the trampoline's context holds the function's arguments.
-        let typed = unsafe { *self.as_ptr().cast::<*const u8>().add(n) };
+        let typed = typed_arg(self, n);
         VmaFacts {
-            mm: vma_mm(self.raw(n)),
+            mm: self.vma_mm(n),
             flags: typed_field(typed, layout!(vma_flags)),
             start: typed_field(typed, layout!(vma_start)),
             end: typed_field(typed, layout!(vma_end)),
             pgoff: typed_field(typed, layout!(vma_pgoff)),
         }
     }
+
+    /// A plain load where the kernel's verifier checks pointer loads
+    /// cheaply ([`typed_pointer_loads`]); else a helper, whose call costs
+    /// about 130 instructions whatever it copies.
+    #[inline(always)]
+    fn vma_mm(&self, n: usize) -> u64 {
+        if typed_pointer_loads() {
+            typed_field(typed_arg(self, n), layout!(vma_mm))
+        } else {
+            vma_mm(self.raw(n))
+        }
+    }
+}
+
+/// Argument `n` of an fentry program as the verifier knows it: a
+/// BTF-typed pointer.
+#[inline(always)]
+fn typed_arg(ctx: &FEntryContext, n: usize) -> *const u8 {
+    // SAFETY: the trampoline's context holds the function's arguments.
+    unsafe { *ctx.as_ptr().cast::<*const u8>().add(n) }
+}
+
+/// Whether a pointer field may be a plain load: the verifier checks each
+/// such load by searching the kernel's BTF for the field's trust
+/// annotations (`btf_nested_type_is_trusted`), on every path to it. On
+/// kernels whose BTF is sorted by name (7.x) that search is a binary
+/// search; on older ones it is linear, and cost start-up more than the
+/// helper it saves costs at run time. Read-only data, so the verifier
+/// follows only the branch taken.
+#[inline(always)]
+fn typed_pointer_loads() -> bool {
+    layout!(typed_pointer_loads) != 0
 }
 
 /// An integer field at `offset` of a kernel object an fentry program has
@@ -772,16 +806,16 @@ fn folio_base(vma: &VmaFacts, index: u64, order: u8) -> u64 {
 /// The running task's mm and thread group id. `bpf_get_current_task_btf`
 /// returns a pointer the verifier knows to be a task (read-only data gives
 /// the offsets as constants), so `tgid` is a plain load, not a helper call.
-/// `mm` is read with a helper all the same: a plain load of a pointer field
-/// makes the verifier search the kernel's BTF by name for that field's
-/// trust annotations (`btf_nested_type_is_trusted`), a linear search on
-/// older kernels, repeated on every path to every such load, which cost
-/// start-up more than the helper costs at run time.
+/// `mm` is a pointer field: a plain load only where the verifier checks
+/// those cheaply ([`typed_pointer_loads`]), else a helper.
 #[inline(always)]
 fn current_mm_and_tgid() -> (u64, u32) {
     let task = unsafe { bpf_get_current_task_btf() } as u64;
     let mm = match layout!(task_mm) {
         OFFSET_ABSENT => 0,
+        offset if typed_pointer_loads() => unsafe {
+            core::ptr::read_volatile((task + offset as u64) as *const u64)
+        },
         offset => unsafe { bpf_probe_read_kernel((task + offset as u64) as *const u64) }.unwrap_or(0),
     };
     let tgid = match layout!(task_tgid) {
@@ -855,7 +889,7 @@ fn now() -> u64 {
 #[inline(always)]
 fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, level: Level, nr_pages: u32) {
     let (folio, vma) = (args.raw(folio_arg), args.raw(vma_arg));
-    if outside_sample(folio) && small_and_sampled_out(folio, || vma_mm(vma), op, level, nr_pages) {
+    if outside_sample(folio) && small_and_sampled_out(folio, || args.vma_mm(vma_arg), op, level, nr_pages) {
         return;
     }
     let facts = args.vma_facts(vma_arg);
@@ -884,7 +918,7 @@ fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, lev
 fn emit_page_rmap(args: &impl Args, page_arg: usize, vma_arg: usize, op: RmapOp, compound: bool) {
     let (page, vma) = (args.raw(page_arg), args.raw(vma_arg));
     let (level, nr_pages) = if compound { (Level::Pmd, PMD_PAGES) } else { (Level::Pte, 1) };
-    if outside_sample(page) && small_and_sampled_out(page, || vma_mm(vma), op, level, nr_pages) {
+    if outside_sample(page) && small_and_sampled_out(page, || args.vma_mm(vma_arg), op, level, nr_pages) {
         return;
     }
     let facts = args.vma_facts(vma_arg);
@@ -1069,7 +1103,7 @@ fn new_anon(args: &impl Args, folio: u64) {
     // the table copied the original into the child, and this says which
     // mapping to take back (`FolioTable::replace_fork_copy`).
     if outside_sample(folio) {
-        let mm = vma_mm(vma);
+        let mm = args.vma_mm(1);
         if current_mm_and_tgid().0 == mm && small_and_sampled_out(folio, || mm, RmapOp::AddNew, Level::Pte, 1)
         {
             return;

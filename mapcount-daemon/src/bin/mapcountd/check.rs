@@ -25,6 +25,14 @@ pub(crate) fn check(btf_path: Option<PathBuf>, load: bool) -> anyhow::Result<Exi
         let consequence = if f.offset.is_none() { layout::consequence(f.slot) } else { "" };
         println!("{:<32} {:<18} {:>7}  {consequence}", f.slot, f.member.unwrap_or("-"), offset);
     }
+    println!(
+        "\npointer fields (vma->vm_mm, current->mm): {}",
+        if resolved.layout.typed_pointer_loads != 0 {
+            "plain loads (BTF sorted by name: the verifier checks them by binary search)"
+        } else {
+            "read by a helper (BTF not sorted by name: the verifier would search it linearly at each load)"
+        }
+    );
 
     // With a BTF file, a function counts as present when BTF describes it;
     // on the running kernel, when it is in /proc/kallsyms (out of line).
