@@ -477,7 +477,7 @@ pub struct KernelLayout {
     pub scan_exceed_shared_pte: u32,
     /// What the tracepoint's second argument is: a [`khugepaged_arg`] value.
     pub khugepaged_stopped_at: u32,
-    /// 1 when the kernel's BTF is sorted by name (7.x): its verifier then
+    /// 1 when the kernel's BTF is sorted by name (7.3): its verifier then
     /// finds a loaded pointer's trust annotations by binary search, and
     /// fentry programs read pointer fields (`vma->vm_mm`, `current->mm`)
     /// as plain loads; 0 on older kernels, whose linear search for each

@@ -50,6 +50,23 @@ impl Stream {
     }
 }
 
+/// `copy_page_range` of an anonymous VMA `[start, end)` from `parent` into
+/// `child`: the kernel copies its page-table entries, huge ones included.
+fn fork_event(parent: u64, child: u64, start: u64, end: u64) -> ForkEvent {
+    ForkEvent {
+        event_type: EventType::Fork as u8,
+        copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
+        _pad: [0; 6],
+        src_mm: parent,
+        start,
+        dst_mm: child,
+        end,
+        timestamp_ns: 0,
+        tgid: 1,
+        cpu: 0,
+    }
+}
+
 /// A reproducible stream: small-folio churn over `folios` distinct folios,
 /// the shape of the VM scenarios' streams. Each folio is faulted in, one
 /// in eight is shared by a fork (and copied at the write fault that
@@ -71,18 +88,7 @@ fn synthetic_stream(records: &mut Stream, folios: u64) {
         let base = 0x7f00_0000_0000 + (i % (1 << 20)) * 4096;
         records.push(&encode(&rmap(RmapOp::AddNew, folio, parent, base, 0)));
         if forked {
-            records.push(&encode(&ForkEvent {
-                event_type: EventType::Fork as u8,
-                copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
-                _pad: [0; 6],
-                src_mm: parent,
-                start: base,
-                dst_mm: child,
-                end: base + 4096,
-                timestamp_ns: 0,
-                tgid: 1,
-                cpu: 0,
-            }));
+            records.push(&encode(&fork_event(parent, child, base, base + 4096)));
         }
         let outcome = if forked { WriteFaultOutcome::Copy } else { WriteFaultOutcome::Reuse };
         records.push(&encode(&Event {
@@ -389,18 +395,7 @@ fn terabyte(memory: u64) -> bool {
     // The 100 GiB process forks twice; each child copies its first pages.
     let copy_folio = |n: u64| 0xffff_ee00_0000_0000 + n * 64;
     for &(child, _) in &CHILDREN {
-        let fork = ForkEvent {
-            event_type: EventType::Fork as u8,
-            copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
-            _pad: [0; 6],
-            src_mm: 1,
-            start: HEAP,
-            dst_mm: child,
-            end: HEAP + BIG_PAGES * PAGE,
-            timestamp_ns: 0,
-            tgid: 1,
-            cpu: 0,
-        };
+        let fork = fork_event(1, child, HEAP, HEAP + BIG_PAGES * PAGE);
         chunk.push(bytes_of(&fork));
     }
     let mappings = |page: u64, after_copies_of: usize| {
@@ -678,18 +673,7 @@ fn fork_cost(sink: &mut Sink) {
         flags: mapcount_common::event_flags::OWN_MM,
         ..Event::rmap(op, Level::Pte, FolioKind::Anon, 0, folio(i), mm, HEAP + i * PAGE, 1)
     };
-    let fork = ForkEvent {
-        event_type: EventType::Fork as u8,
-        copy: fork_copy::ENTRIES | fork_copy::HUGE_ENTRIES,
-        _pad: [0; 6],
-        src_mm: parent,
-        start: HEAP,
-        dst_mm: child,
-        end: HEAP + FOLIOS * PAGE,
-        timestamp_ns: 0,
-        tgid: 1,
-        cpu: 0,
-    };
+    let fork = fork_event(parent, child, HEAP, HEAP + FOLIOS * PAGE);
     let exit = TeardownEvent {
         event_type: EventType::Teardown as u8,
         _pad: [0; 3],

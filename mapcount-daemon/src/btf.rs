@@ -206,9 +206,9 @@ impl Btf {
     }
 
     /// Whether the types are sorted by name, the unnamed ones first: how
-    /// 7.x builds vmlinux BTF, so that its verifier can search it by
-    /// binary search (`btf_find_by_name_kind`); older kernels' BTF is in
-    /// build order and searched linearly. Stops at the first pair out of
+    /// 7.3 builds vmlinux BTF, so that its verifier can search it by
+    /// binary search (`btf_find_by_name_kind`); 6.1 to 6.18 keep build
+    /// order and search it linearly. Stops at the first pair out of
     /// order, which on those comes within the first few types.
     pub fn sorted_by_name(&self) -> bool {
         let names = (1..self.records.len() as u32).map(|id| self.name_of(id));
@@ -313,7 +313,7 @@ mod tests {
         (kind_flag as u32) << 31 | (kind as u32) << 24 | vlen
     }
 
-    /// 7.x sorts vmlinux BTF by name, unnamed types first; older kernels
+    /// 7.3 sorts vmlinux BTF by name, unnamed types first; older kernels
     /// keep build order.
     #[test]
     fn tells_btf_sorted_by_name() {

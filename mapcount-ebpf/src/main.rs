@@ -338,7 +338,7 @@ impl Args for FEntryContext {
     /// (a `struct vm_area_struct *` to the verifier, which checks each
     /// offset against the kernel's BTF; the JIT makes each a fault-safe
     /// load) instead of from a 128-byte copy: about 70 instructions fewer
-    /// per record. The mm is a pointer field: see [`FEntryContext::vma_mm`].
+    /// per record. The mm is a pointer field: see `vma_mm` below.
     #[inline(always)]
     fn vma_facts(&self, n: usize) -> VmaFacts {
         let typed = typed_arg(self, n);
@@ -375,7 +375,7 @@ fn typed_arg(ctx: &FEntryContext, n: usize) -> *const u8 {
 /// Whether a pointer field may be a plain load: the verifier checks each
 /// such load by searching the kernel's BTF for the field's trust
 /// annotations (`btf_nested_type_is_trusted`), on every path to it. On
-/// kernels whose BTF is sorted by name (7.x) that search is a binary
+/// kernels whose BTF is sorted by name (7.3 is) that search is a binary
 /// search; on older ones it is linear, and cost start-up more than the
 /// helper it saves costs at run time. Read-only data, so the verifier
 /// follows only the branch taken.
