@@ -67,6 +67,11 @@ fn fork_event(parent: u64, child: u64, start: u64, end: u64) -> ForkEvent {
     }
 }
 
+/// `exit_mmap` of `mm` returned: the address space is gone.
+fn teardown_event(mm: u64) -> TeardownEvent {
+    TeardownEvent { event_type: EventType::Teardown as u8, _pad: [0; 3], cpu: 0, mm, timestamp_ns: 0 }
+}
+
 /// A reproducible stream: small-folio churn over `folios` distinct folios,
 /// the shape of the VM scenarios' streams. Each folio is faulted in, one
 /// in eight is shared by a fork (and copied at the write fault that
@@ -182,13 +187,7 @@ fn uptime(total_events: u64) -> bool {
         let process = 1 + i / LIFECYCLES_PER_PROCESS;
         let (mm, tgid) = (process, process as u32);
         if i > 0 && i.is_multiple_of(LIFECYCLES_PER_PROCESS) {
-            let exit = TeardownEvent {
-                event_type: EventType::Teardown as u8,
-                _pad: [0; 3],
-                cpu: 0,
-                mm: mm - 1,
-                timestamp_ns: 0,
-            };
+            let exit = teardown_event(mm - 1);
             take(&mut sink, &mut aggregator, &encode(&exit), &mut events);
             teardowns += 1;
         }
@@ -500,13 +499,7 @@ fn terabyte(memory: u64) -> bool {
             flush(&mut chunk, &mut aggregator, false);
         }
         (rmap_calls, rmap_pages) = (rmap_calls + BIG_PAGES, rmap_pages + BIG_PAGES);
-        let exit = TeardownEvent {
-            event_type: EventType::Teardown as u8,
-            _pad: [0; 3],
-            cpu: 0,
-            mm: child,
-            timestamp_ns: 0,
-        };
+        let exit = teardown_event(child);
         chunk.push(bytes_of(&exit));
     }
     flush(&mut chunk, &mut aggregator, true);
@@ -674,13 +667,7 @@ fn fork_cost(sink: &mut Sink) {
         ..Event::rmap(op, Level::Pte, FolioKind::Anon, 0, folio(i), mm, HEAP + i * PAGE, 1)
     };
     let fork = fork_event(parent, child, HEAP, HEAP + FOLIOS * PAGE);
-    let exit = TeardownEvent {
-        event_type: EventType::Teardown as u8,
-        _pad: [0; 3],
-        cpu: 0,
-        mm: child,
-        timestamp_ns: 0,
-    };
+    let exit = teardown_event(child);
     let mut unmaps = Stream::default();
     for i in 0..FOLIOS {
         unmaps.push(bytes_of(&rmap(RmapOp::Remove, child, i, 1)));
