@@ -97,23 +97,8 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
             // The small kernel finds one CPU without ACPI tables to read.
             let cpus = if kernel.name == kernels::SMALL { 1 } else { 2 };
             let boot = || vm::Boot { cpus, share: keep.as_deref(), ..vm::Boot::new(mode, 600) };
-            let mut output = vm::boot(kernel, &image, boot())?;
-            // Multi-threaded TCG sometimes executes code the kernel is
-            // patching (text_poke's int3 while a trampoline or kprobe is
-            // installed) and the guest oopses on the int3, in early boot or
-            // while mapcountd attaches. That is the emulator, not mapcount:
-            // boot once more with one host thread for all vCPUs, and say so.
-            let died = if !output.contains("MAPCOUNT-KERNEL") {
-                Some("the VM did not reach /init")
-            } else if output.contains("Oops: int3") {
-                Some("the guest oopsed on an int3 (code patching under multi-threaded TCG)")
-            } else {
-                None
-            };
-            if let Some(reason) = died {
-                println!("kernel {} ({mode}): {reason}; booting again with single-threaded TCG", kernel.name);
-                output = vm::boot(kernel, &image, vm::Boot { single_threaded: true, ..boot() })?;
-            }
+            let output =
+                boot_past_tcg_oops(kernel, &image, &format!("kernel {} ({mode})", kernel.name), boot)?;
             let log = cache_dir().join(format!("vm-test-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
             let mut results = vm::parse_checks(&output);
@@ -152,7 +137,8 @@ pub fn test(kernel_names: &[String], modes: &[String], vm_only: bool, full: bool
             let started = std::time::Instant::now();
             let image = vm::Image::build(&bin, kernel, vm::Mode::Selftests, selftests::image_extra()?)?;
             let timeout = selftests::TEST_TIMEOUT * selftests::TESTS.len() as u64 + 300;
-            let output = vm::boot(kernel, &image, vm::Boot::new(mode, timeout))?;
+            let cell = format!("kernel {} ({mode}, mm selftests)", kernel.name);
+            let output = boot_past_tcg_oops(kernel, &image, &cell, || vm::Boot::new(mode, timeout))?;
             let log = cache_dir().join(format!("vm-selftests-{}-{mode}.log", kernel.name));
             std::fs::write(&log, &output)?;
             let (rows, mut results) = selftests::parse(&output, &kernel.name);
@@ -490,4 +476,27 @@ pub fn unit_tests(btf_dir: &Path) -> anyhow::Result<(u32, u32)> {
         }
     }
     Ok((passed, failed))
+}
+
+/// Boots a test VM. Multi-threaded TCG sometimes executes code the kernel
+/// is patching (text_poke's int3 while a static key, a trampoline or a
+/// kprobe is installed) and the guest oopses on the int3, in early boot or
+/// while mapcountd attaches. That is the emulator, not mapcount: boot once
+/// more with one host thread for all vCPUs, and say so under `cell`.
+fn boot_past_tcg_oops<'a>(
+    kernel: &kernels::Kernel,
+    image: &vm::Image,
+    cell: &str,
+    boot: impl Fn() -> vm::Boot<'a>,
+) -> anyhow::Result<String> {
+    let output = vm::boot(kernel, image, boot())?;
+    let died = if !output.contains("MAPCOUNT-KERNEL") {
+        "the VM did not reach /init"
+    } else if output.contains("Oops: int3") {
+        "the guest oopsed on an int3 (code patching under multi-threaded TCG)"
+    } else {
+        return Ok(output);
+    };
+    println!("{cell}: {died}; booting again with single-threaded TCG");
+    vm::boot(kernel, image, vm::Boot { single_threaded: true, ..boot() })
 }
