@@ -173,44 +173,49 @@ fn small_folio_sampled_out(
     level: Level,
     nr_pages: u32,
 ) -> bool {
-    if is_large(fields) {
+    let flags: u64 = fields.field(layout!(folio_flags)).unwrap_or(0);
+    if has_head_bit(flags) {
         return false;
     }
     // Hugetlb folios are large: of the full path's filters, only the
-    // daemon's own address space applies.
-    let mut event = Event::ZERO;
-    fill_folio(&mut event, folio, fields);
-    if op == RmapOp::AddNew {
+    // daemon's own address space applies. The totals want the kind alone.
+    let kind = if op == RmapOp::AddNew {
         // Read at the entry of folio_add_new_anon_rmap, which sets the
         // mapping (see `new_anon`).
-        event.kind = FolioKind::Anon as u8;
-    }
-    if observer_leaves_out(mm, event.kind) {
+        FolioKind::Anon as u8
+    } else {
+        folio_kind(flags, fields.mapping_type())
+    };
+    if observer_leaves_out(mm, kind) {
         return true;
     }
     note_in_fault_window(op, folio);
-    total_rmap(op, level, &event, nr_pages);
+    total_rmap(op, level, kind, 0, nr_pages);
     true
 }
 
-/// Adds `n` to this CPU's total at `slot`.
+/// Adds each `(slot, n)` to this CPU's totals: one lookup of the array
+/// for all of them.
 #[inline(always)]
-fn add_to_total(slot: usize, n: u64) {
-    if let Some(totals) = TOTALS.get_ptr_mut(0)
+fn add_to_totals<const N: usize>(additions: [(usize, u64); N]) {
+    let Some(totals) = TOTALS.get_ptr_mut(0) else { return };
+    for (slot, n) in additions {
         // SAFETY: this CPU's own value; programs do not migrate while they
         // run, so there is no other writer.
-        && let Some(total) = unsafe { (*totals).slots.get_mut(slot) }
-    {
-        *total += n;
+        if let Some(total) = unsafe { (*totals).slots.get_mut(slot) } {
+            *total += n;
+        }
     }
 }
 
-/// Counts an rmap call in the exact totals.
+/// Counts an rmap call on a folio of `kind` and `order` in the exact totals.
 #[inline(always)]
-fn total_rmap(op: RmapOp, level: Level, event: &Event, nr_pages: u32) {
+fn total_rmap(op: RmapOp, level: Level, kind: u8, order: u8, nr_pages: u32) {
     let (op, level) = (op as u8, level as u8);
-    add_to_total(totals::rmap_calls(op, level, event.kind, event.order), 1);
-    add_to_total(totals::rmap_pages(op, level, event.kind, event.order), nr_pages as u64);
+    add_to_totals([
+        (totals::rmap_calls(op, level, kind, order), 1),
+        (totals::rmap_pages(op, level, kind, order), nr_pages as u64),
+    ]);
 }
 
 /// Counts a write fault in the exact totals; without a known folio kind,
@@ -218,7 +223,7 @@ fn total_rmap(op: RmapOp, level: Level, event: &Event, nr_pages: u32) {
 #[inline(always)]
 fn total_write_fault(event: &Event) {
     let order = if event.kind == 0 { 0 } else { event.order };
-    add_to_total(totals::write_faults(event.outcome, event.kind, order), 1);
+    add_to_totals([(totals::write_faults(event.outcome, event.kind, order), 1)]);
 }
 
 /// One open `do_wp_page` call per task: what happened between entry and return.
@@ -775,12 +780,25 @@ fn compound_head(page: u64, info: u64) -> u64 {
     if below & below.wrapping_add(1) == 0 { page & value } else { value }
 }
 
-/// PG_head: a large folio.
+/// PG_head in a folio's `flags`: a large folio.
 #[inline(always)]
-fn is_large(folio: &impl FolioFields) -> bool {
-    let flags: u64 = folio.field(layout!(folio_flags)).unwrap_or(0);
+fn has_head_bit(flags: u64) -> bool {
     let head_bit = layout!(pg_head_bit);
     head_bit < 64 && flags & (1u64 << head_bit) != 0
+}
+
+/// What a folio is, from its `flags` and the type bits of its mapping
+/// ([`FolioFields::mapping_type`]).
+#[inline(always)]
+fn folio_kind(flags: u64, mapping: Option<u32>) -> u8 {
+    let swapbacked_bit = layout!(pg_swapbacked_bit);
+    match mapping {
+        Some(3) => FolioKind::Ksm as u8,
+        Some(1) => FolioKind::Anon as u8,
+        None => FolioKind::NoMapping as u8,
+        Some(_) if swapbacked_bit < 64 && flags & (1u64 << swapbacked_bit) != 0 => FolioKind::Shmem as u8,
+        Some(_) => FolioKind::File as u8,
+    }
 }
 
 /// What the folio is and its counters, from its `fields`.
@@ -788,8 +806,7 @@ fn is_large(folio: &impl FolioFields) -> bool {
 fn fill_folio(event: &mut Event, folio: u64, fields: &impl FolioFields) {
     event.folio = folio;
     let flags: u64 = fields.field(layout!(folio_flags)).unwrap_or(0);
-    let mapping = fields.mapping_type();
-    let large = is_large(fields);
+    let large = has_head_bit(flags);
     // PG_swapcache is PG_owner_priv_1, which file folios use as PG_checked:
     // folio_test_swapcache() also wants PG_swapbacked.
     let swapcache_bit = layout!(pg_swapcache_bit);
@@ -802,19 +819,7 @@ fn fill_folio(event: &mut Event, folio: u64, fields: &impl FolioFields) {
         event.flags |= event_flags::SWAPCACHE;
     }
 
-    event.kind = if mapping == Some(3) {
-        FolioKind::Ksm as u8
-    } else if mapping == Some(1) {
-        FolioKind::Anon as u8
-    } else if mapping.is_none() {
-        FolioKind::NoMapping as u8
-    } else {
-        if swapbacked_bit < 64 && flags & (1u64 << swapbacked_bit) != 0 {
-            FolioKind::Shmem as u8
-        } else {
-            FolioKind::File as u8
-        }
-    };
+    event.kind = folio_kind(flags, fields.mapping_type());
 
     if !fields.readable() {
         // Unreadable: counters unknown, not zero.
@@ -1067,7 +1072,7 @@ fn record_rmap(
         return;
     }
     note_in_fault_window(op, folio);
-    total_rmap(op, level, &event, nr_pages);
+    total_rmap(op, level, event.kind, event.order, nr_pages);
     if sampled_out(&event) {
         return;
     }
@@ -1300,7 +1305,7 @@ fn record_new_anon(
         (Level::Pte, 1u32 << (event.order & 31))
     };
     as_after_new_anon(&mut event, level, nr_pages);
-    total_rmap(RmapOp::AddNew, level, &event, nr_pages);
+    total_rmap(RmapOp::AddNew, level, event.kind, event.order, nr_pages);
     // The sample changed since the test above, or the first page was
     // unreadable: the same rule.
     if sampled_out(&event) && current_mm_and_tgid().0 == facts.mm {
