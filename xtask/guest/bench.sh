@@ -15,8 +15,11 @@ finish() {
     wait $1 2>/dev/null
 }
 stop() { finish $1 TERM; }
+# all: every figure; kernel-cost: the fentry tracers' loops, one round,
+# and the programs' instructions per call (cargo xtask bench --kernel-cost).
+part=$BENCH_PART
 # Start-up: exec to /-/ready, five times.
-for _ in 1 2 3 4 5; do
+[ "$part" = all ] && for _ in 1 2 3 4 5; do
     line=$(mapcount-workload time-ready -- mapcountd --log.level=warn)
     echo "$line"
     pid=$(echo "$line" | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
@@ -25,12 +28,14 @@ for _ in 1 2 3 4 5; do
 done
 # The scenarios' own event stream, for the host's ingest benchmark: recorded
 # here, written raw to the virtio disk the host reads back.
-mapcountd --record /tmp/events.rec --ringbuf.size=67108864 --log.level=warn >/tmp/record.log 2>&1 &
-d=$!
-ready
-mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs >/dev/null
-stop $d
-if [ -b /dev/vda ]; then
+if [ "$part" = all ]; then
+    mapcountd --record /tmp/events.rec --ringbuf.size=67108864 --log.level=warn >/tmp/record.log 2>&1 &
+    d=$!
+    ready
+    mapcount-workload check --metrics 127.0.0.1:9730/metrics --file-dir /mnt/ramfs >/dev/null
+    stop $d
+fi
+if [ "$part" = all ] && [ -b /dev/vda ]; then
     dd if=/tmp/events.rec of=/dev/vda bs=1M 2>/dev/null && sync
     echo "MAPCOUNT-RECORD bytes=$(stat -c %s /tmp/events.rec)"
 fi
@@ -88,9 +93,17 @@ tracer() {
 # runs each, the best of fifteen. A tracer's first run can overlap its own
 # start-up (bpftrace attaches after it says so: its first run is up to 1.5
 # times its others), and starting a tracer costs more than its loops.
-for round in 1 2 3 4 5; do
-    for t in none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running mapcountd-fentry-every-record \
-        bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count; do
+rounds="1 2 3 4 5"
+tracers="none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running
+    mapcountd-fentry-every-record bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count"
+profiled="mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe"
+if [ "$part" = kernel-cost ]; then
+    rounds=1
+    tracers="none mapcountd-fentry mapcountd-fentry-sampled bpftrace-fentry-empty bpftrace-fentry-count"
+    profiled="mapcountd-fentry mapcountd-fentry-sampled"
+fi
+for round in $rounds; do
+    for t in $tracers; do
         tracer_pid=""
         pause=""
         tracer $t || continue
@@ -104,7 +117,7 @@ done
 # Instructions per call of each of mapcountd's programs: the kernel's BPF
 # statistics over one more run of the loops under each mode (guest time
 # counts instructions, 8 ns each, so run time / 8 is instructions).
-for t in mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe; do
+for t in $profiled; do
     tracer_pid=""
     pause=""
     tracer $t || continue
@@ -115,6 +128,10 @@ for t in mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe; do
         sed -n "s/^[0-9]*: *[a-z_]* *name \([a-z_0-9]*\) .* run_time_ns \([0-9]*\) run_cnt \([0-9]*\).*/MAPCOUNT-PROG tracer=$t name=\1 ns=\2 calls=\3/p"
     finish $tracer_pid INT
 done
+if [ "$part" = kernel-cost ]; then
+    echo "MAPCOUNT-BENCH-DONE"
+    reboot -f
+fi
 # A 1 GiB process forks while another faults at full speed, against a
 # fresh daemon with the default ring buffer.
 mapcountd --log.level=warn >/tmp/fork-big.log 2>&1 &

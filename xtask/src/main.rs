@@ -77,6 +77,12 @@ enum Cmd {
         /// Only boot the VM part and print its raw figures.
         #[arg(long)]
         vm_only: bool,
+        /// Only the kernel side's cost, in a short boot (about 5 minutes
+        /// instead of 18): one round of the loops under mapcountd fentry,
+        /// sampled and bpftrace fentry, and instructions per call of each
+        /// program. Printed, not written to BENCHMARKS.md.
+        #[arg(long, conflicts_with = "vm_only")]
+        kernel_cost: bool,
     },
     /// Fuzz the event decoder, the record-file reader and the configuration parser.
     Fuzz {
@@ -128,7 +134,7 @@ fn main() -> anyhow::Result<ExitCode> {
             });
         }
         Cmd::Package { install_test } => package::command(install_test),
-        Cmd::Bench { vm_only } => bench::command(vm_only),
+        Cmd::Bench { vm_only, kernel_cost } => bench::command(vm_only, kernel_cost),
         Cmd::Soak { minutes, kernel } => soak::command(minutes, &kernel),
         Cmd::Fuzz { seconds, target } => fuzz::command(seconds, &target),
         Cmd::Test { kernel, mode, vm_only, full } => test::test(&kernel, &mode, vm_only, full),
