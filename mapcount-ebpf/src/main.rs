@@ -1026,7 +1026,7 @@ fn now() -> u64 {
 /// argument `vma_arg`.
 #[inline(always)]
 fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, level: Level, nr_pages: u32) {
-    let (folio, vma) = (args.raw(folio_arg), args.raw(vma_arg));
+    let folio = args.raw(folio_arg);
     let typed = args.typed_folio(folio_arg);
     if outside_sample(folio) {
         let mm = || args.vma_mm(vma_arg);
@@ -1038,6 +1038,9 @@ fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, lev
             return;
         }
     }
+    // Read only now: a program's reads of its arguments are not moved past
+    // the sample test, and most calls end there.
+    let vma = args.raw(vma_arg);
     let facts = args.vma_facts(vma_arg);
     if hugetlb_left_out(&facts) {
         return;
@@ -1251,7 +1254,6 @@ fn as_after_new_anon(event: &mut Event, level: Level, nr_pages: u32) {
 /// its fields may be plain loads.
 #[inline(always)]
 fn new_anon(args: &impl Args, folio: u64, typed: Option<TypedFolio>) {
-    let (vma, address) = (args.raw(1), args.raw(2));
     // A new anonymous folio inside a write fault is the copy.
     if let Some(window) = open_write_fault(thread_id()) {
         unsafe { (*window).saw_new_anon = 1 };
@@ -1272,6 +1274,7 @@ fn new_anon(args: &impl Args, folio: u64, typed: Option<TypedFolio>) {
             }
         }
     }
+    let (vma, address) = (args.raw(1), args.raw(2));
     let facts = args.vma_facts(1);
     if observer_leaves_out(|| facts.mm, FolioKind::Anon as u8) || hugetlb_left_out(&facts) {
         return;
