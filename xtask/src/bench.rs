@@ -692,7 +692,13 @@ pub fn bench() -> anyhow::Result<()> {
          - Then a write fault's VMA, its mm and flags and the fault's flags as plain loads through the typed\n  \
            struct vm_fault argument (three helper calls fewer; write-fault entry 1,011 instructions per call in\n  \
            the run before), and on the sampled path only the flags and mapping read (no counters), the totals'\n  \
-           two slots added after one lookup of their array: the tables above.\n",
+           two slots added after one lookup of their array, and the VMA argument read after the sample test:\n  \
+           the tables above.\n\
+         - Where the sampled path's instructions go (`cargo xtask bench --kernel-cost`, one boot each): a build\n  \
+           whose rmap programs return right after the sample test ran remove_ptes in 184 instructions per call,\n  \
+           against 298 for the whole sampled path and 97 for the smallest program (teardown_entry). So the\n  \
+           arguments and the sample test cost about 90, the folio's kind, the observer test and the totals about\n  \
+           115; add_new_anon (337) also looks for an open write-fault window first.\n",
         verdict(rate >= 30e6),
         verdict(bytes <= 96.0),
         fmt_slowdowns(&vm, "mapcountd-fentry"),
