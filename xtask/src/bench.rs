@@ -739,14 +739,13 @@ pub fn command(vm_only: bool, kernel_cost: bool) -> anyhow::Result<()> {
     if kernel_cost {
         let vm = parse(&bench_vm(&build_binaries()?, BenchPart::KernelCost)?);
         for tracer in ["mapcountd-fentry", "mapcountd-fentry-sampled"] {
-            let (empty, counting) = bpftrace_counterparts(tracer);
-            for name in LOOPS {
-                println!(
-                    "{tracer} {name}: x{:.3} of {counting}'s loop time; cost per record x{:.2} of {empty}'s",
-                    vm.best(tracer, name) / vm.best(counting, name),
-                    vm.cost_per_event(tracer, name) / vm.cost_per_event(empty, name),
-                );
-            }
+            let multiples: Vec<String> =
+                vm.multiples_of_empty(tracer).iter().map(|(name, m)| format!("{name} x{m:.2}")).collect();
+            println!(
+                "{tracer}: loop time {}; cost per record as a multiple of an empty fentry program's: {}",
+                fmt_slowdowns(&vm, tracer),
+                multiples.join(", ")
+            );
         }
         print!("\n{}", vm.program_table());
         return Ok(());

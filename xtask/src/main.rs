@@ -77,7 +77,7 @@ enum Cmd {
         /// Only boot the VM part and print its raw figures.
         #[arg(long)]
         vm_only: bool,
-        /// Only the kernel side's cost, in a short boot (about 5 minutes
+        /// Only the kernel side's cost, in a short boot (a few minutes
         /// instead of 18): one round of the loops under mapcountd fentry,
         /// sampled and bpftrace fentry, and instructions per call of each
         /// program. Printed, not written to BENCHMARKS.md.
