@@ -331,11 +331,11 @@ trait Args {
         vma_mm(self.raw(n))
     }
 
-    /// The folio in argument `n` where its fields may be plain loads;
-    /// None: copy them ([`Snapshot`]).
+    /// The folio in argument `n`, and whether its fields may be plain
+    /// loads (else they are copied: [`Snapshot`]).
     #[inline(always)]
-    fn typed_folio(&self, _n: usize) -> Option<TypedFolio> {
-        None
+    fn folio_arg(&self, _n: usize) -> FolioArg {
+        FolioArg::COPY
     }
 
     /// What a write fault's window needs of the `struct vm_fault` in
@@ -399,8 +399,8 @@ impl Args for FEntryContext {
     }
 
     #[inline(always)]
-    fn typed_folio(&self, n: usize) -> Option<TypedFolio> {
-        typed_pointer_loads().then(|| TypedFolio(typed_arg(self, n)))
+    fn folio_arg(&self, n: usize) -> FolioArg {
+        FolioArg { loads: typed_pointer_loads(), folio: TypedFolio(typed_arg(self, n)) }
     }
 
     /// Plain loads through the typed `struct vm_fault *` and the VMA
@@ -711,6 +711,22 @@ impl FolioFields for Snapshot {
 /// only ever handed a live folio, which is always readable.
 #[derive(Clone, Copy)]
 struct TypedFolio(*const u8);
+
+/// A program's folio argument, and whether its fields may be plain loads
+/// ([`TypedFolio`]). A flag beside a pointer that always holds a value,
+/// not an `Option`: a `None` leaves its pointer undefined, and LLVM may
+/// then spill a register nothing wrote, which the verifier refuses
+/// ("R6 !read_ok": the fentry PMD programs on 6.12).
+#[derive(Clone, Copy)]
+struct FolioArg {
+    loads: bool,
+    folio: TypedFolio,
+}
+
+impl FolioArg {
+    /// Fields copied: kprobe programs, page-based kernels, unsorted BTF.
+    const COPY: FolioArg = FolioArg { loads: false, folio: TypedFolio(core::ptr::null()) };
+}
 
 impl FolioFields for TypedFolio {
     #[inline(always)]
@@ -1027,12 +1043,13 @@ fn now() -> u64 {
 #[inline(always)]
 fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, level: Level, nr_pages: u32) {
     let folio = args.raw(folio_arg);
-    let typed = args.typed_folio(folio_arg);
+    let arg = args.folio_arg(folio_arg);
     if outside_sample(folio) {
         let mm = || args.vma_mm(vma_arg);
-        let sampled_out = match typed {
-            Some(typed) => small_folio_sampled_out(folio, &typed, mm, op, level, nr_pages),
-            None => small_and_sampled_out(folio, mm, op, level, nr_pages),
+        let sampled_out = if arg.loads {
+            small_folio_sampled_out(folio, &arg.folio, mm, op, level, nr_pages)
+        } else {
+            small_and_sampled_out(folio, mm, op, level, nr_pages)
         };
         if sampled_out {
             return;
@@ -1046,13 +1063,12 @@ fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, lev
         return;
     }
     let timestamp_ns = now();
-    match typed {
-        Some(typed) => record_rmap(timestamp_ns, folio, &typed, vma, &facts, op, level, nr_pages),
-        None => {
-            let mut place = MaybeUninit::uninit();
-            let snapshot = Snapshot::of(&mut place, folio);
-            record_rmap(timestamp_ns, folio, snapshot, vma, &facts, op, level, nr_pages);
-        }
+    if arg.loads {
+        record_rmap(timestamp_ns, folio, &arg.folio, vma, &facts, op, level, nr_pages);
+    } else {
+        let mut place = MaybeUninit::uninit();
+        let snapshot = Snapshot::of(&mut place, folio);
+        record_rmap(timestamp_ns, folio, snapshot, vma, &facts, op, level, nr_pages);
     }
 }
 
@@ -1250,10 +1266,10 @@ fn as_after_new_anon(event: &mut Event, level: Level, nr_pages: u32) {
     }
 }
 
-/// A new anonymous folio, `folio`, for the VMA in argument 1; `typed` where
-/// its fields may be plain loads.
+/// A new anonymous folio, `folio`, for the VMA in argument 1; `arg` says
+/// whether its fields may be plain loads.
 #[inline(always)]
-fn new_anon(args: &impl Args, folio: u64, typed: Option<TypedFolio>) {
+fn new_anon(args: &impl Args, folio: u64, arg: FolioArg) {
     // A new anonymous folio inside a write fault is the copy.
     if let Some(window) = open_write_fault(thread_id()) {
         unsafe { (*window).saw_new_anon = 1 };
@@ -1265,9 +1281,10 @@ fn new_anon(args: &impl Args, folio: u64, typed: Option<TypedFolio>) {
         let mm = args.vma_mm(1);
         if current_mm_and_tgid().0 == mm {
             let (op, level) = (RmapOp::AddNew, Level::Pte);
-            let sampled_out = match typed {
-                Some(typed) => small_folio_sampled_out(folio, &typed, || mm, op, level, 1),
-                None => small_and_sampled_out(folio, || mm, op, level, 1),
+            let sampled_out = if arg.loads {
+                small_folio_sampled_out(folio, &arg.folio, || mm, op, level, 1)
+            } else {
+                small_and_sampled_out(folio, || mm, op, level, 1)
             };
             if sampled_out {
                 return;
@@ -1280,13 +1297,12 @@ fn new_anon(args: &impl Args, folio: u64, typed: Option<TypedFolio>) {
         return;
     }
     let timestamp_ns = now();
-    match typed {
-        Some(typed) => record_new_anon(timestamp_ns, folio, &typed, vma, address, &facts),
-        None => {
-            let mut place = MaybeUninit::uninit();
-            let snapshot = Snapshot::of(&mut place, folio);
-            record_new_anon(timestamp_ns, folio, snapshot, vma, address, &facts);
-        }
+    if arg.loads {
+        record_new_anon(timestamp_ns, folio, &arg.folio, vma, address, &facts);
+    } else {
+        let mut place = MaybeUninit::uninit();
+        let snapshot = Snapshot::of(&mut place, folio);
+        record_new_anon(timestamp_ns, folio, snapshot, vma, address, &facts);
     }
 }
 
@@ -1322,25 +1338,25 @@ fn record_new_anon(
 
 #[kprobe]
 pub fn add_new_anon(ctx: ProbeContext) -> u32 {
-    new_anon(&ctx, Args::raw(&ctx, 0), None);
+    new_anon(&ctx, Args::raw(&ctx, 0), FolioArg::COPY);
     0
 }
 
 #[kprobe]
 pub fn page_add_new_anon(ctx: ProbeContext) -> u32 {
-    new_anon(&ctx, page_folio(Args::raw(&ctx, 0)), None);
+    new_anon(&ctx, page_folio(Args::raw(&ctx, 0)), FolioArg::COPY);
     0
 }
 
 #[fentry]
 pub fn add_new_anon_fentry(ctx: FEntryContext) -> u32 {
-    new_anon(&ctx, Args::raw(&ctx, 0), ctx.typed_folio(0));
+    new_anon(&ctx, Args::raw(&ctx, 0), ctx.folio_arg(0));
     0
 }
 
 #[fentry]
 pub fn page_add_new_anon_fentry(ctx: FEntryContext) -> u32 {
-    new_anon(&ctx, page_folio(Args::raw(&ctx, 0)), None);
+    new_anon(&ctx, page_folio(Args::raw(&ctx, 0)), FolioArg::COPY);
     0
 }
 
