@@ -557,6 +557,16 @@ pub fn parse_checks(console: &str) -> Vec<CheckResult> {
         accepted: "0".to_owned(),
         passed: leaks.is_empty() && !daemon_output.is_empty(),
     });
+    // The daemon goes on without a program the verifier refused (a warning
+    // names it): its probe's events and metrics would be missing.
+    let refused = daemon_output.iter().filter(|l| l.contains("BPF_PROG_LOAD syscall returned")).count();
+    results.push(CheckResult {
+        name: "verifier/programs_refused".to_owned(),
+        known: "0".to_owned(),
+        reported: refused.to_string(),
+        accepted: "0".to_owned(),
+        passed: refused == 0,
+    });
     results.push(Accounting::parse(console).check("events/balanced_per_cpu"));
     for line in console.lines() {
         if let Some(rest) = line.strip_prefix("MAPCOUNT-CHECK ") {
