@@ -726,6 +726,24 @@ struct FolioArg {
 impl FolioArg {
     /// Fields copied: kprobe programs, page-based kernels, unsorted BTF.
     const COPY: FolioArg = FolioArg { loads: false, folio: TypedFolio(core::ptr::null()) };
+
+    /// [`small_and_sampled_out`] for the folio at `folio`, from plain loads
+    /// where they are allowed, else from a copy of its first page.
+    #[inline(always)]
+    fn small_and_sampled_out(
+        &self,
+        folio: u64,
+        mm: impl FnOnce() -> u64,
+        op: RmapOp,
+        level: Level,
+        nr_pages: u32,
+    ) -> bool {
+        if self.loads {
+            small_folio_sampled_out(folio, &self.folio, mm, op, level, nr_pages)
+        } else {
+            small_and_sampled_out(folio, mm, op, level, nr_pages)
+        }
+    }
 }
 
 impl FolioFields for TypedFolio {
@@ -1044,16 +1062,9 @@ fn now() -> u64 {
 fn emit_rmap(args: &impl Args, folio_arg: usize, vma_arg: usize, op: RmapOp, level: Level, nr_pages: u32) {
     let folio = args.raw(folio_arg);
     let arg = args.folio_arg(folio_arg);
-    if outside_sample(folio) {
-        let mm = || args.vma_mm(vma_arg);
-        let sampled_out = if arg.loads {
-            small_folio_sampled_out(folio, &arg.folio, mm, op, level, nr_pages)
-        } else {
-            small_and_sampled_out(folio, mm, op, level, nr_pages)
-        };
-        if sampled_out {
-            return;
-        }
+    if outside_sample(folio) && arg.small_and_sampled_out(folio, || args.vma_mm(vma_arg), op, level, nr_pages)
+    {
+        return;
     }
     // Read only now: a program's reads of its arguments are not moved past
     // the sample test, and most calls end there.
@@ -1279,16 +1290,10 @@ fn new_anon(args: &impl Args, folio: u64, arg: FolioArg) {
     // mapping to take back (`FolioTable::replace_fork_copy`).
     if outside_sample(folio) {
         let mm = args.vma_mm(1);
-        if current_mm_and_tgid().0 == mm {
-            let (op, level) = (RmapOp::AddNew, Level::Pte);
-            let sampled_out = if arg.loads {
-                small_folio_sampled_out(folio, &arg.folio, || mm, op, level, 1)
-            } else {
-                small_and_sampled_out(folio, || mm, op, level, 1)
-            };
-            if sampled_out {
-                return;
-            }
+        if current_mm_and_tgid().0 == mm
+            && arg.small_and_sampled_out(folio, || mm, RmapOp::AddNew, Level::Pte, 1)
+        {
+            return;
         }
     }
     let (vma, address) = (args.raw(1), args.raw(2));
