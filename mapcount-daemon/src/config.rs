@@ -223,6 +223,9 @@ pub enum ValueError {
     NotANumber(#[from] std::num::ParseIntError),
 }
 
+/// `--ringbuf.size` unless set: the most records one drain can find.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 8 << 20;
+
 pub fn ring_buffer_size(n: u32) -> Result<u32, ValueError> {
     if n < 4096 || !n.is_power_of_two() {
         return Err(ValueError::RingBufferSize(n));

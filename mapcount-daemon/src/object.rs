@@ -62,6 +62,16 @@ pub fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
 
 /// Loads the embedded object with this kernel's layout. Nothing is attached yet.
 /// `whole_fault_windows`: see `probes::whole_fault_windows`;
+/// How full the ring buffer gets before the kernel wakes the daemon: what
+/// a drain finds when the daemon keeps up. 0: the kernel's own rule, a
+/// wake-up whenever the daemon has caught up.
+pub fn wakeup_bytes(ring_buffer_bytes: u32, wakeup: Wakeup) -> u64 {
+    match wakeup {
+        Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
+        Wakeup::EveryRecord => 0,
+    }
+}
+
 /// `vmemmap_base_address`: see `probes::KernelSymbols`.
 pub fn load(
     layout: &KernelLayout,
@@ -70,11 +80,7 @@ pub fn load(
     whole_fault_windows: bool,
     vmemmap_base_address: u64,
 ) -> Result<Ebpf, ObjectError> {
-    // 0: the kernel's own rule, a wake-up whenever the daemon has caught up.
-    let wakeup_bytes: u64 = match wakeup {
-        Wakeup::Batch => u64::from(ring_buffer_bytes / 16),
-        Wakeup::EveryRecord => 0,
-    };
+    let wakeup_bytes = wakeup_bytes(ring_buffer_bytes, wakeup);
     // The daemon's own address space is left out in the kernel.
     let observer_tgid: u32 = std::process::id();
     EbpfLoader::new()

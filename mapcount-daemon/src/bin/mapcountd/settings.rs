@@ -168,7 +168,7 @@ impl Settings {
             ring_buffer_bytes: args
                 .ring_buffer_bytes
                 .or(file.ringbuf.size.map(|s| s.into_inner()))
-                .unwrap_or(8 << 20),
+                .unwrap_or(mapcount_daemon::config::DEFAULT_RING_BUFFER_BYTES),
             wakeup: args.wakeup.or(file.ringbuf.wakeup).unwrap_or(Wakeup::Batch),
             attach_mode: args.attach_mode.or(file.attach.mode).unwrap_or(AttachMode::Auto),
             folio_table_memory,
