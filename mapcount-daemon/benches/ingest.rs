@@ -580,29 +580,38 @@ fn main() {
     let disagreements = |metrics: &Metrics| -> u64 {
         kinds.iter().map(|&k| metrics.disagreements.with_label_values(&[k.label()]).get()).sum()
     };
+    // As the daemon drains them: a ring buffer's worth at a time, copied
+    // out, sorted by timestamp and aggregated (`Sink::drain`).
+    let batches = ring_batches(&stream, scenario_records);
+    let mut ring = Ring::default();
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let metrics = Arc::new(Metrics::new());
-        let mut aggregator = Aggregator::new(Arc::clone(&metrics), 1 << 20);
-        let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+        let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::clone(&metrics), 1 << 20)));
+        let mut sink = Sink::new(Arc::clone(&aggregator), None);
         let mut after_scenarios = (0, 0);
-        let started = Instant::now();
-        for (i, record) in stream.iter().enumerate() {
-            if i == scenario_records {
-                after_scenarios = (aggregator.table().len(), disagreements(&metrics));
+        let mut seconds = 0.0;
+        for batch in &batches {
+            if batch.start == scenario_records {
+                after_scenarios = (aggregator.lock().unwrap().table().len(), disagreements(&metrics));
             }
-            sink.ingest(&mut aggregator, record).unwrap();
+            ring.fill(&stream, batch.clone());
+            seconds += timed(|| sink.drain_records(ring.records()).unwrap());
         }
-        aggregator.publish_metrics();
-        best = best.min(started.elapsed().as_secs_f64());
+        let aggregator = aggregator.lock().unwrap();
+        seconds += timed(|| aggregator.publish_metrics());
+        best = best.min(seconds);
         // The synthetic churn is consistent, as a kernel's events are: it
         // adds no disagreement and leaves no folio behind.
         println!("ingest_synthetic_disagreements {}", disagreements(&metrics) - after_scenarios.1);
         println!("ingest_synthetic_folios_left {}", aggregator.table().len() - after_scenarios.0);
     }
     println!("ingest_events {}", stream.len());
+    println!("ingest_batches {}", batches.len());
     println!("ingest_seconds_best_of_3 {best:.3}");
     println!("ingest_events_per_second {:.0}", stream.len() as f64 / best);
+    ingest_breakdown(&stream, &batches, &mut ring, best);
+    ingest_from_one_array(&stream);
     drop(stream);
     let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
 
@@ -645,9 +654,203 @@ fn main() {
     }
     println!("scrape_seconds_best_of_5 {best:.4}");
     // The table's walk takes up to this many cores (parts of 2^17 folios).
-    println!("scrape_cores {}", std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    println!("scrape_cores {cores}");
+    scrape_breakdown(&aggregator, &metrics, cores);
     drop(aggregator);
     fork_cost(&mut sink);
+}
+
+/// Best of `runs` timings of `work`, in seconds.
+fn best_of(runs: usize, mut work: impl FnMut()) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            work();
+            started.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// The ring buffer holds each record after an 8-byte header.
+const RING_HEADER_BYTES: usize = 8;
+
+/// The stream cut into the batches a daemon that keeps up drains: what the
+/// default ring buffer holds when the kernel wakes the daemon. Ranges of
+/// records, a new one also at `cut` (where the recorded scenarios end and
+/// the synthetic churn starts).
+fn ring_batches(stream: &Stream, cut: usize) -> Vec<std::ops::Range<usize>> {
+    let capacity = mapcount_daemon::object::wakeup_bytes(
+        mapcount_daemon::config::DEFAULT_RING_BUFFER_BYTES,
+        mapcount_daemon::config::Wakeup::Batch,
+    ) as usize;
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, record) in stream.iter().enumerate() {
+        let size = RING_HEADER_BYTES + record.len().next_multiple_of(8);
+        if bytes + size > capacity || (i == cut && i > start) {
+            batches.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    batches.push(start..stream.len());
+    batches
+}
+
+/// One ring buffer's records, written as the kernel writes them (in the
+/// benchmark, untimed): what a drain reads, from memory the size of the
+/// ring buffer.
+#[derive(Default)]
+struct Ring {
+    bytes: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Ring {
+    fn fill(&mut self, stream: &Stream, records: std::ops::Range<usize>) {
+        self.bytes.clear();
+        self.spans.clear();
+        for &(offset, len) in &stream.records[records] {
+            self.spans.push((self.bytes.len(), len));
+            self.bytes.extend_from_slice(&stream.bytes[offset..offset + len]);
+        }
+    }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        self.spans.iter().map(|&(offset, len)| &self.bytes[offset..offset + len])
+    }
+}
+
+/// Seconds `work` took.
+fn timed(work: impl FnOnce()) -> f64 {
+    let started = Instant::now();
+    work();
+    started.elapsed().as_secs_f64()
+}
+
+/// Best of three passes of `work` over every batch, each batch written
+/// into the ring first (untimed); `work` is timed alone.
+fn best_over_batches(
+    stream: &Stream,
+    batches: &[std::ops::Range<usize>],
+    ring: &mut Ring,
+    mut before: impl FnMut(),
+    mut work: impl FnMut(&Ring),
+) -> f64 {
+    (0..3)
+        .map(|_| {
+            before();
+            batches
+                .iter()
+                .map(|batch| {
+                    ring.fill(stream, batch.clone());
+                    timed(|| work(ring))
+                })
+                .sum::<f64>()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Where an event's time goes in the ingest above (`whole` seconds), on
+/// the same batches: reading each record's bytes once; decoding alone;
+/// the whole drain with every small folio outside a sample of one in 2^20,
+/// so the folio table is never asked about one (the copy, the sort, the
+/// counters, fork and write-fault bookkeeping: all but the table's state).
+fn ingest_breakdown(stream: &Stream, batches: &[std::ops::Range<usize>], ring: &mut Ring, whole: f64) {
+    let read = best_over_batches(
+        stream,
+        batches,
+        ring,
+        || {},
+        |ring| {
+            for record in ring.records() {
+                black_box(record.chunks(8).map(|word| u64::from(word[0])).sum::<u64>());
+            }
+        },
+    );
+    let decode = best_over_batches(
+        stream,
+        batches,
+        ring,
+        || {},
+        |ring| {
+            for record in ring.records() {
+                black_box(mapcount_daemon::decode::decode(black_box(record)).ok());
+            }
+        },
+    );
+    let aggregator = Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1 << 20)));
+    let mut sink = Sink::new(Arc::clone(&aggregator), None);
+    let outside_table = best_over_batches(
+        stream,
+        batches,
+        ring,
+        || {
+            let mut fresh = Aggregator::new(Arc::new(Metrics::new()), 1 << 20);
+            fresh.sample_from_now(mapcount_common::sampling::MAX_SHIFT);
+            *aggregator.lock().unwrap() = fresh;
+        },
+        |ring| sink.drain_records(ring.records()).unwrap(),
+    );
+    let per_event = |seconds: f64| seconds * 1e9 / stream.len() as f64;
+    println!("ingest_ns_per_event_read {:.1}", per_event(read));
+    println!("ingest_ns_per_event_decode {:.1}", per_event(decode));
+    println!("ingest_ns_per_event_outside_table {:.1}", per_event(outside_table));
+    println!("ingest_ns_per_event {:.1}", per_event(whole));
+}
+
+/// The same stream read from one array the size of the whole stream (far
+/// more than any cache: each record comes from memory), record by record
+/// without the drain's copy and sort; and reading each record once.
+fn ingest_from_one_array(stream: &Stream) {
+    let read = best_of(3, || {
+        for record in stream.iter() {
+            black_box(record.chunks(8).map(|word| u64::from(word[0])).sum::<u64>());
+        }
+    });
+    let whole = best_of(3, || {
+        let mut aggregator = Aggregator::new(Arc::new(Metrics::new()), 1 << 20);
+        let mut sink = Sink::new(Arc::new(Mutex::new(Aggregator::new(Arc::new(Metrics::new()), 1))), None);
+        for record in stream.iter() {
+            sink.ingest(&mut aggregator, record).unwrap();
+        }
+        aggregator.publish_metrics();
+    });
+    let per_event = |seconds: f64| seconds * 1e9 / stream.len() as f64;
+    println!("ingest_array_bytes {}", stream.bytes.len());
+    println!("ingest_array_events_per_second {:.0}", stream.len() as f64 / whole);
+    println!("ingest_array_ns_per_event_read {:.1}", per_event(read));
+}
+
+/// What bounds the scrape above: the same walk's parts, each only reading
+/// every entry once (the memory traffic any walk of the table costs), and
+/// the text rendering alone.
+fn scrape_breakdown(aggregator: &Aggregator, metrics: &Metrics, cores: usize) {
+    let table = aggregator.table();
+    // The parts the scrape's walk takes (`TableWalk::of`: 2^17 slots at least each).
+    let parts = (table.slab_len() / (1 << 17)).clamp(1, cores);
+    let read_once = best_of(5, || {
+        let sum: u64 = std::thread::scope(|scope| {
+            let walks: Vec<_> = table
+                .parts(parts)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.map(|f| u64::from(f.order) + f.mappings.len() as u64).sum::<u64>()
+                    })
+                })
+                .collect();
+            walks.into_iter().map(|walk| walk.join().unwrap()).sum()
+        });
+        black_box(sum);
+    });
+    aggregator.publish_metrics();
+    let render = best_of(5, || {
+        black_box(metrics.render().len());
+    });
+    println!("scrape_parts {parts}");
+    println!("scrape_read_entries_seconds {read_once:.4}");
+    println!("scrape_render_seconds {render:.4}");
 }
 
 /// A 1 GiB process of small folios forks, and the child goes (exec or

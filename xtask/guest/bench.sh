@@ -96,11 +96,14 @@ tracer() {
 rounds="1 2 3 4 5"
 tracers="none mapcountd-fentry mapcountd-kprobe mapcountd-fentry-sampled mapcountd-fentry-running
     mapcountd-fentry-every-record bpftrace-fentry-empty bpftrace-fentry-count bpftrace-kprobe-empty bpftrace-kprobe-count"
-profiled="mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe"
+# bpftrace's programs too: what its empty and counting programs run per
+# call, beside mapcountd's.
+profiled="mapcountd-fentry mapcountd-fentry-sampled mapcountd-kprobe bpftrace-fentry-empty bpftrace-fentry-count
+    bpftrace-kprobe-empty bpftrace-kprobe-count"
 if [ "$part" = kernel-cost ]; then
     rounds=1
     tracers="none mapcountd-fentry mapcountd-fentry-sampled bpftrace-fentry-empty bpftrace-fentry-count"
-    profiled="mapcountd-fentry mapcountd-fentry-sampled"
+    profiled="mapcountd-fentry mapcountd-fentry-sampled bpftrace-fentry-empty bpftrace-fentry-count"
 fi
 for round in $rounds; do
     for t in $tracers; do
@@ -114,7 +117,7 @@ for round in $rounds; do
         fi
     done
 done
-# Instructions per call of each of mapcountd's programs: the kernel's BPF
+# Instructions per call of each tracer's programs: the kernel's BPF
 # statistics over one more run of the loops under each mode (guest time
 # counts instructions, 8 ns each, so run time / 8 is instructions).
 for t in $profiled; do
@@ -125,7 +128,7 @@ for t in $profiled; do
     mapcount-workload cost --metrics 127.0.0.1:9730/metrics $pause --repeat 1 >/dev/null
     echo 0 >/proc/sys/kernel/bpf_stats_enabled
     bpftool prog show |
-        sed -n "s/^[0-9]*: *[a-z_]* *name \([a-z_0-9]*\) .* run_time_ns \([0-9]*\) run_cnt \([0-9]*\).*/MAPCOUNT-PROG tracer=$t name=\1 ns=\2 calls=\3/p"
+        sed -n "s/^[0-9]*: *[a-z_]* *name \([^ ]*\) .* run_time_ns \([0-9]*\) run_cnt \([0-9]*\).*/MAPCOUNT-PROG tracer=$t name=\1 ns=\2 calls=\3/p"
     finish $tracer_pid INT
 done
 if [ "$part" = kernel-cost ]; then
