@@ -797,7 +797,7 @@ fn ingest_breakdown(stream: &Stream, batches: &[std::ops::Range<usize>], ring: &
     println!("ingest_ns_per_event_read {:.1}", per_event(read));
     println!("ingest_ns_per_event_decode {:.1}", per_event(decode));
     println!("ingest_ns_per_event_outside_table {:.1}", per_event(outside_table));
-    println!("ingest_ns_per_event {:.1}", per_event(whole));
+    println!("ingest_ns_per_event_whole {:.1}", per_event(whole));
 }
 
 /// The same stream read from one array the size of the whole stream (far

@@ -195,14 +195,8 @@ impl VmFigures {
                 TRACERS.iter().map(|t| cell(t)).collect::<Vec<_>>().join(" | ")
             ));
         }
-        let spreads: Vec<String> = LOOPS
-            .iter()
-            .map(|name| {
-                let rounds = self.loop_ns.get(&("none".to_owned(), (*name).to_owned()));
-                let slowest = rounds.map_or(f64::NAN, |v| v.iter().copied().fold(0.0, f64::max));
-                format!("{name} x{:.2}", slowest / self.best("none", name))
-            })
-            .collect();
+        let spreads: Vec<String> =
+            LOOPS.iter().map(|name| format!("{name} x{:.2}", self.untraced_spread(name))).collect();
         out.push_str(&format!(
             "\nThe untraced loop's slowest run against its fastest, in this boot: {}. Differences between\n\
              tracers smaller than that are noise.\n",
@@ -212,15 +206,28 @@ impl VmFigures {
     }
 
     /// Per loop: a tracer's cost per record as a multiple of an empty
-    /// program's of the same attach kind.
+    /// program's of the same attach kind; NaN where the empty program's
+    /// cost is within the untraced loop's own spread (a multiple of noise).
     pub fn multiples_of_empty(&self, tracer: &str) -> Vec<(String, f64)> {
         let (empty, _) = bpftrace_counterparts(tracer);
         LOOPS
             .iter()
             .map(|name| {
-                (name.to_string(), self.cost_per_event(tracer, name) / self.cost_per_event(empty, name))
+                let multiple =
+                    if self.best(empty, name) <= self.best("none", name) * self.untraced_spread(name) {
+                        f64::NAN
+                    } else {
+                        self.cost_per_event(tracer, name) / self.cost_per_event(empty, name)
+                    };
+                (name.to_string(), multiple)
             })
             .collect()
+    }
+
+    /// The untraced loop's slowest run over its fastest.
+    fn untraced_spread(&self, name: &str) -> f64 {
+        let rounds = self.loop_ns.get(&("none".to_owned(), name.to_owned()));
+        rounds.map_or(f64::NAN, |v| v.iter().copied().fold(0.0, f64::max)) / self.best("none", name)
     }
 
     /// Whether a mapcountd mode slows every loop no more than bpftrace
@@ -336,7 +343,7 @@ pub fn kernel_gaps(vm: &VmFigures) -> String {
 /// ingest benchmark's figures (`figure` reads one): where the time goes.
 pub fn host_gaps(figure: impl Fn(&str) -> f64) -> String {
     let ns = |key: &str| figure(&format!("ingest_ns_per_event_{key}"));
-    let whole = figure("ingest_ns_per_event");
+    let whole = figure("ingest_ns_per_event_whole");
     let outside = ns("outside_table");
     let scrape_ms = figure("scrape_seconds_best_of_5") * 1e3;
     let read_ms = figure("scrape_read_entries_seconds") * 1e3;
@@ -459,6 +466,16 @@ pub fn bench_vm(bin: &Path, part: BenchPart) -> anyhow::Result<String> {
 /// The table's memory in the terabyte replay: half the RSS goal.
 const TERABYTE_TABLE_MEMORY: &str = "128M";
 
+/// The figure on the line `KEY VALUE` of the ingest benchmark's output,
+/// or NaN. The whole key: some keys begin others.
+fn host_figure(output: &str, key: &str) -> f64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 pub fn bench() -> anyhow::Result<()> {
     let root = workspace_root();
     let release = build_binaries()?;
@@ -476,21 +493,13 @@ pub fn bench() -> anyhow::Result<()> {
     let terabyte = ingest_bench(&["--terabyte".as_ref(), TERABYTE_TABLE_MEMORY.as_ref()])?;
     let terabyte_ok = terabyte.status.success();
     let terabyte = String::from_utf8_lossy(&terabyte.stdout).to_string();
-    let terabyte_figure = |key: &str| -> f64 {
-        terabyte
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(f64::NAN)
-    };
+    let terabyte_figure = |key: &str| host_figure(&terabyte, key);
     let terabyte_rss = terabyte_figure("terabyte_peak_rss_mib");
     let terabyte_rate = terabyte_figure("terabyte_events_per_second");
     let terabyte_ratio = terabyte_figure("terabyte_sampling_ratio");
     let terabyte_lines: String =
         terabyte.lines().filter(|l| l.starts_with("terabyte_")).map(|l| format!("    {l}\n")).collect();
-    let figure = |key: &str| -> f64 {
-        text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(f64::NAN)
-    };
+    let figure = |key: &str| host_figure(&text, key);
 
     // Start-up: exec to /-/ready, loading every program (attach fails on a
     // host without kprobes, which is what this measures here).
@@ -835,8 +844,15 @@ pub fn command(vm_only: bool, kernel_cost: bool) -> anyhow::Result<()> {
     if kernel_cost {
         let vm = parse(&bench_vm(&build_binaries()?, BenchPart::KernelCost)?);
         for tracer in ["mapcountd-fentry", "mapcountd-fentry-sampled"] {
-            let multiples: Vec<String> =
-                vm.multiples_of_empty(tracer).iter().map(|(name, m)| format!("{name} x{m:.2}")).collect();
+            let multiples: Vec<String> = vm
+                .multiples_of_empty(tracer)
+                .iter()
+                .map(
+                    |(name, m)| {
+                        if m.is_nan() { format!("{name} within noise") } else { format!("{name} x{m:.2}") }
+                    },
+                )
+                .collect();
             println!(
                 "{tracer}: loop time {}; cost per record as a multiple of an empty fentry program's: {}",
                 fmt_slowdowns(&vm, tracer),
@@ -897,6 +913,24 @@ mod tests {
             (step.ring, step.target, step.produced, step.received, step.lost, step.cpus),
             (4096, 1000, 10, 8, 2, 2)
         );
+    }
+
+    #[test]
+    fn an_empty_program_within_the_untraced_loops_spread_gives_no_multiple() {
+        let console = "MAPCOUNT-COST tracer=none round=1 loop=thp ns=1000 events=0\n\
+            MAPCOUNT-COST tracer=none round=2 loop=thp ns=1100 events=0\n\
+            MAPCOUNT-COST tracer=mapcountd-fentry round=1 loop=thp ns=1500 events=100\n\
+            MAPCOUNT-COST tracer=bpftrace-fentry-empty round=1 loop=thp ns=1050 events=0\n";
+        let f = parse(console);
+        let thp = f.multiples_of_empty("mapcountd-fentry").into_iter().find(|(name, _)| name == "thp");
+        assert!(thp.is_some_and(|(_, multiple)| multiple.is_nan()));
+    }
+
+    #[test]
+    fn a_host_figure_is_read_by_its_whole_key() {
+        let output = "ingest_ns_per_event_read 6.5\ningest_ns_per_event_whole 40.0\n";
+        assert_eq!(host_figure(output, "ingest_ns_per_event_whole"), 40.0);
+        assert!(host_figure(output, "ingest_ns_per_event").is_nan());
     }
 
     #[test]
