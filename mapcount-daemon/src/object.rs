@@ -60,8 +60,6 @@ pub fn os_error(error: &(dyn std::error::Error + 'static)) -> Option<i32> {
     None
 }
 
-/// Loads the embedded object with this kernel's layout. Nothing is attached yet.
-/// `whole_fault_windows`: see `probes::whole_fault_windows`;
 /// How full the ring buffer gets before the kernel wakes the daemon: what
 /// a drain finds when the daemon keeps up. 0: the kernel's own rule, a
 /// wake-up whenever the daemon has caught up.
@@ -72,6 +70,8 @@ pub fn wakeup_bytes(ring_buffer_bytes: u32, wakeup: Wakeup) -> u64 {
     }
 }
 
+/// Loads the embedded object with this kernel's layout. Nothing is attached yet.
+/// `whole_fault_windows`: see `probes::whole_fault_windows`;
 /// `vmemmap_base_address`: see `probes::KernelSymbols`.
 pub fn load(
     layout: &KernelLayout,

@@ -125,8 +125,8 @@ for t in $profiled; do
     pause=""
     tracer $t || continue
     # bpftrace attaches its programs one by one after it says it does: a
-    # first run of the loops lets it finish (counted, its programs missed
-    # a third of the calls and the attaching's cost filled their time).
+    # first run of the loops lets it finish (without it, its programs saw
+    # a third to half of the calls mapcountd's did).
     case $t in
         bpftrace-*) mapcount-workload cost --metrics 127.0.0.1:9730/metrics --repeat 1 >/dev/null ;;
     esac
