@@ -2,11 +2,13 @@
 //! on this host, without root (`cargo bench --bench ingest`). `cargo xtask
 //! bench` runs it and writes BENCHMARKS.md.
 //!
-//! - ingest: decode and aggregate, on one core, the scenarios' recorded
-//!   stream (`--scenarios FILE`, from the bench VM) followed by synthetic
-//!   small-folio churn;
+//! - ingest: drain, decode and aggregate, on one core, the scenarios'
+//!   recorded stream (`--scenarios FILE`, from the bench VM) followed by
+//!   synthetic small-folio churn, in the batches a daemon that keeps up
+//!   drains; and where an event's time goes;
 //! - folio table: bytes per live folio (heap growth / folios);
-//! - scrape: rendering /metrics with a million live folios;
+//! - scrape: rendering /metrics with a million live folios, and what
+//!   bounds it;
 //! - `--uptime EVENTS`: instead of all that, a long uptime in one run
 //!   (see [`uptime`]).
 
@@ -580,8 +582,9 @@ fn main() {
     let disagreements = |metrics: &Metrics| -> u64 {
         kinds.iter().map(|&k| metrics.disagreements.with_label_values(&[k.label()]).get()).sum()
     };
-    // As the daemon drains them: a ring buffer's worth at a time, copied
-    // out, sorted by timestamp and aggregated (`Sink::drain`).
+    // As the daemon drains them: what the ring buffer holds when the
+    // kernel wakes the daemon, copied out, put in timestamp order and
+    // aggregated (`Sink::drain`).
     let batches = ring_batches(&stream, scenario_records);
     let mut ring = Ring::default();
     let mut best = f64::INFINITY;
@@ -663,13 +666,7 @@ fn main() {
 
 /// Best of `runs` timings of `work`, in seconds.
 fn best_of(runs: usize, mut work: impl FnMut()) -> f64 {
-    (0..runs)
-        .map(|_| {
-            let started = Instant::now();
-            work();
-            started.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+    (0..runs).map(|_| timed(&mut work)).fold(f64::INFINITY, f64::min)
 }
 
 /// The ring buffer holds each record after an 8-byte header.
@@ -730,7 +727,8 @@ fn timed(work: impl FnOnce()) -> f64 {
 }
 
 /// Best of three passes of `work` over every batch, each batch written
-/// into the ring first (untimed); `work` is timed alone.
+/// into the ring first (untimed); `work` is timed alone. `before` starts
+/// each pass afresh.
 fn best_over_batches(
     stream: &Stream,
     batches: &[std::ops::Range<usize>],
@@ -755,7 +753,7 @@ fn best_over_batches(
 /// Where an event's time goes in the ingest above (`whole` seconds), on
 /// the same batches: reading each record's bytes once; decoding alone;
 /// the whole drain with every small folio outside a sample of one in 2^20,
-/// so the folio table is never asked about one (the copy, the sort, the
+/// so the folio table is never asked about one (the copy, the order test, the
 /// counters, fork and write-fault bookkeeping: all but the table's state).
 fn ingest_breakdown(stream: &Stream, batches: &[std::ops::Range<usize>], ring: &mut Ring, whole: f64) {
     let read = best_over_batches(
