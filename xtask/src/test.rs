@@ -481,8 +481,12 @@ pub fn unit_tests(btf_dir: &Path) -> anyhow::Result<(u32, u32)> {
 /// Boots a test VM. Multi-threaded TCG sometimes executes code the kernel
 /// is patching (text_poke's int3 while a static key, a trampoline or a
 /// kprobe is installed) and the guest oopses on the int3, in early boot or
-/// while mapcountd attaches. That is the emulator, not mapcount: boot once
-/// more with one host thread for all vCPUs, and say so under `cell`.
+/// while mapcountd attaches. Once (6.1, a second mapcountd attaching its
+/// fentry programs) both vCPUs instead stayed in the kernel in mapcountd's
+/// threads until the cell timed out (soft lockups), and the same cell
+/// passed when run again. That is the emulator, not mapcount: boot once
+/// more with one host thread for all vCPUs, and say so under `cell`. A
+/// lockup of mapcount's own making comes back there and fails the cell.
 fn boot_past_tcg_oops<'a>(
     kernel: &kernels::Kernel,
     image: &vm::Image,
@@ -494,6 +498,8 @@ fn boot_past_tcg_oops<'a>(
         "the VM did not reach /init"
     } else if output.contains("Oops: int3") {
         "the guest oopsed on an int3 (code patching under multi-threaded TCG)"
+    } else if output.contains("BUG: soft lockup") {
+        "the guest's vCPUs stayed in the kernel (soft lockup) under multi-threaded TCG"
     } else {
         return Ok(output);
     };
