@@ -848,7 +848,7 @@ fn scrape_breakdown(aggregator: &Aggregator, metrics: &Metrics, cores: usize) {
     });
     println!("scrape_parts {parts}");
     println!("scrape_read_entries_seconds {read_once:.4}");
-    println!("scrape_render_seconds {render:.4}");
+    println!("scrape_render_seconds {render:.6}");
 }
 
 /// A 1 GiB process of small folios forks, and the child goes (exec or

@@ -359,7 +359,7 @@ pub fn host_gaps(figure: impl Fn(&str) -> f64) -> String {
            a ring buffer's worth; no copy, no order test): {:.0} events/s; reading its records alone takes\n  \
            {:.1} ns per event.\n\n\
          Scrape with 1,000,000 live folios: {scrape_ms:.1} ms, of which reading each 64-byte entry once, in the\n\
-         walk's {:.0} parts on as many cores, takes {read_ms:.1} ms and rendering the text {render_ms:.2} ms;\n\
+         walk's {:.0} parts on as many cores, takes {read_ms:.1} ms and rendering the text {render_ms:.3} ms;\n\
          the gauges' own work in the walk is the rest.\n",
         ns("read"),
         ns("decode"),
