@@ -657,9 +657,8 @@ fn main() {
     }
     println!("scrape_seconds_best_of_5 {best:.4}");
     // The table's walk takes up to this many cores (parts of 2^17 folios).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    println!("scrape_cores {cores}");
-    scrape_breakdown(&aggregator, &metrics, cores);
+    println!("scrape_cores {}", std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+    scrape_breakdown(&aggregator, &metrics);
     drop(aggregator);
     fork_cost(&mut sink);
 }
@@ -719,6 +718,12 @@ impl Ring {
     }
 }
 
+/// Reads one byte of each 8-byte word of a record: the memory traffic of
+/// any pass over it.
+fn read_once(record: &[u8]) -> u64 {
+    record.chunks(8).map(|word| u64::from(word[0])).sum()
+}
+
 /// Seconds `work` took.
 fn timed(work: impl FnOnce()) -> f64 {
     let started = Instant::now();
@@ -763,7 +768,7 @@ fn ingest_breakdown(stream: &Stream, batches: &[std::ops::Range<usize>], ring: &
         || {},
         |ring| {
             for record in ring.records() {
-                black_box(record.chunks(8).map(|word| u64::from(word[0])).sum::<u64>());
+                black_box(read_once(record));
             }
         },
     );
@@ -804,7 +809,7 @@ fn ingest_breakdown(stream: &Stream, batches: &[std::ops::Range<usize>], ring: &
 fn ingest_from_one_array(stream: &Stream) {
     let read = best_of(3, || {
         for record in stream.iter() {
-            black_box(record.chunks(8).map(|word| u64::from(word[0])).sum::<u64>());
+            black_box(read_once(record));
         }
     });
     let whole = best_of(3, || {
@@ -824,11 +829,10 @@ fn ingest_from_one_array(stream: &Stream) {
 /// What bounds the scrape above: the same walk's parts, each only reading
 /// every entry once (the memory traffic any walk of the table costs), and
 /// the text rendering alone.
-fn scrape_breakdown(aggregator: &Aggregator, metrics: &Metrics, cores: usize) {
+fn scrape_breakdown(aggregator: &Aggregator, metrics: &Metrics) {
     let table = aggregator.table();
-    // The parts the scrape's walk takes (`TableWalk::of`: 2^17 slots at least each).
-    let parts = (table.slab_len() / (1 << 17)).clamp(1, cores);
-    let read_once = best_of(5, || {
+    let parts = mapcount_daemon::aggregate::walk_parts(table);
+    let read_entries = best_of(5, || {
         let sum: u64 = std::thread::scope(|scope| {
             let walks: Vec<_> = table
                 .parts(parts)
@@ -847,7 +851,7 @@ fn scrape_breakdown(aggregator: &Aggregator, metrics: &Metrics, cores: usize) {
         black_box(metrics.render().len());
     });
     println!("scrape_parts {parts}");
-    println!("scrape_read_entries_seconds {read_once:.4}");
+    println!("scrape_read_entries_seconds {read_entries:.4}");
     println!("scrape_render_seconds {render:.6}");
 }
 

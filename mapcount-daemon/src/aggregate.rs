@@ -308,12 +308,17 @@ fn vmstat_counter(kind: FolioKind) -> usize {
 /// thread costs more than it saves.
 const WALK_PART_MIN: usize = 1 << 17;
 
+/// How many parts, each on a thread of its own, a scrape walks `table` in.
+pub fn walk_parts(table: &FolioTable) -> usize {
+    // Asked once: the standard library reads the cgroup's CPU quota to answer.
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+    (table.slab_len() / WALK_PART_MIN).clamp(1, cores)
+}
+
 impl<'t> TableWalk<'t> {
     fn of(table: &'t FolioTable) -> Self {
-        // Asked once: the standard library reads the cgroup's CPU quota to answer.
-        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-        let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
-        Self::in_parts(table, (table.slab_len() / WALK_PART_MIN).clamp(1, cores))
+        Self::in_parts(table, walk_parts(table))
     }
 
     fn in_parts(table: &'t FolioTable, parts: usize) -> Self {
